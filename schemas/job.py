@@ -1,0 +1,207 @@
+"""The job and its result: what travels on Kafka and what lands in Redis.
+
+Structs are tight (msgspec, `omit_defaults`) but not `array_like`: the JSON form is what
+clients in other languages read, so fields keep their names. Unknown fields are ignored
+(forward compatibility); invalid values are rejected with the field's path in the message.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from vlmq.schemas.errors import ErrorCode
+
+VERSION = 1
+"""Schema version this code writes. It reads any version <= VERSION."""
+
+MAX_IMAGES_PER_JOB = 256  # the contract's hard cap; workers enforce a lower, configurable one
+MAX_TEXT_CHARS = 1_000_000  # per text part; a 10 MB prompt is never a valid job
+MAX_OUTPUT_TOKENS = 32_768
+URI_SCHEMES = ("s3://", "file://", "data:", "https://", "http://")
+
+JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:\-]{1,160}$", description="Idempotency key")]
+Pixels = Annotated[int, Meta(ge=1, le=100_000_000)]
+
+
+class TextPart(Struct, tag="text", tag_field="type", frozen=True):
+    text: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+
+
+class ImageRef(Struct, tag="image", tag_field="type", frozen=True, omit_defaults=True):
+    """An image by reference. `min_pixels`/`max_pixels` bound the resize (Qwen-VL style)."""
+
+    uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    min_pixels: Pixels | None = None
+    max_pixels: Pixels | None = None
+
+    def __post_init__(self) -> None:
+        if not self.uri.startswith(URI_SCHEMES):
+            scheme = self.uri.split(":", 1)[0] if ":" in self.uri else self.uri[:16]
+            raise ValueError(f"unknown URI scheme {scheme!r}: use one of {', '.join(URI_SCHEMES)}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+
+
+Part = TextPart | ImageRef
+
+
+class Message(Struct, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[list[Part], Meta(min_length=1)] | str
+
+    @property
+    def parts(self) -> list[Part]:
+        return [TextPart(self.content)] if isinstance(self.content, str) else self.content
+
+
+class Sampling(Struct, omit_defaults=True, frozen=True):
+    """Field names follow vLLM's SamplingParams."""
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_OUTPUT_TOKENS)] = 256
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=1)] | None = None
+    seed: int | None = None
+    stop: Annotated[list[str], Meta(max_length=16)] = []
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+
+
+class JsonSchemaFormat(Struct, tag="json_schema", tag_field="type", frozen=True):
+    schema: dict[str, Any]
+
+
+class RegexFormat(Struct, tag="regex", tag_field="type", frozen=True):
+    pattern: Annotated[str, Meta(min_length=1, max_length=10_000)]
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex: {exc}") from None
+
+
+class ChoiceFormat(Struct, tag="choice", tag_field="type", frozen=True):
+    choices: Annotated[list[str], Meta(min_length=1, max_length=1_000)]
+
+
+ResponseFormat = JsonSchemaFormat | RegexFormat | ChoiceFormat
+
+
+class Job(Struct, omit_defaults=True, frozen=True):
+    """One request: chat messages with images, sampling, an optional structured output.
+
+    `priority`: lower runs earlier (vLLM's convention). `deadline`: unix seconds; a job not
+    started by then ends `expired`. `result_topic`: also publish the Result there.
+    """
+
+    job_id: JobId
+    messages: Annotated[list[Message], Meta(min_length=1, max_length=256)]
+    model: str | None = None
+    sampling: Sampling = Sampling()
+    response_format: ResponseFormat | None = None
+    priority: Annotated[int, Meta(ge=-1_000_000, le=1_000_000)] = 0
+    deadline: float | None = None
+    batch_id: JobId | None = None
+    metadata: dict[str, str] = {}
+    result_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]{1,249}$")] | None = None
+    submitted_at: float | None = None
+    v: Annotated[int, Meta(ge=1)] = VERSION
+
+    def __post_init__(self) -> None:
+        if self.v > VERSION:
+            raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
+        if len(self.images) > MAX_IMAGES_PER_JOB:
+            raise ValueError(f"too many images: {len(self.images)} > {MAX_IMAGES_PER_JOB}")
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [p for m in self.messages for p in m.parts if isinstance(p, ImageRef)]
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+TERMINAL_STATES = tuple(s for s in JobState if s.terminal)
+
+
+class Usage(Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+
+
+class Timings(Struct, omit_defaults=True):
+    """Unix seconds for the moments; seconds for the stage durations."""
+
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    fetch_s: float | None = None
+    preprocess_s: float | None = None
+    engine_s: float | None = None
+    ttft_s: float | None = None
+
+
+class Error(Struct):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+
+
+class Result(Struct, omit_defaults=True):
+    """A job's terminal record. `parsed` holds the decoded JSON when a schema was asked."""
+
+    job_id: str
+    state: JobState
+    text: str | None = None
+    parsed: Any = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    model: str | None = None
+    worker: str | None = None
+    attempt: int = 0
+    error: Error | None = None
+    batch_id: str | None = None
+    metadata: dict[str, str] = {}
+    v: int = VERSION
+
+
+class DeadLetter(Struct, omit_defaults=True):
+    """What goes to the dead-letter topic: the original bytes and why they failed."""
+
+    error: Error
+    topic: str
+    partition: int
+    offset: int
+    payload: bytes
+    job_id: str | None = None
+    worker: str | None = None
+    at: float | None = None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the Kafka job and the Redis result, for non-Python clients."""
+    (job, result, dead), components = msgspec.json.schema_components((Job, Result, DeadLetter))
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"vlmq wire contract v{VERSION}",
+        "$defs": components,
+        "oneOf": [job, result, dead],
+    }

@@ -1,0 +1,18 @@
+-- A worker takes a job: queued (or never seen, or running on a worker that died) -> running.
+-- Returns {state, attempt}. A terminal job is returned as it is and must be skipped.
+-- KEYS: job, batch ("" when none)    ARGV: batch_id, worker, now, ttl_s
+local st = redis.call('HGET', KEYS[1], 'state')
+if st and st ~= 'queued' and st ~= 'running' then
+  return {st, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[1] ~= '' then
+  if not st then redis.call('HINCRBY', KEYS[2], 'total', 1) end
+  if st == 'queued' then redis.call('HINCRBY', KEYS[2], 'queued', -1) end
+  if st ~= 'running' then redis.call('HINCRBY', KEYS[2], 'running', 1) end
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return {'running', attempt}

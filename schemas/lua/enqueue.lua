@@ -1,0 +1,14 @@
+-- Create a job's record in state `queued`, once. Idempotent: a second call changes nothing
+-- and returns the state the job is in.
+-- KEYS: job, batch ("" when none)    ARGV: batch_id, submitted_at, ttl_s
+local st = redis.call('HGET', KEYS[1], 'state')
+if st then return st end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'submitted_at', ARGV[2])
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[1] ~= '' then
+  redis.call('HINCRBY', KEYS[2], 'total', 1)
+  redis.call('HINCRBY', KEYS[2], 'queued', 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return false
