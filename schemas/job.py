@@ -194,14 +194,3 @@ class DeadLetter(Struct, omit_defaults=True):
     job_id: str | None = None
     worker: str | None = None
     at: float | None = None
-
-
-def json_schema() -> dict[str, Any]:
-    """JSON Schema of the Kafka job and the Redis result, for non-Python clients."""
-    (job, result, dead), components = msgspec.json.schema_components((Job, Result, DeadLetter))
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": f"vlmq wire contract v{VERSION}",
-        "$defs": components,
-        "oneOf": [job, result, dead],
-    }

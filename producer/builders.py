@@ -1,0 +1,88 @@
+"""Job ids and builders for the two main jobs: captions and moderation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from typing import Any
+
+from vlmq.schemas.job import (
+    ChoiceFormat,
+    ImageRef,
+    Job,
+    JsonSchemaFormat,
+    Message,
+    ResponseFormat,
+    Sampling,
+    TextPart,
+)
+
+DEFAULT_CAPTION_PROMPT = "Describe this image in one or two sentences."
+_SAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+def new_job_id() -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort by submission time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 64) & 0xFFF) << 64 | (0b10 << 62) | (
+        rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def batch_job_id(batch_id: str, key: str) -> str:
+    """Deterministic id for item `key` of a batch: a resumed submit never duplicates a job."""
+    safe = _SAFE.sub("_", key)[:64]
+    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+    return f"{batch_id}:{safe}:{digest}"
+
+
+def user(*parts: str | ImageRef) -> Message:
+    """A user message from strings (text) and ImageRefs, in order."""
+    return Message("user", [TextPart(p) if isinstance(p, str) else p for p in parts])
+
+
+def image(uri: str, **kw: Any) -> ImageRef:
+    return ImageRef(uri, **kw)
+
+
+def caption(
+    image_uri: str,
+    prompt: str = DEFAULT_CAPTION_PROMPT,
+    *,
+    job_id: str | None = None,
+    max_tokens: int = 128,
+    **job: Any,
+) -> Job:
+    """A caption job for one image."""
+    return Job(job_id=job_id or new_job_id(), messages=[user(ImageRef(image_uri), prompt)],
+               sampling=Sampling(max_tokens=max_tokens), **job)
+
+
+def moderate(
+    image_uri: str,
+    labels: list[str],
+    *,
+    prompt: str | None = None,
+    job_id: str | None = None,
+    with_reason: bool = False,
+    **job: Any,
+) -> Job:
+    """A moderation job: the answer is exactly one of `labels` (a choice), or a JSON object
+    {"label": ..., "reason": ...} when `with_reason`."""
+    prompt = prompt or (
+        "Classify this image for content moderation. Answer with exactly one label of: "
+        + ", ".join(labels) + "."
+    )
+    fmt: ResponseFormat = ChoiceFormat(list(labels))
+    if with_reason:
+        fmt = JsonSchemaFormat({
+            "type": "object",
+            "properties": {"label": {"enum": list(labels)}, "reason": {"type": "string"}},
+            "required": ["label", "reason"],
+        })
+    return Job(job_id=job_id or new_job_id(), messages=[user(ImageRef(image_uri), prompt)],
+               sampling=Sampling(max_tokens=64), response_format=fmt, **job)

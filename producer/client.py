@@ -1,0 +1,215 @@
+"""The producer SDK: submit jobs to Kafka, follow them in Redis.
+
+    async with Client() as client:            # VLMQ_KAFKA_BOOTSTRAP, VLMQ_REDIS_URL
+        handle = await client.submit(caption("s3://photos/cat.jpg"))
+        result = await client.wait(handle.job_id, timeout=60)
+
+Submitting is idempotent: the job id is the key. A job whose record says it is running or
+ended is not sent again, and a worker never runs an ended job, so re-submitting after a
+crash or a timeout is always safe. Kafka writes use acks=all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from vlmq.producer.errors import (
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    Timeout,
+    ValidationError,
+)
+from vlmq.producer.state import BatchCounts, StateStore
+from vlmq.schemas import keys
+from vlmq.schemas.codec import MSGPACK, decode_job, encode_job
+from vlmq.schemas.errors import VlmqError
+from vlmq.schemas.job import Job, JobState, Result
+
+DEFAULT_KAFKA = "127.0.0.1:9092"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+class Handle(msgspec.Struct, frozen=True):
+    job_id: str
+    sent: bool  # False: the job was already running or ended, nothing was sent again
+    state: JobState
+
+
+class SubmitReport(msgspec.Struct):
+    sent: int = 0
+    skipped: int = 0  # already running or ended (a resumed bulk submit skips these)
+
+
+def validated(job: Job, content_type: bytes = MSGPACK) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Encode a job, and prove it decodes: a Struct built in Python skips the constraints."""
+    value, headers = encode_job(job, content_type=content_type)
+    try:
+        decode_job(value, content_type)
+    except VlmqError as exc:
+        raise ValidationError(f"job {job.job_id}: {exc.message}") from None
+    return value, headers
+
+
+class Client:
+    def __init__(
+        self,
+        kafka_bootstrap: str | None = None,
+        redis_url: str | None = None,
+        *,
+        topic: str = keys.JOBS_TOPIC,
+        content_type: bytes = MSGPACK,
+        ttl_s: int | None = None,
+        kafka_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.kafka_bootstrap = kafka_bootstrap or os.environ.get("VLMQ_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
+        self.redis_url = redis_url or os.environ.get("VLMQ_REDIS_URL", DEFAULT_REDIS)
+        self.topic = topic
+        self.content_type = content_type
+        self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", 7 * 24 * 3600))
+        self._kafka_options = kafka_options or {}
+        self._producer: AIOKafkaProducer | None = None
+        self.redis = Redis.from_url(self.redis_url)
+        self.store = StateStore(self.redis, ttl_s=self._ttl)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        await self.redis.aclose()
+
+    async def _kafka(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            # No idempotent producer: tansu's memory storage rejects it, and the job id
+            # de-duplicates downstream anyway.
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.kafka_bootstrap, acks="all", enable_idempotence=False,
+                linger_ms=5, max_batch_size=1 << 20, **self._kafka_options,
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    # -- submit -----------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> Handle:
+        """Send one job (waits for the broker's ack). Safe to repeat with the same job id."""
+        job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
+        value, headers = validated(job, self.content_type)
+        state = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
+        if state not in (None, JobState.QUEUED.value):
+            return Handle(job.job_id, False, JobState(state))
+        producer = await self._kafka()
+        await producer.send_and_wait(self.topic, value, key=job.job_id.encode(), headers=headers)
+        return Handle(job.job_id, True, JobState.QUEUED)
+
+    async def submit_many(self, jobs: Iterable[Job], *, chunk: int = 2000) -> SubmitReport:
+        """Send many jobs: per chunk one Redis round trip and one batched produce, so memory
+        stays bounded by `chunk` whatever the number of jobs."""
+        report = SubmitReport()
+        buf: list[Job] = []
+        for job in jobs:
+            buf.append(job)
+            if len(buf) >= chunk:
+                await self._submit_chunk(buf, report)
+                buf = []
+        if buf:
+            await self._submit_chunk(buf, report)
+        return report
+
+    async def _submit_chunk(self, jobs: Sequence[Job], report: SubmitReport) -> None:
+        now = time.time()
+        jobs = [msgspec.structs.replace(j, submitted_at=j.submitted_at or now) for j in jobs]
+        encoded = [validated(j, self.content_type) for j in jobs]
+        states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
+        producer = await self._kafka()
+        futures = []
+        for job, (value, headers), state in zip(jobs, encoded, states, strict=True):
+            if state not in (None, JobState.QUEUED.value):
+                report.skipped += 1
+                continue
+            futures.append(await producer.send(self.topic, value, key=job.job_id.encode(),
+                                               headers=headers))
+        await asyncio.gather(*futures)
+        report.sent += len(futures)
+
+    # -- follow -----------------------------------------------------------------------
+
+    async def status(self, job_id: str) -> Result:
+        """The job's record now (any state). Raises JobNotFound."""
+        result = await self.store.get(job_id)
+        if result is None:
+            raise JobNotFound(job_id)
+        return result
+
+    async def result(self, job_id: str) -> Result:
+        """The terminal Result of a succeeded job; raises if it failed, was cancelled, expired,
+        or has not ended (Timeout with timeout 0)."""
+        result = await self.status(job_id)
+        if not result.state.terminal:
+            raise Timeout(job_id, 0)
+        return _raise_for_state(result)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Result:
+        """Block until the job ends (pub/sub, no polling storm). Raises Timeout, JobFailed,
+        JobCancelled, JobExpired, JobNotFound."""
+        if not await self.redis.exists(keys.job_key(job_id)):
+            raise JobNotFound(job_id)
+        result = await self.store.wait(job_id, timeout)
+        if result is None:
+            raise Timeout(job_id, timeout)
+        return _raise_for_state(result)
+
+    async def as_completed(
+        self, job_ids: Iterable[str], *, timeout: float | None = None
+    ) -> AsyncIterator[Result]:
+        """Each job's terminal Result as it ends, whatever the state (no exceptions)."""
+        ids = list(job_ids)
+        seen = 0
+        async for result in self.store.as_completed(ids, timeout=timeout):
+            seen += 1
+            yield result
+        if seen < len(set(ids)):
+            raise Timeout(f"{len(set(ids)) - seen} of {len(set(ids))} jobs", timeout)
+
+    async def wait_many(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Result]:
+        """Terminal Results in the order of `job_ids` (states not raised: check each)."""
+        ids = list(job_ids)
+        got = {r.job_id: r async for r in self.as_completed(ids, timeout=timeout)}
+        return [got[i] for i in ids]
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job. False when it had already ended or is unknown."""
+        return await self.store.cancel(job_id)
+
+    async def batch(self, batch_id: str) -> BatchCounts:
+        return await self.store.batch_counts(batch_id)
+
+    def iter_results(self, batch_id: str) -> AsyncIterator[Result]:
+        """Every ended job of a batch, streamed in the order they ended."""
+        return self.store.iter_batch(batch_id)
+
+
+def _raise_for_state(result: Result) -> Result:
+    if result.state is JobState.SUCCEEDED:
+        return result
+    if result.state is JobState.CANCELLED:
+        raise JobCancelled(result)
+    if result.state is JobState.EXPIRED:
+        raise JobExpired(result)
+    raise JobFailed(result)

@@ -1,0 +1,78 @@
+"""A blocking wrapper of `Client` for scripts and synchronous services.
+
+It owns a private event loop; do not use it from inside a running asyncio loop (use
+`Client` there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from vlmq.producer.client import Client, Handle, SubmitReport
+from vlmq.producer.state import BatchCounts
+from vlmq.schemas.job import Job, Result
+
+
+class SyncClient:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._run(self._make(*args, **kwargs))
+
+    async def _make(self, *args: Any, **kwargs: Any) -> Client:
+        return Client(*args, **kwargs)  # built inside the loop it will run on
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._run(self._client.close())
+            self._loop.close()
+
+    def submit(self, job: Job) -> Handle:
+        return self._run(self._client.submit(job))  # type: ignore[no-any-return]
+
+    def submit_many(self, jobs: Iterable[Job], *, chunk: int = 2000) -> SubmitReport:
+        return self._run(self._client.submit_many(jobs, chunk=chunk))  # type: ignore[no-any-return]
+
+    def status(self, job_id: str) -> Result:
+        return self._run(self._client.status(job_id))  # type: ignore[no-any-return]
+
+    def result(self, job_id: str) -> Result:
+        return self._run(self._client.result(job_id))  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Result:
+        return self._run(self._client.wait(job_id, timeout))  # type: ignore[no-any-return]
+
+    def wait_many(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Result]:
+        return self._run(self._client.wait_many(job_ids, timeout))  # type: ignore[no-any-return]
+
+    def as_completed(self, job_ids: Iterable[str], *, timeout: float | None = None) -> Iterator[Result]:
+        agen = self._client.as_completed(job_ids, timeout=timeout)
+        while True:
+            try:
+                yield self._run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def cancel(self, job_id: str) -> bool:
+        return self._run(self._client.cancel(job_id))  # type: ignore[no-any-return]
+
+    def batch(self, batch_id: str) -> BatchCounts:
+        return self._run(self._client.batch(batch_id))  # type: ignore[no-any-return]
+
+    def iter_results(self, batch_id: str) -> Iterator[Result]:
+        agen = self._client.iter_results(batch_id)
+        while True:
+            try:
+                yield self._run(agen.__anext__())
+            except StopAsyncIteration:
+                return

@@ -1,0 +1,63 @@
+"""Fixtures: the real local stack (tansu, redis-server, moto_server) for the whole session.
+
+A real Kafka, Redis or S3 is used instead whenever VLMQ_KAFKA_BOOTSTRAP, VLMQ_REDIS_URL or
+VLMQ_S3_ENDPOINT_URL is set. Every test uses its own topics, group, bucket and ids, so tests
+do not depend on each other or on the order they run in.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from redis.asyncio import Redis
+
+from vlmq.deploy.stack import Stack
+from tests.helpers import Env, make_topics
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    st = Stack(tmp_path_factory.mktemp("stack"))
+    env = st.up(
+        kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
+        redis_url=os.environ.get("VLMQ_TEST_REDIS_URL"),  # default: a private redis-server
+        s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
+    )
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            os.environ.setdefault(k, v)
+    yield env
+    st.down()
+
+
+@pytest.fixture
+def env(stack: dict[str, str], tmp_path: Path) -> Env:
+    """Fresh names for one test: topics, group, bucket, batch."""
+    tag = uuid.uuid4().hex[:10]
+    e = Env(
+        kafka=stack["VLMQ_KAFKA_BOOTSTRAP"],
+        redis=stack["VLMQ_REDIS_URL"],
+        s3=stack["VLMQ_S3_ENDPOINT_URL"],
+        jobs_topic=f"jobs-{tag}",
+        dlq_topic=f"dlq-{tag}",
+        results_topic=f"results-{tag}",
+        group=f"g-{tag}",
+        bucket=f"b-{tag}",
+        tag=tag,
+        tmp=tmp_path,
+    )
+    make_topics(e)
+    boto3.client("s3", endpoint_url=e.s3).create_bucket(Bucket=e.bucket)
+    return e
+
+
+@pytest.fixture
+async def redis(stack: dict[str, str]) -> AsyncIterator[Redis]:
+    r = Redis.from_url(stack["VLMQ_REDIS_URL"])
+    yield r
+    await r.aclose()

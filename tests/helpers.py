@@ -1,0 +1,131 @@
+"""Shared test helpers: names per test, photo-like images, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from vlmq.deploy.stack import wait_until
+
+
+@dataclass
+class Env:
+    kafka: str
+    redis: str
+    s3: str
+    jobs_topic: str
+    dlq_topic: str
+    results_topic: str
+    group: str
+    bucket: str
+    tag: str
+    tmp: Path
+    partitions: int = 4
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def worker_env(self, **settings: Any) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "VLMQ_KAFKA_BOOTSTRAP": self.kafka,
+            "VLMQ_REDIS_URL": self.redis,
+            "VLMQ_S3_ENDPOINT_URL": self.s3,
+            "VLMQ_JOBS_TOPIC": self.jobs_topic,
+            "VLMQ_DLQ_TOPIC": self.dlq_topic,
+            "VLMQ_GROUP_ID": self.group,
+            "VLMQ_METRICS_PORT": "0",
+            "VLMQ_LOG_FORMAT": "json",
+            "VLMQ_COMMIT_INTERVAL_S": "0.2",
+            "VLMQ_SESSION_TIMEOUT_MS": "6000",
+        }
+        env.update({f"VLMQ_{k.upper()}": str(v) for k, v in settings.items()})
+        return env
+
+
+def make_topics(e: Env) -> None:
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=e.kafka)
+        await admin.start()
+        try:
+            await admin.create_topics([
+                NewTopic(e.jobs_topic, e.partitions, 1),
+                NewTopic(e.dlq_topic, 1, 1),
+                NewTopic(e.results_topic, 1, 1),
+            ])
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
+
+
+def photo(w: int = 640, h: int = 480, seed: int = 0, fmt: str = "JPEG", **save: Any) -> bytes:
+    """A photo-like image (smooth gradients plus noise), cheap to make, distinct per seed."""
+    from PIL import Image, ImageFilter
+
+    rnd = random.Random(seed)
+    small = Image.new("RGB", (8, 6))
+    small.putdata([tuple(rnd.randrange(256) for _ in range(3)) for _ in range(48)])
+    img = small.resize((w, h), Image.Resampling.BICUBIC)
+    noise = Image.frombytes("L", (w, h), rnd.randbytes(w * h)).convert("RGB")
+    img = Image.blend(img, noise, 0.15).filter(ImageFilter.SMOOTH)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def put_images(e: Env, n: int, prefix: str = "img", **kw: Any) -> list[str]:
+    s3 = boto3.client("s3", endpoint_url=e.s3)
+    uris = []
+    for i in range(n):
+        key = f"{prefix}/{i:05d}.jpg"
+        s3.put_object(Bucket=e.bucket, Key=key, Body=photo(seed=i, **kw))
+        uris.append(f"s3://{e.bucket}/{key}")
+    return uris
+
+
+def start_worker(e: Env, name: str = "w", **settings: Any) -> subprocess.Popen[bytes]:
+    """A real `vlmq worker` process (own session, so kill -9 reaches only it)."""
+    log = open(e.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmq.producer.cli", "worker"],
+        env=e.worker_env(worker_id=name, **settings), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    e.procs.append(proc)
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout)
+
+
+def stop_all(e: Env) -> None:
+    for p in e.procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def wait_for(check: Any, what: str, timeout: float = 60) -> None:
+    wait_until(check, what, timeout)
+
+
+def log_text(e: Env, name: str) -> str:
+    return (e.tmp / f"{name}.log").read_text(errors="replace")
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,55 @@
+"""`vlmq worker`: flags override `VLMQ_*` env vars, which override the defaults.
+
+Only settings are imported here; the worker's heavy dependencies load when it starts, so
+`vlmq --help` works with the base (producer-only) install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Optional
+
+import typer
+
+from vlmq.worker.settings import WorkerSettings, parse_pairs
+
+Opt = typer.Option
+
+
+def worker(
+    engine: Annotated[Optional[str], Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,  # noqa: E501
+    model: Annotated[Optional[str], Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
+    engine_arg: Annotated[Optional[list[str]], Opt(
+        "--engine-arg", "-e",
+        help="Engine option key=value, named as the engine names it "
+             "(max_num_seqs=16, enforce_eager=true, session_len=8192). Repeatable.")] = None,
+    kafka_bootstrap: Annotated[Optional[str], Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
+    redis_url: Annotated[Optional[str], Opt(help="[VLMQ_REDIS_URL]")] = None,
+    s3_endpoint_url: Annotated[Optional[str], Opt(help="[VLMQ_S3_ENDPOINT_URL]")] = None,
+    jobs_topic: Annotated[Optional[str], Opt(help="[VLMQ_JOBS_TOPIC]")] = None,
+    dlq_topic: Annotated[Optional[str], Opt(help="[VLMQ_DLQ_TOPIC]")] = None,
+    group_id: Annotated[Optional[str], Opt(help="Consumer group [VLMQ_GROUP_ID]")] = None,
+    max_in_flight: Annotated[Optional[int], Opt(
+        help="Jobs held at once; a few times the engine's max batch [VLMQ_MAX_IN_FLIGHT]")] = None,
+    max_images_per_job: Annotated[Optional[int], Opt(help="[VLMQ_MAX_IMAGES_PER_JOB]")] = None,
+    max_image_bytes: Annotated[Optional[int], Opt(help="[VLMQ_MAX_IMAGE_BYTES]")] = None,
+    min_pixels: Annotated[Optional[int], Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
+    max_pixels: Annotated[Optional[int], Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
+    allowed_file_roots: Annotated[Optional[list[str]], Opt(
+        "--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]")] = None,  # noqa: E501
+    result_ttl_s: Annotated[Optional[int], Opt(help="Redis TTL of job records [VLMQ_RESULT_TTL_S]")] = None,  # noqa: E501
+    metrics_port: Annotated[Optional[int], Opt(
+        help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")] = None,
+    log_format: Annotated[Optional[str], Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
+) -> None:
+    """Serve jobs from Kafka with an engine, results to Redis. SIGTERM drains and exits 0."""
+    from vlmq.producer.logs import configure
+
+    overrides = {k: v for k, v in locals().items() if k not in ("engine_arg",)}
+    if engine_arg:
+        overrides["engine_args"] = parse_pairs(engine_arg)
+    settings = WorkerSettings.load(overrides)
+    configure(settings.log_format, settings.log_level)
+    from vlmq.worker.service import serve
+
+    raise typer.Exit(asyncio.run(serve(settings)))

@@ -1,0 +1,55 @@
+"""The engine protocol: what the worker needs from vLLM, LMDeploy, transformers or a fake.
+
+The worker hands every request to `generate` as soon as its images are ready and awaits
+them all concurrently: batching is the engine's job (continuous batching), never ours.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import msgspec
+
+from vlmq.schemas.job import Message, ResponseFormat, Sampling
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+class EngineRequest(msgspec.Struct, kw_only=True):
+    """A job ready for an engine: messages as sent, images decoded and resized, in order."""
+
+    request_id: str
+    messages: list[Message]
+    images: list[Image]
+    sampling: Sampling
+    response_format: ResponseFormat | None = None
+    priority: int = 0
+
+
+class EngineOutput(msgspec.Struct, kw_only=True):
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    ttft_s: float | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    model: str
+    image_factor: int  # resize images to multiples of this (patch size x merge size)
+
+    async def start(self) -> None: ...
+
+    async def generate(self, request: EngineRequest) -> EngineOutput: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def healthy(self) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...

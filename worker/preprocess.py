@@ -1,0 +1,98 @@
+"""Stage: decode and resize, off the event loop (Pillow releases the GIL while it works).
+
+The GPU must never wait for the CPU: images are brought to the model's pixel budget here,
+before the engine sees them (vLLM resizing them itself left an H100 idle 41% of the time,
+see docs/performance.md). JPEGs decode at reduced scale (draft mode) when they are much
+larger than the budget, which is most of the saving.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmq.schemas.errors import ErrorCode, VlmqError
+
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's rule: sides multiples of `factor`, area within [min_pixels, max_pixels]."""
+    h, w = max(h, 1), max(w, 1)
+    if max(h, w) / min(h, w) > 200:  # Qwen rejects extreme ratios; clamp instead
+        h, w = (h, max(h // 200, 1)) if h > w else (max(w // 200, 1), w)
+    h_bar = max(factor, round(h / factor) * factor)
+    w_bar = max(factor, round(w / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        h_bar = max(factor, math.floor(h / beta / factor) * factor)
+        w_bar = max(factor, math.floor(w / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        h_bar = math.ceil(h * beta / factor) * factor
+        w_bar = math.ceil(w * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def load_image(
+    data: bytes,
+    *,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    max_image_pixels: int,
+) -> Image.Image:
+    """Bytes -> RGB image resized to the budget, or VlmqError(IMAGE_CORRUPT/IMAGE_TOO_LARGE)."""
+    if not data:
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, "empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_image_pixels:  # from the header, before any pixel is decoded
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE,
+                                f"{w}x{h} pixels > max_image_pixels {max_image_pixels}")
+            return _to_rgb_resized(img, factor, min_pixels, max_pixels)
+    except VlmqError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"cannot decode image: {exc}") from None
+
+
+def _to_rgb_resized(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    w, h = img.size
+    orientation = img.getexif().get(0x0112, 1)
+    disp_h, disp_w = (w, h) if orientation in _ROTATED else (h, w)
+    th, tw = smart_resize(disp_h, disp_w, factor, min_pixels, max_pixels)
+    if img.format == "JPEG":
+        # Decode at the smallest DCT scale still at least the target size.
+        img.draft("RGB", (th, tw) if orientation in _ROTATED else (tw, th))
+    img.seek(0)  # animated GIF/WebP: the first frame
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    img = _rgb(img)
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return img
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparency is flattened onto white (as a viewer shows it)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
