@@ -27,8 +27,7 @@ def new_job_id() -> str:
     """A UUIDv7 (RFC 9562): time-ordered, so ids sort by submission time."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 64) & 0xFFF) << 64 | (0b10 << 62) | (
-        rand & ((1 << 62) - 1))
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 64) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -58,8 +57,12 @@ def caption(
     **job: Any,
 ) -> Job:
     """A caption job for one image."""
-    return Job(job_id=job_id or new_job_id(), messages=[user(ImageRef(image_uri), prompt)],
-               sampling=Sampling(max_tokens=max_tokens), **job)
+    return Job(
+        job_id=job_id or new_job_id(),
+        messages=[user(ImageRef(image_uri), prompt)],
+        sampling=Sampling(max_tokens=max_tokens),
+        **job,
+    )
 
 
 def moderate(
@@ -75,14 +78,22 @@ def moderate(
     {"label": ..., "reason": ...} when `with_reason`."""
     prompt = prompt or (
         "Classify this image for content moderation. Answer with exactly one label of: "
-        + ", ".join(labels) + "."
+        + ", ".join(labels)
+        + "."
     )
     fmt: ResponseFormat = ChoiceFormat(list(labels))
     if with_reason:
-        fmt = JsonSchemaFormat({
-            "type": "object",
-            "properties": {"label": {"enum": list(labels)}, "reason": {"type": "string"}},
-            "required": ["label", "reason"],
-        })
-    return Job(job_id=job_id or new_job_id(), messages=[user(ImageRef(image_uri), prompt)],
-               sampling=Sampling(max_tokens=64), response_format=fmt, **job)
+        fmt = JsonSchemaFormat(
+            {
+                "type": "object",
+                "properties": {"label": {"enum": list(labels)}, "reason": {"type": "string"}},
+                "required": ["label", "reason"],
+            }
+        )
+    return Job(
+        job_id=job_id or new_job_id(),
+        messages=[user(ImageRef(image_uri), prompt)],
+        sampling=Sampling(max_tokens=64),
+        response_format=fmt,
+        **job,
+    )

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import typer
@@ -34,7 +34,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(stack_app, name="stack")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-StackDir = Annotated[Path, typer.Option(envvar="VLMQ_STACK_DIR", help="Where the stack keeps its state.")]  # noqa: E501
+StackDir = Annotated[Path, typer.Option(envvar="VLMQ_STACK_DIR", help="Where the stack keeps its state.")]
 DEFAULT_STACK_DIR = Path(".vlmq/stack")
 
 
@@ -56,9 +56,12 @@ def _run(coro: Awaitable[T]) -> T:
 
 # -- schema ---------------------------------------------------------------------------------
 
+
 @schema_app.command("export")
 def schema_export(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the JSON Schema files.")] = Path("docs/schema"),  # noqa: E501
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the JSON Schema files.")] = Path(
+        "docs/schema"
+    ),
 ) -> None:
     """Write the JSON Schema of jobs, results and dead letters (for non-Python clients)."""
     from vlmq.schemas.export import export
@@ -69,13 +72,14 @@ def schema_export(
 
 # -- stack ----------------------------------------------------------------------------------
 
+
 @stack_app.command("up")
 def stack_up(
     state_dir: StackDir = DEFAULT_STACK_DIR,
     partitions: Annotated[int, typer.Option(help="Partitions of the jobs topic.")] = 8,
-    kafka_port: Annotated[Optional[int], typer.Option(help="Default: a free port.")] = None,
-    redis_port: Annotated[Optional[int], typer.Option(help="Default: a free port.")] = None,
-    s3_port: Annotated[Optional[int], typer.Option(help="Default: a free port.")] = None,
+    kafka_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
+    redis_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
+    s3_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
 ) -> None:
     """Start what is missing and print the settings: `eval "$(vlmq stack up)"`.
 
@@ -89,14 +93,15 @@ def stack_up(
             kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
             redis_url=os.environ.get("VLMQ_REDIS_URL"),
             s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
-            ports={k: v for k, v in (("kafka", kafka_port), ("redis", redis_port),
-                                     ("s3", s3_port)) if v},
+            ports={k: v for k, v in (("kafka", kafka_port), ("redis", redis_port), ("s3", s3_port)) if v},
         )
     except StackError as exc:
         console.print(f"[red]stack up failed:[/] {exc}")
         raise typer.Exit(1) from None
     for name, (url, ok, pid) in stack.status().items():
-        console.print(f"{name:6} {url:32} {'up' if ok else 'DOWN'} {'(ours, pid ' + str(pid) + ')' if pid else '(external)'}")  # noqa: E501
+        console.print(
+            f"{name:6} {url:32} {'up' if ok else 'DOWN'} {f'(ours, pid {pid})' if pid else '(external)'}"
+        )
     for k, v in env.items():
         out.print(f"export {k}={v}", highlight=False)
 
@@ -127,6 +132,7 @@ def stack_status(state_dir: StackDir = DEFAULT_STACK_DIR) -> None:
 
 # -- worker ---------------------------------------------------------------------------------
 
+
 def _register_worker() -> None:
     from vlmq.worker.cli import worker
 
@@ -137,6 +143,7 @@ _register_worker()
 
 
 # -- single jobs ----------------------------------------------------------------------------
+
 
 def _client_call(fn: Callable[[Any], Awaitable[T]]) -> T:
     from vlmq.producer.client import Client
@@ -163,11 +170,15 @@ def _show(result: Result, as_json: bool) -> None:
 @app.command()
 def submit(
     image: Annotated[list[str], typer.Argument(help="Image URIs: s3://bucket/key, file://, data:")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Describe this image in one or two sentences.",  # noqa: E501
-    labels: Annotated[Optional[str], typer.Option(help="Moderation: comma-separated labels; the answer is one of them.")] = None,  # noqa: E501
+    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Describe this image in one or two sentences.",
+    labels: Annotated[
+        str | None, typer.Option(help="Moderation: comma-separated labels; the answer is one of them.")
+    ] = None,
     max_tokens: Annotated[int, typer.Option()] = 128,
-    job_id: Annotated[Optional[str], typer.Option(help="Idempotency key (default: a UUIDv7).")] = None,  # noqa: E501
-    wait: Annotated[Optional[float], typer.Option(help="Also wait up to this many seconds for the result.")] = None,  # noqa: E501
+    job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: a UUIDv7).")] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Also wait up to this many seconds for the result.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Submit one job (a prompt about one or more images); prints its job id."""
@@ -205,7 +216,7 @@ def status(job_id: str, as_json: JsonFlag = False) -> None:
 @app.command()
 def wait(
     job_id: str,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds; default: forever.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds; default: forever.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Wait for a job to end; exit 1 if it did not succeed."""

@@ -75,7 +75,7 @@ class Client:
         self.redis_url = redis_url or os.environ.get("VLMQ_REDIS_URL", DEFAULT_REDIS)
         self.topic = topic
         self.content_type = content_type
-        self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", 7 * 24 * 3600))
+        self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", str(7 * 24 * 3600)))
         self._kafka_options = kafka_options or {}
         self._producer: AIOKafkaProducer | None = None
         self.redis = Redis.from_url(self.redis_url)
@@ -98,8 +98,12 @@ class Client:
             # No idempotent producer: tansu's memory storage rejects it, and the job id
             # de-duplicates downstream anyway.
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.kafka_bootstrap, acks="all", enable_idempotence=False,
-                linger_ms=5, max_batch_size=1 << 20, **self._kafka_options,
+                bootstrap_servers=self.kafka_bootstrap,
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=5,
+                max_batch_size=1 << 20,
+                **self._kafka_options,
             )
             await producer.start()
             self._producer = producer
@@ -143,8 +147,7 @@ class Client:
             if state not in (None, JobState.QUEUED.value):
                 report.skipped += 1
                 continue
-            futures.append(await producer.send(self.topic, value, key=job.job_id.encode(),
-                                               headers=headers))
+            futures.append(await producer.send(self.topic, value, key=job.job_id.encode(), headers=headers))
         await asyncio.gather(*futures)
         report.sent += len(futures)
 

@@ -9,7 +9,6 @@ restart drops subscriptions), so nobody polls in a tight loop and nobody waits f
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
@@ -163,7 +162,7 @@ class StateStore:
                 if not pending or not await self._await_news(pubsub, deadline):
                     return
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _ended(self, pending: set[str]) -> list[Result]:
         ids = list(pending)

@@ -64,9 +64,7 @@ def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
 
 def _raise_version(value: bytes, is_json: bool) -> None:
     try:
-        env = msgspec.convert(
-            (msgspec.json.decode if is_json else msgspec.msgpack.decode)(value), _Envelope
-        )
+        env = msgspec.convert((msgspec.json.decode if is_json else msgspec.msgpack.decode)(value), _Envelope)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return
     if env.v > VERSION:

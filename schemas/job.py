@@ -11,7 +11,6 @@ import enum
 import re
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 from vlmq.schemas.errors import ErrorCode
@@ -53,7 +52,7 @@ Part = TextPart | ImageRef
 
 class Message(Struct, frozen=True):
     role: Literal["system", "user", "assistant"]
-    content: Annotated[list[Part], Meta(min_length=1)] | str
+    content: Annotated[list[Part], Meta(min_length=1)] | Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 
     @property
     def parts(self) -> list[Part]:

@@ -16,8 +16,8 @@ import boto3
 import pytest
 from redis.asyncio import Redis
 
-from vlmq.deploy.stack import Stack
 from tests.helpers import Env, make_topics
+from vlmq.deploy.stack import Stack
 
 
 @pytest.fixture(scope="session")

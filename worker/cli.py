@@ -7,7 +7,7 @@ Only settings are imported here; the worker's heavy dependencies load when it st
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,30 +17,30 @@ Opt = typer.Option
 
 
 def worker(
-    engine: Annotated[Optional[str], Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,  # noqa: E501
-    model: Annotated[Optional[str], Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
-    engine_arg: Annotated[Optional[list[str]], Opt(
+    engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,
+    model: Annotated[str | None, Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
+    engine_arg: Annotated[list[str] | None, Opt(
         "--engine-arg", "-e",
         help="Engine option key=value, named as the engine names it "
              "(max_num_seqs=16, enforce_eager=true, session_len=8192). Repeatable.")] = None,
-    kafka_bootstrap: Annotated[Optional[str], Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
-    redis_url: Annotated[Optional[str], Opt(help="[VLMQ_REDIS_URL]")] = None,
-    s3_endpoint_url: Annotated[Optional[str], Opt(help="[VLMQ_S3_ENDPOINT_URL]")] = None,
-    jobs_topic: Annotated[Optional[str], Opt(help="[VLMQ_JOBS_TOPIC]")] = None,
-    dlq_topic: Annotated[Optional[str], Opt(help="[VLMQ_DLQ_TOPIC]")] = None,
-    group_id: Annotated[Optional[str], Opt(help="Consumer group [VLMQ_GROUP_ID]")] = None,
-    max_in_flight: Annotated[Optional[int], Opt(
+    kafka_bootstrap: Annotated[str | None, Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
+    redis_url: Annotated[str | None, Opt(help="[VLMQ_REDIS_URL]")] = None,
+    s3_endpoint_url: Annotated[str | None, Opt(help="[VLMQ_S3_ENDPOINT_URL]")] = None,
+    jobs_topic: Annotated[str | None, Opt(help="[VLMQ_JOBS_TOPIC]")] = None,
+    dlq_topic: Annotated[str | None, Opt(help="[VLMQ_DLQ_TOPIC]")] = None,
+    group_id: Annotated[str | None, Opt(help="Consumer group [VLMQ_GROUP_ID]")] = None,
+    max_in_flight: Annotated[int | None, Opt(
         help="Jobs held at once; a few times the engine's max batch [VLMQ_MAX_IN_FLIGHT]")] = None,
-    max_images_per_job: Annotated[Optional[int], Opt(help="[VLMQ_MAX_IMAGES_PER_JOB]")] = None,
-    max_image_bytes: Annotated[Optional[int], Opt(help="[VLMQ_MAX_IMAGE_BYTES]")] = None,
-    min_pixels: Annotated[Optional[int], Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
-    max_pixels: Annotated[Optional[int], Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
-    allowed_file_roots: Annotated[Optional[list[str]], Opt(
-        "--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]")] = None,  # noqa: E501
-    result_ttl_s: Annotated[Optional[int], Opt(help="Redis TTL of job records [VLMQ_RESULT_TTL_S]")] = None,  # noqa: E501
-    metrics_port: Annotated[Optional[int], Opt(
+    max_images_per_job: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGES_PER_JOB]")] = None,
+    max_image_bytes: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGE_BYTES]")] = None,
+    min_pixels: Annotated[int | None, Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
+    max_pixels: Annotated[int | None, Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
+    allowed_file_roots: Annotated[list[str] | None, Opt(
+        "--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]")] = None,
+    result_ttl_s: Annotated[int | None, Opt(help="Redis TTL of job records [VLMQ_RESULT_TTL_S]")] = None,
+    metrics_port: Annotated[int | None, Opt(
         help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")] = None,
-    log_format: Annotated[Optional[str], Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
+    log_format: Annotated[str | None, Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
 ) -> None:
     """Serve jobs from Kafka with an engine, results to Redis. SIGTERM drains and exits 0."""
     from vlmq.producer.logs import configure

@@ -8,6 +8,7 @@ outcome into a `Result` and knows nothing about Kafka or Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,7 @@ class Pipeline:
         metrics.IMAGE_BYTES.inc(sum(len(b) for b in blobs))
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._decode, b, r) for b, r in zip(blobs, refs))
+            *(loop.run_in_executor(self.pool, self._decode, b, r) for b, r in zip(blobs, refs, strict=True))
         )
         timings.fetch_s, timings.preprocess_s = t1 - t0, time.perf_counter() - t1
         metrics.STAGE.labels("fetch").observe(timings.fetch_s)
@@ -144,7 +145,6 @@ class Pipeline:
 
 
 async def _abort_quietly(engine: Engine, request_id: str) -> None:
-    try:
+    # A failed abort must not hide the job's own outcome.
+    with contextlib.suppress(Exception):
         await asyncio.shield(engine.abort(request_id))
-    except Exception:  # abort of a finished request is a no-op in every engine we use
-        pass

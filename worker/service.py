@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from vlmq.producer.state import StateStore
 from vlmq.schemas import keys
@@ -177,11 +178,11 @@ class Worker:
     def _start(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         assigned = self.consumer.assignment()
         for tp, records in batch.items():
-            for i, msg in enumerate(records):
+            for msg in records:
                 if tp not in assigned:
                     break  # revoked meanwhile: its new owner reads it
                 if len(self._tasks) >= self.s.max_in_flight:
-                    self.consumer.seek(tp, records[i].offset)  # hand the rest back, unread
+                    self.consumer.seek(tp, msg.offset)  # hand the rest back, unread
                     break
                 self.ledger.track(tp, msg.offset)
                 task = asyncio.create_task(self._handle(tp, msg))
@@ -223,6 +224,7 @@ class Worker:
             metrics.SKIPPED.inc()
             log.debug("skipped: already ended", state=claim.state.value)
             return
+        result: Result | None
         if job.deadline is not None and time.time() > job.deadline:
             result = self.pipeline.result(job, JobState.EXPIRED, claim.attempt, error=Error(
                 ErrorCode.TIMEOUT, "deadline passed before the job started"))
@@ -297,7 +299,7 @@ class Worker:
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         self._cancel(message["data"].decode())
-            except (OSError, *_redis_errors()) as exc:
+            except (OSError, RedisError) as exc:
                 log.warning("cancel listener reconnecting", error=repr(exc))
                 await asyncio.sleep(1)
 
@@ -353,12 +355,6 @@ class Worker:
             for t in late:  # handed back: uncommitted, another worker takes them
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-
-
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
-
-    return (RedisError,)
 
 
 async def serve(settings: WorkerSettings) -> int:

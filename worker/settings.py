@@ -80,8 +80,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     def redacted(self) -> dict[str, Any]:
         """Settings for logs: secrets never appear in a log line."""
         out: dict[str, Any] = msgspec.to_builtins(self)
-        for k in out:
-            if "password" in k and out[k]:
+        for k, v in out.items():
+            if "password" in k and v:
                 out[k] = "***"
         out["redis_url"] = redact_url(self.redis_url)
         return out
