@@ -129,3 +129,38 @@ def log_text(e: Env, name: str) -> str:
 
 def now() -> float:
     return time.time()
+
+
+async def read_topic(e: Env, topic: str, expect: int, timeout: float = 30) -> list[Any]:
+    """Every record of `topic` from the start (no group), waiting for at least `expect`."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=e.kafka, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < expect and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            got += [m for ms in batch.values() for m in ms]
+        if expect == 0:
+            batch = await consumer.getmany(timeout_ms=1000)
+            got += [m for ms in batch.values() for m in ms]
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def committed_offsets(e: Env) -> dict[int, int]:
+    """The group's committed offset per partition of the jobs topic."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=e.kafka, group_id=e.group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(e.jobs_topic, p) for p in range(e.partitions)]
+        return {tp.partition: (await consumer.committed(tp)) or 0 for tp in tps}
+    finally:
+        await consumer.stop()

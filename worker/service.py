@@ -67,7 +67,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.worker.hand_back(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+        self.worker.assignments += 1
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned),
+                 generation=self.worker.assignments)
 
 
 class Worker:
@@ -83,6 +85,7 @@ class Worker:
         self._fatal: BaseException | None = None
         self._started = False
         self.max_in_flight_seen = 0
+        self.assignments = 0  # 1 for a worker that never saw a rebalance
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class Worker:
         if self._fatal is not None:
             log.error("worker stopped on an unrecoverable error", error=repr(self._fatal))
             return 1
-        log.info("worker drained and stopped")
+        log.info("worker drained and stopped", max_in_flight_seen=self.max_in_flight_seen,
+                 assignments=self.assignments)
         return 0
 
     # -- intake ---------------------------------------------------------------------------
