@@ -80,8 +80,12 @@ def s3_ok(url: str) -> bool:
 
 
 def kafka_ok(bootstrap: str) -> bool:
+    import logging
+
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refused connects are expected here
 
     async def probe() -> bool:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)

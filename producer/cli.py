@@ -133,13 +133,17 @@ def stack_status(state_dir: StackDir = DEFAULT_STACK_DIR) -> None:
 # -- worker ---------------------------------------------------------------------------------
 
 
-def _register_worker() -> None:
+def _register_subcommands() -> None:
+    from vlmq.producer.bulk_cli import app as bulk_app
+    from vlmq.producer.demo import demo
     from vlmq.worker.cli import worker
 
     app.command("worker")(worker)
+    app.add_typer(bulk_app, name="bulk")
+    app.command("demo")(demo)
 
 
-_register_worker()
+_register_subcommands()
 
 
 # -- single jobs ----------------------------------------------------------------------------

@@ -115,11 +115,12 @@ class Client:
         """Send one job (waits for the broker's ack). Safe to repeat with the same job id."""
         job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
         value, headers = validated(job, self.content_type)
-        state = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
-        if state not in (None, JobState.QUEUED.value):
-            return Handle(job.job_id, False, JobState(state))
+        got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
+        if not got.must_send:
+            return Handle(job.job_id, False, got.state)
         producer = await self._kafka()
         await producer.send_and_wait(self.topic, value, key=job.job_id.encode(), headers=headers)
+        await self.store.mark_sent([job.job_id])
         return Handle(job.job_id, True, JobState.QUEUED)
 
     async def submit_many(self, jobs: Iterable[Job], *, chunk: int = 2000) -> SubmitReport:
@@ -142,14 +143,16 @@ class Client:
         encoded = [validated(j, self.content_type) for j in jobs]
         states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
         producer = await self._kafka()
-        futures = []
-        for job, (value, headers), state in zip(jobs, encoded, states, strict=True):
-            if state not in (None, JobState.QUEUED.value):
+        futures, sent = [], []
+        for job, (value, headers), got in zip(jobs, encoded, states, strict=True):
+            if not got.must_send:
                 report.skipped += 1
                 continue
             futures.append(await producer.send(self.topic, value, key=job.job_id.encode(), headers=headers))
+            sent.append(job.job_id)
         await asyncio.gather(*futures)
-        report.sent += len(futures)
+        await self.store.mark_sent(sent)
+        report.sent += len(sent)
 
     # -- follow -----------------------------------------------------------------------
 

@@ -42,6 +42,17 @@ class Claim(msgspec.Struct, frozen=True):
         return self.state is JobState.RUNNING
 
 
+class Enqueued(msgspec.Struct, frozen=True):
+    state: JobState
+    sent: bool  # Kafka acknowledged it before
+    new: bool = False
+
+    @property
+    def must_send(self) -> bool:
+        """Send unless it was acknowledged before or has started: re-submits never duplicate."""
+        return self.state is JobState.QUEUED and not self.sent
+
+
 class BatchCounts(msgspec.Struct):
     total: int = 0
     queued: int = 0
@@ -73,19 +84,27 @@ class StateStore:
             return ["", ""]
         return [keys.batch_key(batch_id), keys.batch_done_key(batch_id)]
 
-    async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> str | None:
-        """Record a new job as queued. Returns None if new, else the state it already has."""
-        keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-        st = await self._enqueue(keys_, [batch_id or "", submitted_at, self.ttl_s])
-        return _s(st) if st else None
+    async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> Enqueued:
+        """Record a job as queued, once. Says whether it is new or how far it already got."""
+        return (await self.enqueue_many([(job_id, batch_id, submitted_at)]))[0]
 
-    async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[str | None]:
+    async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[Enqueued]:
         """`enqueue` for many jobs in one round trip (a pipeline of script calls)."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id, batch_id, at in items:
             keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
             await self._enqueue(keys_, [batch_id or "", at, self.ttl_s], client=pipe)
-        return [_s(st) if st else None for st in await pipe.execute()]
+        return [
+            Enqueued(JobState(_s(r[0])), _s(r[1]) == "1") if r else Enqueued(JobState.QUEUED, False, True)
+            for r in await pipe.execute()
+        ]
+
+    async def mark_sent(self, job_ids: Sequence[str]) -> None:
+        """Note that Kafka acknowledged these jobs (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hset(keys.job_key(job_id), "sent", 1)
+        await pipe.execute()
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
@@ -174,14 +193,18 @@ class StateStore:
 
     async def _await_news(self, pubsub: PubSub, deadline: float | None) -> bool:
         """Wait for a completion message or the re-check interval. False once timed out."""
-        wait = self.recheck_s
+        end = time.monotonic() + self.recheck_s
         if deadline is not None:
-            wait = min(wait, deadline - time.monotonic())
-            if wait <= 0:
+            if deadline <= time.monotonic():
                 return False
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-        while msg is not None:  # drain what arrived together, then re-read states once
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+            end = min(end, deadline)
+        # Subscribe confirmations arrive as messages too: only a completion wakes us.
+        while (left := end - time.monotonic()) > 0:
+            msg = await pubsub.get_message(timeout=left)
+            if msg is not None and msg["type"] == "message":
+                while msg is not None:  # drain what arrived together, then re-read once
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
+                return True
         return True
 
     async def batch_counts(self, batch_id: str) -> BatchCounts:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import boto3
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from vlmq.deploy.stack import wait_until
+from vlmq.worker.samples import photo
 
 
 @dataclass
@@ -67,21 +66,6 @@ def make_topics(e: Env) -> None:
             await admin.close()
 
     asyncio.run(go())
-
-
-def photo(w: int = 640, h: int = 480, seed: int = 0, fmt: str = "JPEG", **save: Any) -> bytes:
-    """A photo-like image (smooth gradients plus noise), cheap to make, distinct per seed."""
-    from PIL import Image, ImageFilter
-
-    rnd = random.Random(seed)
-    small = Image.new("RGB", (8, 6))
-    small.putdata([tuple(rnd.randrange(256) for _ in range(3)) for _ in range(48)])
-    img = small.resize((w, h), Image.Resampling.BICUBIC)
-    noise = Image.frombytes("L", (w, h), rnd.randbytes(w * h)).convert("RGB")
-    img = Image.blend(img, noise, 0.15).filter(ImageFilter.SMOOTH)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **save)
-    return buf.getvalue()
 
 
 def put_images(e: Env, n: int, prefix: str = "img", **kw: Any) -> list[str]:

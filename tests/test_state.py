@@ -20,8 +20,12 @@ def _ids(n: int = 1) -> list[str]:
 async def test_enqueue_is_idempotent_and_counts_once(redis: Redis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
-    assert await store.enqueue(job, batch, time.time()) is None
-    assert await store.enqueue(job, batch, time.time()) == "queued"
+    first = await store.enqueue(job, batch, time.time())
+    assert first.new and first.must_send
+    again = await store.enqueue(job, batch, time.time())
+    assert not again.new and again.must_send  # not acknowledged yet: may be sent again
+    await store.mark_sent([job])
+    assert not (await store.enqueue(job, batch, time.time())).must_send
     counts = await store.batch_counts(batch)
     assert (counts.total, counts.queued) == (1, 1)
     assert 0 < await redis.ttl(keys.job_key(job)) <= 60

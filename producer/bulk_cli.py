@@ -1,0 +1,237 @@
+"""`vlmq bulk`: submit a backlog, watch it drain, export its results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from vlmq.producer import bulk
+from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
+from vlmq.producer.client import Client
+from vlmq.producer.state import BatchCounts
+from vlmq.schemas.job import Job
+
+console = Console(stderr=True)
+app = typer.Typer(help="Bulk backlogs: submit, watch, export.", no_args_is_help=True)
+BatchArg = Annotated[str, typer.Argument(help="Batch id: groups the jobs for progress and export.")]
+
+
+def _source(
+    batch_id: str,
+    s3_prefix: str | None,
+    manifest: Path | None,
+    openai: Path | None,
+    preset: bulk.Preset,
+    suffixes: tuple[str, ...],
+    allow_https: bool,
+) -> Iterator[bulk.Item]:
+    chosen = [x for x in (s3_prefix, manifest, openai) if x]
+    if len(chosen) != 1:
+        console.print("[red]error:[/] give exactly one of --s3, --manifest, --openai")
+        raise typer.Exit(2)
+    if s3_prefix:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=_s3_endpoint())
+        return bulk.from_s3_prefix(s3, s3_prefix, batch_id, preset, suffixes)
+    if manifest:
+        return bulk.from_manifest(bulk.read_lines(manifest), batch_id, preset)
+    assert openai is not None
+    return bulk.from_openai_batch(bulk.read_lines(openai), batch_id, allow_https=allow_https)
+
+
+def _s3_endpoint() -> str | None:
+    import os
+
+    return os.environ.get("VLMQ_S3_ENDPOINT_URL")
+
+
+@app.command()
+def submit(
+    batch_id: BatchArg,
+    s3_prefix: Annotated[
+        str | None, typer.Option("--s3", help="s3://bucket/prefix: one job per image.")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="JSONL: {key, image[, prompt, labels]} or {key, messages...}.")
+    ] = None,
+    openai: Annotated[
+        Path | None, typer.Option(help="OpenAI Batch API input file (chat completions).")
+    ] = None,
+    prompt: Annotated[
+        str, typer.Option(help="Prompt for --s3 and short manifest lines.")
+    ] = DEFAULT_CAPTION_PROMPT,
+    labels: Annotated[str | None, typer.Option(help="Moderation preset: comma-separated labels.")] = None,
+    suffix: Annotated[
+        list[str] | None, typer.Option(help="Object name endings to take (repeatable).")
+    ] = None,
+    allow_https: Annotated[bool, typer.Option(help="Accept https:// image URLs in --openai files.")] = False,
+    chunk: Annotated[int, typer.Option(help="Jobs per produce round trip.")] = 2000,
+    rejected: Annotated[Path | None, typer.Option(help="Write rejected lines here (JSONL).")] = None,
+) -> None:
+    """Submit a backlog. Safe to re-run after an interruption: nothing is sent twice."""
+    preset = bulk.Preset(prompt=prompt, labels=labels.split(",") if labels else None)
+    suffixes = tuple(s.lower() for s in suffix) if suffix else bulk.IMAGE_SUFFIXES
+    items = _source(batch_id, s3_prefix, manifest, openai, preset, suffixes, allow_https)
+    sent, skipped, bad = asyncio.run(_submit(items, chunk))
+    if bad:
+        _report_bad(bad, rejected)
+    console.print(f"batch [bold]{batch_id}[/]: {sent} sent, {skipped} already sent, {len(bad)} rejected")
+
+
+async def _submit(items: Iterator[bulk.Item], chunk: int) -> tuple[int, int, list[bulk.BadLine]]:
+    bad: list[bulk.BadLine] = []
+    sent = skipped = 0
+    with Progress(
+        TextColumn("submitting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("submit", total=None)
+        async with Client() as client:
+            buf: list[Job] = []
+            for item in items:
+                if isinstance(item, bulk.BadLine):
+                    bad.append(item)
+                    continue
+                buf.append(item)
+                if len(buf) >= chunk:
+                    r = await client.submit_many(buf, chunk=chunk)
+                    sent, skipped, buf = sent + r.sent, skipped + r.skipped, []
+                    progress.update(task, completed=sent + skipped)
+            if buf:
+                r = await client.submit_many(buf, chunk=chunk)
+                sent, skipped = sent + r.sent, skipped + r.skipped
+    return sent, skipped, bad
+
+
+def _report_bad(bad: list[bulk.BadLine], rejected: Path | None) -> None:
+    table = Table("line", "key", "reason", title=f"{len(bad)} lines rejected", title_justify="left")
+    for b in bad[:20]:
+        table.add_row(str(b.line), b.key or "", b.reason)
+    console.print(table)
+    if len(bad) > 20:
+        console.print(f"... and {len(bad) - 20} more")
+    if rejected:
+        with rejected.open("w") as f:
+            for b in bad:
+                f.write(json.dumps({"line": b.line, "key": b.key, "reason": b.reason}) + "\n")
+        console.print(f"all rejected lines: {rejected}")
+
+
+def _describe(c: BatchCounts) -> str:
+    return f"[green]{c.succeeded} ok[/] [red]{c.failed} failed[/] {c.running} running {c.queued} queued" + (
+        f" {c.cancelled + c.expired} cancelled/expired" if c.cancelled + c.expired else ""
+    )
+
+
+@app.command()
+def status(batch_id: BatchArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Counts per state of a batch."""
+    counts = asyncio.run(_counts(batch_id))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "batch_id": batch_id,
+                    "total": counts.total,
+                    "finished": counts.finished,
+                    **{
+                        s: getattr(counts, s)
+                        for s in ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+                    },
+                }
+            )
+        )
+    else:
+        console.print(f"{batch_id}: {counts.finished}/{counts.total} finished; {_describe(counts)}")
+
+
+async def _counts(batch_id: str) -> BatchCounts:
+    async with Client() as client:
+        return await client.batch(batch_id)
+
+
+@app.command()
+def watch(
+    batch_id: BatchArg,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """A live progress bar until every job of the batch has ended (rate and ETA included)."""
+    ok = asyncio.run(watch_batch(batch_id, timeout))
+    raise typer.Exit(0 if ok else 1)
+
+
+async def watch_batch(batch_id: str, timeout: float | None = None, total: int | None = None) -> bool:
+    """Show progress until done; True when every job ended within `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (
+        TextColumn("[bold]{task.fields[batch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+    )
+    async with Client() as client:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("", total=total, batch=batch_id)
+            while True:
+                c = await client.batch(batch_id)
+                progress.update(
+                    task,
+                    completed=c.finished,
+                    total=max(c.total, total or 0) or None,
+                    description=_describe(c),
+                )
+                if c.total and c.finished >= max(c.total, total or 0):
+                    return True
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.25)
+
+
+@app.command("export")
+def export_cmd(
+    batch_id: BatchArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (JSONL).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="jsonl (vlmq Results) or openai (Batch API output).")
+    ] = "jsonl",
+    errors: Annotated[Path | None, typer.Option(help="openai format: failures go here instead.")] = None,
+) -> None:
+    """Stream a batch's ended jobs to a file, in the order they ended."""
+    if fmt not in ("jsonl", "openai"):
+        console.print("[red]error:[/] --format is jsonl or openai")
+        raise typer.Exit(2)
+    n_out, n_err = asyncio.run(_export(batch_id, out, fmt == "openai", errors))
+    console.print(f"wrote {n_out} rows to {out}" + (f", {n_err} to {errors}" if errors else ""))
+
+
+async def _export(batch_id: str, out: Path, openai: bool, errors: Path | None) -> tuple[int, int]:
+    async with Client() as client:
+        with out.open("wb") as f_out:
+            if errors is None:
+                return await bulk.export(client.iter_results(batch_id), f_out, openai=openai)
+            with errors.open("wb") as f_err:
+                return await bulk.export(client.iter_results(batch_id), f_out, openai=openai, errors=f_err)
