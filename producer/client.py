@@ -66,14 +66,14 @@ class Client:
         kafka_bootstrap: str | None = None,
         redis_url: str | None = None,
         *,
-        topic: str = keys.JOBS_TOPIC,
+        topic: str | None = None,
         content_type: bytes = MSGPACK,
         ttl_s: int | None = None,
         kafka_options: dict[str, Any] | None = None,
     ) -> None:
         self.kafka_bootstrap = kafka_bootstrap or os.environ.get("VLMQ_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
         self.redis_url = redis_url or os.environ.get("VLMQ_REDIS_URL", DEFAULT_REDIS)
-        self.topic = topic
+        self.topic = topic or os.environ.get("VLMQ_JOBS_TOPIC", keys.JOBS_TOPIC)
         self.content_type = content_type
         self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", str(7 * 24 * 3600)))
         self._kafka_options = kafka_options or {}
