@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck unit deploy-check clean
+.PHONY: demo test lint typecheck lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements/dev.lock -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)
@@ -29,6 +29,14 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Re-resolve the dev set from pyproject.toml and record it (review the diff).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -U pip && .venv-lock/bin/pip install -q -e '.[dev]'
+	(echo "# Known-good versions for CI and the demo (pip install -c). Regenerate: make lock"; \
+	 .venv-lock/bin/pip freeze --exclude-editable) > requirements/dev.lock
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) .vlmq .pytest_cache .mypy_cache .ruff_cache

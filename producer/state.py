@@ -9,6 +9,7 @@ restart drops subscriptions), so nobody polls in a tight loop and nobody waits f
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.commands.core import AsyncScript
 
 from vlmq.schemas import keys
 from vlmq.schemas.codec import decode_result, encode_result
@@ -67,16 +69,69 @@ class BatchCounts(msgspec.Struct):
         return self.succeeded + self.failed + self.cancelled + self.expired
 
 
-class StateStore:
-    """Job state in Redis. Keys expire after `ttl_s` (a results store without TTLs fills up)."""
+class _Coalescer:
+    """Sends the script calls of all concurrent callers as one pipeline per loop tick.
 
-    def __init__(self, redis: Redis, *, ttl_s: int = DEFAULT_TTL_S, recheck_s: float = 5.0):
+    A worker holds hundreds of jobs; each claims and finishes through a Lua script. One
+    round trip (and one pooled connection) each would cap throughput at the pool and the
+    network; batched, a tick's worth of calls costs one round trip. A failed pipeline fails
+    every caller in it, and each caller retries on its own.
+    """
+
+    def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
+        self.redis = redis
+        self.max_batch = max_batch
+        self._pending: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def call(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((script, keys_, args, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let every task runnable this tick add its call
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            pipe = self.redis.pipeline(transaction=False)
+            for script, keys_, args, _ in batch:
+                await script(keys_, args, client=pipe)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the connection failed: every caller sees it
+                replies = [exc] * len(batch)
+            for (*_, fut), reply in zip(batch, replies, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+
+class StateStore:
+    """Job state in Redis. Keys expire after `ttl_s` (a results store without TTLs fills up).
+
+    `coalesce=True` (the worker) batches concurrent claim/finish calls into pipelines.
+    """
+
+    def __init__(
+        self, redis: Redis, *, ttl_s: int = DEFAULT_TTL_S, recheck_s: float = 5.0, coalesce: bool = False
+    ):
         self.redis = redis
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
         self._enqueue = redis.register_script(_lua("enqueue"))
         self._claim = redis.register_script(_lua("claim"))
         self._finish = redis.register_script(_lua("finish"))
+        self._batch = _Coalescer(redis) if coalesce else None
+
+    async def _script(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
+        if self._batch is not None:
+            return await self._batch.call(script, keys_, args)
+        return await script(keys_, args)
 
     @staticmethod
     def _batch_keys(batch_id: str | None) -> list[str]:
@@ -108,7 +163,9 @@ class StateStore:
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-        st, attempt = await self._claim(keys_, [batch_id or "", worker, time.time(), self.ttl_s])
+        st, attempt = await self._script(
+            self._claim, keys_, [batch_id or "", worker, time.time(), self.ttl_s]
+        )
         return Claim(JobState(_s(st)), int(attempt))
 
     async def finish(self, result: Result) -> bool:
@@ -122,7 +179,7 @@ class StateStore:
             self.ttl_s,
             keys.done_channel(result.job_id),
         ]
-        wrote, _prev = await self._finish(keys_, args)
+        wrote, _prev = await self._script(self._finish, keys_, args)
         return bool(wrote)
 
     async def cancel(self, job_id: str) -> bool:

@@ -103,7 +103,7 @@ class Worker:
         log.info("worker starting", **s.redacted())
         redis = Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5,
                                health_check_interval=15)
-        self.store = StateStore(redis, ttl_s=s.result_ttl_s)
+        self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             await self.engine.start()

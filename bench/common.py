@@ -1,0 +1,57 @@
+"""Shared by the benchmarks: the local stack, hardware description, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlmq.deploy.stack import Stack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}"
+
+
+def hardware_tag() -> str:
+    return os.environ.get("VLMQ_BENCH_TAG", f"cpu{os.cpu_count()}")
+
+
+def start_stack() -> tuple[Stack, dict[str, str]]:
+    """A private stack (Kafka, Redis, S3) in a temp dir, unless VLMQ_* URLs are given."""
+    stack = Stack(Path(tempfile.mkdtemp(prefix="vlmq-bench-")))
+    env = stack.up(kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
+                   redis_url=os.environ.get("VLMQ_BENCH_REDIS_URL"),
+                   s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"))
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    return stack, env
+
+
+def write_result(name: str, unit: str, baseline: float, value: float, settings: dict[str, Any],
+                 **extra: Any) -> Path:
+    """bench/results/<name>-<hardware>.json in DESIGN.md's form; prints it too."""
+    row = {
+        "name": name, "unit": unit, "baseline": round(baseline, 3), "value": round(value, 3),
+        "ratio": round(value / baseline, 3) if baseline else None, "hardware": hardware(),
+        "settings": settings, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{hardware_tag()}.json"
+    path.write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps(row, indent=2))
+    return path
