@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -73,12 +72,17 @@ async def floor(bootstrap: str, redis_url: str, topic: str, n: int) -> float:
     return n / elapsed
 
 
+# VLMQ_BENCH_PROFILE=out.prof runs the worker under cProfile (the drain writes the file).
+_PROF = os.environ.get("VLMQ_BENCH_PROFILE")
+PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
+
+
 async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int]:
     """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB)."""
     wenv = {**os.environ, **env, "VLMQ_JOBS_TOPIC": topic, "VLMQ_GROUP_ID": f"w-{uuid.uuid4().hex}",
             "VLMQ_METRICS_PORT": "0", "VLMQ_LOG_LEVEL": "WARNING", "VLMQ_MAX_IN_FLIGHT": str(in_flight)}
-    proc = subprocess.Popen([sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", "fake"],
-                            env=wenv)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *PROFILE, "-m", "vlmq.producer.cli", "worker", "--engine", "fake", env=wenv)
     redis = Redis.from_url(env["VLMQ_REDIS_URL"])
     store = StateStore(redis)
     ids = [f"{topic}-{i}" for i in range(n)]
@@ -86,7 +90,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         # Every job has ended? (the last produced is not always the last to end)
         pending = True
         while pending:
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
             results = []
             for i in range(0, n, 5000):
@@ -96,7 +100,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         peak = _peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
-        proc.wait(60)
+        await proc.wait()
         await redis.aclose()
     start = min(r.timings.started_at for r in results if r and r.timings and r.timings.started_at)
     end = max(r.timings.finished_at for r in results if r and r.timings and r.timings.finished_at)

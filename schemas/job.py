@@ -120,7 +120,13 @@ class Job(Struct, omit_defaults=True, frozen=True):
 
     @property
     def images(self) -> list[ImageRef]:
-        return [p for m in self.messages for p in m.parts if isinstance(p, ImageRef)]
+        return [
+            p
+            for m in self.messages
+            if not isinstance(m.content, str)
+            for p in m.content
+            if isinstance(p, ImageRef)
+        ]
 
 
 class JobState(str, enum.Enum):

@@ -32,6 +32,10 @@ def _warn(state: RetryCallState) -> None:
 
 async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float) -> T:
     """Call `fn` until it succeeds, backing off, for up to `seconds`; then re-raise."""
+    try:  # the hot path: tenacity's bookkeeping only once something failed
+        return await fn()
+    except TRANSIENT as exc:
+        log.warning("retrying", error=repr(exc))
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential_jitter(initial=0.05, max=2.0),
