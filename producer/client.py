@@ -45,6 +45,13 @@ class Handle(msgspec.Struct, frozen=True):
     state: JobState
 
 
+class _Sent(msgspec.Struct):
+    """A chunk handed to the producer, its acknowledgements not yet awaited."""
+
+    acks: list[asyncio.Future[Any]] = msgspec.field(default_factory=list)
+    ids: list[str] = msgspec.field(default_factory=list)
+
+
 class SubmitReport(msgspec.Struct):
     sent: int = 0
     skipped: int = 0  # already running or ended (a resumed bulk submit skips these)
@@ -124,35 +131,47 @@ class Client:
         return Handle(job.job_id, True, JobState.QUEUED)
 
     async def submit_many(self, jobs: Iterable[Job], *, chunk: int = 2000) -> SubmitReport:
-        """Send many jobs: per chunk one Redis round trip and one batched produce, so memory
-        stays bounded by `chunk` whatever the number of jobs."""
+        """Send many jobs: per chunk one Redis call and one batched produce. A chunk's
+        acknowledgements are awaited while the next chunk is prepared, so memory stays
+        bounded by two chunks whatever the number of jobs."""
         report = SubmitReport()
+        in_flight: _Sent | None = None
         buf: list[Job] = []
         for job in jobs:
             buf.append(job)
             if len(buf) >= chunk:
-                await self._submit_chunk(buf, report)
-                buf = []
+                sending = await self._send_chunk(buf, report)
+                await self._settle(in_flight, report)
+                in_flight, buf = sending, []
         if buf:
-            await self._submit_chunk(buf, report)
+            sending = await self._send_chunk(buf, report)
+            await self._settle(in_flight, report)
+            in_flight = sending
+        await self._settle(in_flight, report)
         return report
 
-    async def _submit_chunk(self, jobs: Sequence[Job], report: SubmitReport) -> None:
+    async def _send_chunk(self, jobs: Sequence[Job], report: SubmitReport) -> _Sent:
+        """Validate, enqueue in Redis, hand to the producer; acks are awaited by `_settle`."""
         now = time.time()
         jobs = [msgspec.structs.replace(j, submitted_at=j.submitted_at or now) for j in jobs]
         encoded = [validated(j, self.content_type) for j in jobs]
         states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
         producer = await self._kafka()
-        futures, sent = [], []
+        sent = _Sent()
         for job, (value, headers), got in zip(jobs, encoded, states, strict=True):
             if not got.must_send:
                 report.skipped += 1
                 continue
-            futures.append(await producer.send(self.topic, value, key=job.job_id.encode(), headers=headers))
-            sent.append(job.job_id)
-        await asyncio.gather(*futures)
-        await self.store.mark_sent(sent)
-        report.sent += len(sent)
+            sent.acks.append(await producer.send(self.topic, value, key=job.job_id.encode(), headers=headers))
+            sent.ids.append(job.job_id)
+        return sent
+
+    async def _settle(self, sent: _Sent | None, report: SubmitReport) -> None:
+        if sent is None:
+            return
+        await asyncio.gather(*sent.acks)
+        await self.store.mark_sent(sent.ids)
+        report.sent += len(sent.ids)
 
     # -- follow -----------------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class StateStore:
         self._enqueue = redis.register_script(_lua("enqueue"))
         self._claim = redis.register_script(_lua("claim"))
         self._finish = redis.register_script(_lua("finish"))
+        self._sent = redis.register_script(_lua("sent"))
         self._batch = _Coalescer(redis) if coalesce else None
 
     async def _script(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
@@ -144,22 +145,19 @@ class StateStore:
         return (await self.enqueue_many([(job_id, batch_id, submitted_at)]))[0]
 
     async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[Enqueued]:
-        """`enqueue` for many jobs in one round trip (a pipeline of script calls)."""
-        pipe = self.redis.pipeline(transaction=False)
+        """`enqueue` for many jobs in one script call (one round trip, one command)."""
+        keys_: list[str] = []
+        args: list[Any] = [self.ttl_s]
         for job_id, batch_id, at in items:
-            keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-            await self._enqueue(keys_, [batch_id or "", at, self.ttl_s], client=pipe)
-        return [
-            Enqueued(JobState(_s(r[0])), _s(r[1]) == "1") if r else Enqueued(JobState.QUEUED, False, True)
-            for r in await pipe.execute()
-        ]
+            keys_ += [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
+            args += [batch_id or "", at]
+        replies = await self._enqueue(keys_, args) if items else []
+        return [_enqueued(_s(r)) for r in replies]
 
     async def mark_sent(self, job_ids: Sequence[str]) -> None:
-        """Note that Kafka acknowledged these jobs (one round trip)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hset(keys.job_key(job_id), "sent", 1)
-        await pipe.execute()
+        """Note that Kafka acknowledged these jobs (one script call)."""
+        if job_ids:
+            await self._sent([keys.job_key(j) for j in job_ids])
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
@@ -280,6 +278,13 @@ class StateStore:
                 if result is not None:
                     yield result
             start += len(ids)
+
+
+def _enqueued(reply: str) -> Enqueued:
+    if reply == "new":
+        return Enqueued(JobState.QUEUED, sent=False, new=True)
+    state, _, sent = reply.rpartition(":")
+    return Enqueued(JobState(state), sent=sent == "1")
 
 
 def _to_result(job_id: str, h: dict[Any, Any]) -> Result | None:

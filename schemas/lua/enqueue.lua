@@ -1,15 +1,27 @@
--- Create a job's record in state `queued`, once. Idempotent: a second call changes nothing.
--- Returns false for a new job, else {state, sent}: `sent` is 1 once the producer saw Kafka
--- acknowledge the job (mark_sent), so a resumed bulk submit sends nothing twice.
--- KEYS: job, batch ("" when none)    ARGV: batch_id, submitted_at, ttl_s
-local st = redis.call('HGET', KEYS[1], 'state')
-if st then return {st, redis.call('HGET', KEYS[1], 'sent') or '0'} end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'submitted_at', ARGV[2], 'sent', 0)
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[1] ~= '' then
-  redis.call('HINCRBY', KEYS[2], 'total', 1)
-  redis.call('HINCRBY', KEYS[2], 'queued', 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+-- Create job records in state `queued`, once each, for many jobs in one call.
+-- Idempotent: an existing record is left as it is.
+-- KEYS: job_1, batch_1, job_2, batch_2, ...  (batch "" when the job has none)
+-- ARGV: ttl_s, batch_id_1, submitted_at_1, batch_id_2, submitted_at_2, ...
+-- Returns one entry per job: "new", or "<state>:<sent>" where sent is 1 once the producer
+-- saw Kafka acknowledge the job (sent.lua), so a resumed bulk submit sends nothing twice.
+local ttl = ARGV[1]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local job, batch = KEYS[2 * i - 1], KEYS[2 * i]
+  local batch_id, at = ARGV[2 * i], ARGV[2 * i + 1]
+  local st = redis.call('HGET', job, 'state')
+  if st then
+    out[i] = st .. ':' .. (redis.call('HGET', job, 'sent') or '0')
+  else
+    redis.call('HSET', job, 'state', 'queued', 'attempt', 0, 'submitted_at', at, 'sent', 0)
+    redis.call('EXPIRE', job, ttl)
+    if batch_id ~= '' then
+      redis.call('HSET', job, 'batch_id', batch_id)
+      redis.call('HINCRBY', batch, 'total', 1)
+      redis.call('HINCRBY', batch, 'queued', 1)
+      redis.call('EXPIRE', batch, ttl)
+    end
+    out[i] = 'new'
+  end
 end
-return false
+return out
