@@ -41,7 +41,8 @@ async def produce(bootstrap: str, topic: str, n: int, partitions: int) -> None:
     await producer.start()
     futs = []
     for i in range(n):
-        job = Job(job_id=f"{topic}-{i}", messages=[Message("user", f"caption number {i}")])
+        job = Job(job_id=f"{topic}-{i}", messages=[Message("user", f"caption number {i}")],
+                  batch_id=topic)
         value, headers = encode_job(job)
         futs.append(await producer.send(topic, value, key=job.job_id.encode(), headers=headers))
     await asyncio.gather(*futs)
@@ -87,17 +88,16 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
     store = StateStore(redis)
     ids = [f"{topic}-{i}" for i in range(n)]
     try:
-        # Every job has ended? (the last produced is not always the last to end)
-        pending = True
-        while pending:
+        # The batch counter is one cheap read; the records are read once, at the end.
+        while (await store.batch_counts(topic)).finished < n:
             if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
-            results = []
-            for i in range(0, n, 5000):
-                results += await store.get_many(ids[i:i + 5000])
-            pending = any(r is None or not r.state.terminal for r in results)
             await asyncio.sleep(0.2)
         peak = _peak_rss_mib(proc.pid)
+        results = []
+        for i in range(0, n, 5000):
+            results += await store.get_many(ids[i:i + 5000])
+        assert all(r is not None and r.state.terminal for r in results)
     finally:
         proc.terminate()
         await proc.wait()
