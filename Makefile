@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck lock clean
+.PHONY: demo test lint typecheck deploy-check lock clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ typecheck: $(STAMP)
 	for d in schemas producer worker deploy; do ln -s ../../../$$d .cache/typecheck/vlmq/$$d; done
 	MYPYPATH=.cache/typecheck $(BIN)/mypy -p vlmq
 
-test: lint typecheck
+# Containers, compose and Kubernetes, validated offline (no Docker engine, no cluster).
+deploy-check: $(STAMP)
+	$(BIN)/hadolint deploy/docker/worker.Dockerfile deploy/docker/producer.Dockerfile
+	$(BIN)/yamllint -s deploy .yamllint.yaml
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+	$(BIN)/kubernetes-validate --strict --quiet deploy/k8s/*.yaml deploy/k8s/tp2/*.yaml
+	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/scaledobject.schema.json \
+		deploy/k8s/scaledobject.yaml deploy/k8s/tp2/scaledobject.yaml
+	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/servicemonitor.schema.json \
+		deploy/k8s/servicemonitor.yaml
+
+test: lint typecheck deploy-check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Re-resolve the dev set from pyproject.toml and record it (review the diff).
