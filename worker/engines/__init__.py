@@ -7,7 +7,7 @@ from typing import Any
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.worker.engines.base import Engine, EngineOutput, EngineRequest
 
-ENGINES = ("fake", "vllm", "lmdeploy", "hf", "openai")
+ENGINES = ("fake", "vllm", "lmdeploy", "openai")
 
 __all__ = ["ENGINES", "Engine", "EngineOutput", "EngineRequest", "make_engine"]
 
@@ -28,4 +28,18 @@ def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
         from vlmq.worker.engines.fake import FakeEngine
 
         return FakeEngine(model or "fake", **options)
-    raise VlmqError(ErrorCode.UNSUPPORTED, f"engine {name!r} is not available in this build")
+    if not model:
+        raise VlmqError(ErrorCode.UNSUPPORTED, f"engine {name!r} needs --model (a path or HF id)")
+    if name == "vllm":
+        from vlmq.worker.engines.vllm import VllmEngine
+
+        return VllmEngine(model, **options)
+    if name == "lmdeploy":
+        from vlmq.worker.engines.lmdeploy import LmdeployEngine
+
+        return LmdeployEngine(model, **options)
+    if name == "openai":
+        from vlmq.worker.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(model, **options)
+    raise VlmqError(ErrorCode.UNSUPPORTED, f"engine {name!r} is not one of {', '.join(ENGINES)}")

@@ -1,0 +1,105 @@
+"""LMDeploy: its async engine (PyTorch or TurboMind backend), images as PIL.
+
+Options keep LMDeploy's names: `backend` (pytorch | turbomind), `tp`, `session_len`,
+`cache_max_entry_count`, `max_batch_size`, `dtype`, `vision_max_batch_size`
+(VisionConfig.max_batch_size), `chat_template` (ChatTemplateConfig model_name),
+`trust_remote_code`. The engine binds to the event loop it is built in (measured on the
+H100), so it is built in `start()`, inside the worker's running loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from vlmq.worker.engines.base import EngineOutput, EngineRequest
+from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
+
+_BACKEND_KEYS = {"tp", "session_len", "cache_max_entry_count", "max_batch_size", "dtype",
+                 "max_prefill_token_num", "block_size", "quant_policy", "eager_mode"}
+
+
+class LmdeployEngine:
+    name = "lmdeploy"
+
+    def __init__(self, model: str, *, backend: str = "pytorch", vision_max_batch_size: int = 8,
+                 chat_template: str | None = None, trust_remote_code: bool = False,
+                 image_factor: int = 28, **options: Any) -> None:
+        unknown = set(options) - _BACKEND_KEYS
+        if unknown:
+            raise ValueError(f"unknown LMDeploy option(s): {', '.join(sorted(unknown))}")
+        self.model = model
+        self.backend = backend
+        self.options = options
+        self.vision_max_batch_size = vision_max_batch_size
+        self.chat_template = chat_template
+        self.trust_remote_code = trust_remote_code
+        self.image_factor = image_factor
+        self._pipe: Any = None
+        self._ids = itertools.count(1)
+        self._sessions: dict[str, int] = {}
+
+    def backend_config(self) -> Any:
+        from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
+
+        cls = PytorchEngineConfig if self.backend == "pytorch" else TurbomindEngineConfig
+        return cls(**self.options)
+
+    async def start(self) -> None:
+        from lmdeploy import ChatTemplateConfig, VisionConfig, pipeline
+
+        template = ChatTemplateConfig(model_name=self.chat_template) if self.chat_template else None
+        self._pipe = pipeline(
+            self.model, backend_config=self.backend_config(), chat_template_config=template,
+            vision_config=VisionConfig(max_batch_size=self.vision_max_batch_size),
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    async def generate(self, request: EngineRequest) -> EngineOutput:
+        from lmdeploy import GenerationConfig
+
+        engine = self._pipe.async_engine
+        session_id = next(self._ids)
+        self._sessions[request.request_id] = session_id
+        gen = GenerationConfig(**lmdeploy_gen_kwargs(request.sampling, request.response_format))
+        t0, ttft = time.perf_counter(), None
+        text: list[str] = []
+        last: Any = None
+        try:
+            prepared = await engine.preprocess(
+                lmdeploy_messages(request.messages, request.images), session_id, gen_config=gen)
+            async for out in engine.generate(prepared, stream_response=True):
+                if ttft is None and out.generate_token_len:
+                    ttft = time.perf_counter() - t0
+                text.append(out.text)
+                last = out
+        except Exception as exc:
+            raise engine_error(exc) from None
+        finally:
+            self._sessions.pop(request.request_id, None)
+        if last is not None and last.finish_reason == "error":
+            raise engine_error(RuntimeError("LMDeploy finished the request with an error"))
+        return EngineOutput(
+            text="".join(text), finish_reason=last.finish_reason if last else None,
+            prompt_tokens=last.input_token_len if last else 0,
+            completion_tokens=last.generate_token_len if last else 0, ttft_s=ttft,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        session_id = self._sessions.get(request_id)
+        if session_id is None or self._pipe is None:
+            return
+        session = self._pipe.async_engine.session_mgr.get(session_id, create_if_not_exists=False)
+        if session is not None:
+            await session.async_abort()
+
+    async def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+
+    def healthy(self) -> bool:
+        return self._pipe is not None
+
+    def stats(self) -> dict[str, Any]:
+        return {"sessions": len(self._sessions)}

@@ -1,0 +1,137 @@
+"""Pure translations from vlmq's request to what engines take. No engine imports here, so
+CI checks every mapping without a GPU."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.job import (
+    ChoiceFormat,
+    ImageRef,
+    JsonSchemaFormat,
+    Message,
+    RegexFormat,
+    ResponseFormat,
+    Sampling,
+    TextPart,
+)
+
+
+def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Chat messages in the form Hugging Face chat templates take: each image becomes an
+    `{"type": "image"}` placeholder where it stood; the template emits the model's own image
+    tokens (Qwen2-VL's <|vision_start|><|image_pad|>..., Llama-3.2-Vision's <|image|>, ...)."""
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+            continue
+        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                 for p in m.content]
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+def openai_messages(messages: list[Message], image_urls: list[str]) -> list[dict[str, Any]]:
+    """OpenAI chat messages; the i-th image part becomes `image_urls[i]` (a data: URL)."""
+    urls = iter(image_urls)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for p in m.content:
+            if isinstance(p, ImageRef):
+                parts.append({"type": "image_url", "image_url": {"url": next(urls)}})
+            else:
+                parts.append({"type": "text", "text": p.text})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+def vllm_sampling_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[str, Any]:
+    """Keyword arguments for vllm.SamplingParams (same names by design), and the structured
+    output as StructuredOutputsParams kwargs under `structured_outputs`."""
+    kw: dict[str, Any] = {
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
+    if sampling.top_k is not None:
+        kw["top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        kw["seed"] = sampling.seed
+    if sampling.stop:
+        kw["stop"] = list(sampling.stop)
+    if isinstance(fmt, JsonSchemaFormat):
+        kw["structured_outputs"] = {"json": fmt.schema}
+    elif isinstance(fmt, RegexFormat):
+        kw["structured_outputs"] = {"regex": fmt.pattern}
+    elif isinstance(fmt, ChoiceFormat):
+        kw["structured_outputs"] = {"choice": list(fmt.choices)}
+    return kw
+
+
+def lmdeploy_gen_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[str, Any]:
+    """Keyword arguments for lmdeploy.GenerationConfig. Structured output goes through its
+    `response_format` (xgrammar, PyTorch engine): JSON schema and regex; a choice list is
+    the regex of its alternatives."""
+    kw: dict[str, Any] = {
+        "max_new_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "repetition_penalty": sampling.repetition_penalty,
+        "do_sample": sampling.temperature > 0,
+    }
+    if sampling.top_k is not None:
+        kw["top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        kw["random_seed"] = sampling.seed
+    if sampling.stop:
+        kw["stop_words"] = list(sampling.stop)
+    if isinstance(fmt, JsonSchemaFormat):
+        kw["response_format"] = {"type": "json_schema",
+                                 "json_schema": {"name": "vlmq", "schema": fmt.schema}}
+    elif isinstance(fmt, RegexFormat):
+        kw["response_format"] = {"type": "regex_schema", "regex_schema": fmt.pattern}
+    elif isinstance(fmt, ChoiceFormat):
+        alternatives = "|".join(re.escape(c) for c in fmt.choices)
+        kw["response_format"] = {"type": "regex_schema", "regex_schema": f"({alternatives})"}
+    return kw
+
+
+_TOO_LONG = re.compile(r"(longer than the maximum model length|exceeds? (the )?max(imum)?[ _]model[ _]len"
+                       r"|prompt is too long|too many tokens|session_len)", re.I)
+
+
+def engine_error(exc: BaseException) -> VlmqError:
+    """An engine's exception as a vlmq error with the most specific code."""
+    text = f"{type(exc).__name__}: {exc}"
+    if _TOO_LONG.search(str(exc)):
+        return VlmqError(ErrorCode.PROMPT_TOO_LONG, text)
+    if "structured" in str(exc).lower() or "grammar" in str(exc).lower():
+        return VlmqError(ErrorCode.UNSUPPORTED, text)
+    return VlmqError(ErrorCode.ENGINE_ERROR, text)
+
+
+def lmdeploy_messages(messages: list[Message], images: list[Any]) -> list[dict[str, Any]]:
+    """GPT-4V-style messages as LMDeploy takes them, with the decoded PIL images inline
+    (`image_data`), in the order their ImageRefs stood."""
+    it = iter(images)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for p in m.content:
+            if isinstance(p, ImageRef):
+                parts.append({"type": "image_data", "image_data": {"data": next(it)}})
+            else:
+                parts.append({"type": "text", "text": p.text})
+        out.append({"role": m.role, "content": parts})
+    return out
