@@ -47,6 +47,8 @@ class LmdeployEngine:
         return cls(**self.options)
 
     async def start(self) -> None:
+        if self._pipe is not None:  # started already (e.g. shared by a benchmark)
+            return
         from lmdeploy import ChatTemplateConfig, VisionConfig, pipeline
 
         template = ChatTemplateConfig(model_name=self.chat_template) if self.chat_template else None

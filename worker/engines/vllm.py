@@ -31,6 +31,8 @@ class VllmEngine:
         self._dead = False
 
     async def start(self) -> None:
+        if self._llm is not None:  # started already (e.g. shared by a benchmark)
+            return
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
