@@ -206,7 +206,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, str]:
         return {"session_len": "8192", "cache_max_entry_count": "0.6", "max_batch_size": str(args.max_num_seqs)}
     return {"load_format": "dummy", "max_model_len": "8192", "max_num_seqs": str(args.max_num_seqs),
             "gpu_memory_utilization": "0.85", "limit_mm_per_prompt": '{"image": 4}',
-            "enable_prefix_caching": "false"}
+            "enable_prefix_caching": "false", "ignore_eos": "true"}
 
 
 async def main() -> None:

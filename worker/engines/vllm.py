@@ -20,10 +20,13 @@ from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model: str, *, image_factor: int = 28, **engine_args: Any) -> None:
+    def __init__(self, model: str, *, image_factor: int = 28, ignore_eos: bool = False,
+                 **engine_args: Any) -> None:
         self.model = str(engine_args.get("served_model_name") or model)
         self.path = model
         self.image_factor = image_factor
+        # Benchmarks with random weights: every answer max_tokens long, whatever the noise.
+        self.ignore_eos = ignore_eos
         self.engine_args = {"model": model, **engine_args}
         self.priority = engine_args.get("scheduling_policy") == "priority"
         self._llm: Any = None
@@ -64,7 +67,7 @@ class VllmEngine:
         kw = vllm_sampling_kwargs(request.sampling, request.response_format)
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
-        params = SamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**kw, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
         inputs: dict[str, Any] = {"prompt": self.prompt(request)}
         if request.images:
             inputs["multi_modal_data"] = {"image": request.images}
