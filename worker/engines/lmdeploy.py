@@ -3,18 +3,23 @@
 Options keep LMDeploy's names: `backend` (pytorch | turbomind), `tp`, `session_len`,
 `cache_max_entry_count`, `max_batch_size`, `dtype`, `vision_max_batch_size`
 (VisionConfig.max_batch_size), `chat_template` (ChatTemplateConfig model_name),
-`trust_remote_code`. The engine binds to the event loop it is built in (measured on the
-H100), so it is built in `start()`, inside the worker's running loop.
+`trust_remote_code`. LMDeploy's Pipeline runs its AsyncEngine on a loop in a thread of its
+own and the engine only works from that loop (requests awaited from another loop hang, seen
+on the H100), so every call is handed to that loop and awaited from ours.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
+
+T = TypeVar("T")
 
 _BACKEND_KEYS = {"tp", "session_len", "cache_max_entry_count", "max_batch_size", "dtype",
                  "max_prefill_token_num", "block_size", "quant_policy", "eager_mode"}
@@ -58,7 +63,19 @@ class LmdeployEngine:
             trust_remote_code=self.trust_remote_code,
         )
 
+    async def _on_engine_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        loop = self._pipe.internal_thread.loop
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+
     async def generate(self, request: EngineRequest) -> EngineOutput:
+        return await self._on_engine_loop(self._generate(request))
+
+    async def _generate(self, request: EngineRequest) -> EngineOutput:
         from lmdeploy import GenerationConfig
 
         engine = self._pipe.async_engine
@@ -74,7 +91,7 @@ class LmdeployEngine:
             async for out in engine.generate(prepared, stream_response=True):
                 if ttft is None and out.generate_token_len:
                     ttft = time.perf_counter() - t0
-                text.append(out.text)
+                text.append(out.response)  # GenOut: `response` is the new text
                 last = out
         except Exception as exc:
             raise engine_error(exc) from None
@@ -94,7 +111,7 @@ class LmdeployEngine:
             return
         session = self._pipe.async_engine.session_mgr.get(session_id, create_if_not_exists=False)
         if session is not None:
-            await session.async_abort()
+            await self._on_engine_loop(session.async_abort())
 
     async def close(self) -> None:
         if self._pipe is not None:

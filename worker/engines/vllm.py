@@ -73,6 +73,7 @@ class VllmEngine:
             inputs["multi_modal_data"] = {"image": request.images}
         t0, ttft = time.perf_counter(), None
         text: list[str] = []
+        tokens = 0  # DELTA outputs: each chunk holds only the new tokens
         final: Any = None
         try:
             async for out in self._llm.generate(inputs, params, request_id=request.request_id,
@@ -81,21 +82,16 @@ class VllmEngine:
                 if ttft is None and piece.token_ids:
                     ttft = time.perf_counter() - t0
                 text.append(piece.text)
+                tokens += len(piece.token_ids)
                 final = out
         except VlmqError:
             raise
         except Exception as exc:
             self._dead = type(exc).__name__ == "EngineDeadError"
             raise engine_error(exc) from None
-        return self._output(final, "".join(text), ttft)
-
-    def _output(self, final: Any, text: str, ttft: float | None) -> EngineOutput:
-        piece = final.outputs[0]
-        completion = int(getattr(final, "num_generated_tokens", 0) or 0) or len(piece.token_ids)
         return EngineOutput(
-            text=text, finish_reason=piece.finish_reason,
-            prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=completion,
-            ttft_s=ttft,
+            text="".join(text), finish_reason=final.outputs[0].finish_reason,
+            prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=tokens, ttft_s=ttft,
         )
 
     async def abort(self, request_id: str) -> None:
