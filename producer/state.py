@@ -136,8 +136,8 @@ class StateStore:
 
     @staticmethod
     def _batch_keys(batch_id: str | None) -> list[str]:
-        if not batch_id:
-            return ["", ""]
+        if not batch_id:  # a key under the prefix (ACLs), never touched: the scripts check the id
+            return [keys.NO_BATCH, keys.NO_BATCH]
         return [keys.batch_key(batch_id), keys.batch_done_key(batch_id)]
 
     async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> Enqueued:
@@ -176,6 +176,7 @@ class StateStore:
             encode_result(result),
             self.ttl_s,
             keys.done_channel(result.job_id),
+            result.batch_id or "",
         ]
         wrote, _prev = await self._script(self._finish, keys_, args)
         return bool(wrote)

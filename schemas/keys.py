@@ -8,6 +8,7 @@ RESULTS_TOPIC = "vlmq.results"
 
 PREFIX = "vlmq"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: payload is a job_id
+NO_BATCH = f"{PREFIX}:batch:-"  # placeholder key for jobs without a batch; never written
 
 
 def job_key(job_id: str) -> str:

@@ -73,6 +73,7 @@ async def test_cancel_queued_and_running_but_not_ended(redis: Redis) -> None:
     assert not (await store.claim(queued, None, "w")).granted
     states = [r.state if r else None for r in await store.get_many([queued, running, ended])]
     assert states == [JobState.CANCELLED, JobState.CANCELLED, JobState.SUCCEEDED]
+    assert not await redis.exists(keys.NO_BATCH)  # jobs without a batch never touch it
 
 
 async def test_wait_wakes_on_completion_without_polling(redis: Redis) -> None:

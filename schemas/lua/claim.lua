@@ -1,6 +1,6 @@
 -- A worker takes a job: queued (or never seen, or running on a worker that died) -> running.
 -- Returns {state, attempt}. A terminal job is returned as it is and must be skipped.
--- KEYS: job, batch ("" when none)    ARGV: batch_id, worker, now, ttl_s
+-- KEYS: job, batch (a placeholder when none)    ARGV: batch_id ("" when none), worker, now, ttl_s
 local st = redis.call('HGET', KEYS[1], 'state')
 if st and st ~= 'queued' and st ~= 'running' then
   return {st, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}

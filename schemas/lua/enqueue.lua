@@ -1,6 +1,6 @@
 -- Create job records in state `queued`, once each, for many jobs in one call.
 -- Idempotent: an existing record is left as it is.
--- KEYS: job_1, batch_1, job_2, batch_2, ...  (batch "" when the job has none)
+-- KEYS: job_1, batch_1, job_2, batch_2, ...  (a placeholder batch key when the job has none)
 -- ARGV: ttl_s, batch_id_1, submitted_at_1, batch_id_2, submitted_at_2, ...
 -- Returns one entry per job: "new", or "<state>:<sent>" where sent is 1 once the producer
 -- saw Kafka acknowledge the job (sent.lua), so a resumed bulk submit sends nothing twice.
