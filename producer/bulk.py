@@ -9,7 +9,7 @@ submits go in chunks, exports write row by row, so millions of rows need little 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,18 +71,7 @@ def from_s3_prefix(
 def from_manifest(lines: Iterable[str], batch_id: str, preset: Preset) -> Iterator[Item]:
     """JSONL: `{"key": ..., "image": uri}` (the preset's prompt, or the line's `prompt` and
     `labels`), or a whole job `{"key": ..., "messages": [...], ...}` in vlmq's schema."""
-    seen: set[str] = set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = _key(row, "key", seen)
-            yield _manifest_job(row, key, batch_id, preset)
-        except _Bad as exc:
-            yield BadLine(n, str(exc), exc.key)
-        except ValueError as exc:
-            yield BadLine(n, f"not JSON: {exc}")
+    return _parse(lines, "key", lambda row, key: _manifest_job(row, key, batch_id, preset))
 
 
 def _manifest_job(row: dict[str, Any], key: str, batch_id: str, preset: Preset) -> Job:
@@ -108,14 +97,20 @@ def from_openai_batch(lines: Iterable[str], batch_id: str, *, allow_https: bool 
     "body": {"model", "messages", "max_tokens", ...}}` per line. Image parts are
     `{"type": "image_url", "image_url": {"url": ...}}` with s3://, data: (and https:// when
     `allow_https`)."""
+    return _parse(lines, "custom_id", lambda row, key: _openai_job(row, key, batch_id, allow_https))
+
+
+def _parse(
+    lines: Iterable[str], key_field: str, build: Callable[[dict[str, Any], str], Job]
+) -> Iterator[Item]:
+    """JSONL lines -> jobs, or BadLine(line number, reason); keys must be unique."""
     seen: set[str] = set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            key = _key(row, "custom_id", seen)
-            yield _openai_job(row, key, batch_id, allow_https)
+            yield build(row, _key(row, key_field, seen))
         except _Bad as exc:
             yield BadLine(n, str(exc), exc.key)
         except ValueError as exc:

@@ -4,6 +4,7 @@ CI checks every mapping without a GPU."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
@@ -36,18 +37,20 @@ def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 def openai_messages(messages: list[Message], image_urls: list[str]) -> list[dict[str, Any]]:
     """OpenAI chat messages; the i-th image part becomes `image_urls[i]` (a data: URL)."""
-    urls = iter(image_urls)
+    return _with_images(messages, image_urls, lambda url: {"type": "image_url", "image_url": {"url": url}})
+
+
+def _with_images(messages: list[Message], images: list[Any],
+                 part: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages with the i-th ImageRef replaced by `part(images[i])`, text kept as is."""
+    it = iter(images)
     out: list[dict[str, Any]] = []
     for m in messages:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        parts: list[dict[str, Any]] = []
-        for p in m.content:
-            if isinstance(p, ImageRef):
-                parts.append({"type": "image_url", "image_url": {"url": next(urls)}})
-            else:
-                parts.append({"type": "text", "text": p.text})
+        parts = [part(next(it)) if isinstance(p, ImageRef) else {"type": "text", "text": p.text}
+                 for p in m.content]
         out.append({"role": m.role, "content": parts})
     return out
 
@@ -121,17 +124,4 @@ def engine_error(exc: BaseException) -> VlmqError:
 def lmdeploy_messages(messages: list[Message], images: list[Any]) -> list[dict[str, Any]]:
     """GPT-4V-style messages as LMDeploy takes them, with the decoded PIL images inline
     (`image_data`), in the order their ImageRefs stood."""
-    it = iter(images)
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        if isinstance(m.content, str):
-            out.append({"role": m.role, "content": m.content})
-            continue
-        parts: list[dict[str, Any]] = []
-        for p in m.content:
-            if isinstance(p, ImageRef):
-                parts.append({"type": "image_data", "image_data": {"data": next(it)}})
-            else:
-                parts.append({"type": "text", "text": p.text})
-        out.append({"role": m.role, "content": parts})
-    return out
+    return _with_images(messages, images, lambda img: {"type": "image_data", "image_data": {"data": img}})
