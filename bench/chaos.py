@@ -1,0 +1,250 @@
+"""Chaos run: submit N jobs, run several workers, break things, then check every job.
+
+Faults, at random moments while the backlog drains: `kill -9` of a random worker (then
+restarted), a broker stall (SIGSTOP of tansu, then SIGCONT: tansu keeps data in memory
+only, so it is stalled rather than restarted), a Redis restart (a private redis-server with
+appendonly yes and appendfsync always, killed -9 and started again on the same port and
+files), an S3 outage (moto_server stopped, then continued). Afterwards each job must be
+terminal, ended exactly once (the `terminal_writes` counter the Lua script keeps), with the
+fake engine's deterministic answer; and no partition's committed offset may pass its end.
+
+    python bench/chaos.py --jobs 10000 --workers 3 --kills 5 --stall-s 20 --s3-outage-s 10
+Exit status 1 when anything was lost, duplicated or wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import boto3
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bench.common import hardware, write_result
+from vlmq.deploy.stack import Stack
+from vlmq.producer import Client, caption
+from vlmq.producer.state import StateStore
+from vlmq.schemas import keys
+from vlmq.schemas.job import Job, JobState
+from vlmq.worker.engines.base import EngineRequest
+from vlmq.worker.engines.fake import answer
+from vlmq.worker.preprocess import load_image
+from vlmq.worker.samples import photo
+from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
+
+N_IMAGES = 16
+
+
+class Chaos:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="vlmq-chaos-"))
+        self.stack = Stack(self.tmp / "stack", partitions=args.partitions)
+        self.tag = f"chaos-{int(time.time())}"
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.faults: list[str] = []
+        self.rnd = random.Random(args.seed)
+
+    def up(self) -> None:
+        self.env = self.stack.up(redis_args=["--appendonly", "yes", "--appendfsync", "always"])
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
+
+    def worker(self, name: str) -> None:
+        env = {**os.environ, **self.env, "VLMQ_JOBS_TOPIC": self.tag, "VLMQ_DLQ_TOPIC": f"{self.tag}.dlq",
+               "VLMQ_GROUP_ID": self.tag, "VLMQ_WORKER_ID": name, "VLMQ_METRICS_PORT": "0",
+               "VLMQ_LOG_FORMAT": "json", "VLMQ_LOG_LEVEL": "WARNING", "VLMQ_COMMIT_INTERVAL_S": "0.5",
+               "VLMQ_SESSION_TIMEOUT_MS": "6000", "VLMQ_S3_TIMEOUT_S": "2", "VLMQ_FETCH_RETRY_S": "120",
+               "VLMQ_MAX_IN_FLIGHT": "64", "VLMQ_ENGINE_ARGS": "step_ms=5,max_num_seqs=32,completion_tokens=8"}
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the worker
+        self.workers[name] = subprocess.Popen(
+            [sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", "fake"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    async def inject(self, stop: asyncio.Event) -> None:
+        plan = (["kill"] * self.a.kills + (["stall"] if self.a.stall_s else [])
+                + (["redis"] if self.a.redis_restart else []) + (["s3"] if self.a.s3_outage_s else []))
+        self.rnd.shuffle(plan)
+        for fault in plan:
+            await asyncio.sleep(self.rnd.uniform(0.5, self.a.gap_s))
+            if stop.is_set():
+                return
+            await getattr(self, f"_{fault}")()
+
+    async def _kill(self) -> None:
+        name = self.rnd.choice(sorted(self.workers))
+        self.workers[name].send_signal(signal.SIGKILL)
+        self.workers[name].wait()
+        self.faults.append(f"kill -9 {name}")
+        await asyncio.sleep(1)
+        self.worker(name)
+
+    async def _pause(self, service: str, seconds: float, what: str) -> None:
+        self.stack.signal(service, signal.SIGSTOP)
+        await asyncio.sleep(seconds)
+        self.stack.signal(service, signal.SIGCONT)
+        self.faults.append(what)
+
+    async def _stall(self) -> None:
+        await self._pause("kafka", self.a.stall_s, f"broker stalled {self.a.stall_s}s")
+
+    async def _s3(self) -> None:
+        await self._pause("s3", self.a.s3_outage_s, f"S3 down {self.a.s3_outage_s}s")
+
+    async def _redis(self) -> None:
+        await asyncio.to_thread(self.stack.restart, "redis")
+        self.faults.append("redis-server killed -9 and restarted (AOF)")
+
+    def stop(self) -> None:
+        for p in self.workers.values():
+            p.kill()
+            p.wait()
+        self.stack.down()
+
+
+async def make_topics(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, partitions, 1), NewTopic(f"{topic}.dlq", 1, 1)])
+    await admin.close()
+
+
+def expected_answers(blobs: list[bytes], jobs: list[Job]) -> dict[int, str]:
+    out = {}
+    for i in range(N_IMAGES):
+        img = load_image(blobs[i], factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                         max_image_pixels=64_000_000)
+        out[i] = answer(EngineRequest(request_id="x", messages=jobs[i].messages, images=[img],
+                                      sampling=jobs[i].sampling))
+    return out
+
+
+async def wait_all(c: Chaos, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            redis = Redis.from_url(c.env["VLMQ_REDIS_URL"])
+            done = (await StateStore(redis).batch_counts(c.tag)).finished
+            await redis.aclose()
+            if done >= n:
+                return
+        except (RedisError, OSError):
+            pass  # Redis is being restarted
+        await asyncio.sleep(0.5)
+
+
+async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[str, Any]:
+    redis = Redis.from_url(c.env["VLMQ_REDIS_URL"])
+    store = StateStore(redis)
+    lost = dup = wrong = 0
+    for start in range(0, len(jobs), 2000):
+        chunk = jobs[start:start + 2000]
+        results = await store.get_many([j.job_id for j in chunk])
+        pipe = redis.pipeline(transaction=False)
+        for j in chunk:
+            pipe.hget(keys.job_key(j.job_id), "terminal_writes")
+        writes = await pipe.execute()
+        for k, (r, w) in enumerate(zip(results, writes, strict=True)):
+            if r is None or not r.state.terminal:
+                lost += 1
+            elif int(w or 0) != 1:
+                dup += 1
+            elif r.state is not JobState.SUCCEEDED or r.text != expected[(start + k) % N_IMAGES]:
+                wrong += 1
+    await redis.aclose()
+    return {"lost": lost, "duplicated": dup, "wrong": wrong, **await offsets(c)}
+
+
+async def offsets(c: Chaos) -> dict[str, Any]:
+    """Committed offsets never pass the end of their partition (and cover all of it)."""
+    consumer = AIOKafkaConsumer(c.tag, bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"],
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    sizes: dict[int, int] = {}
+    while True:
+        batch = await consumer.getmany(timeout_ms=1500)
+        if not batch:
+            break
+        for tp, msgs in batch.items():
+            sizes[tp.partition] = max(sizes.get(tp.partition, 0), msgs[-1].offset + 1)
+    await consumer.stop()
+    group = AIOKafkaConsumer(bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"], group_id=c.tag,
+                             enable_auto_commit=False)
+    await group.start()
+    past_end = 0
+    committed_total = 0
+    for p in range(c.a.partitions):
+        committed = await group.committed(TopicPartition(c.tag, p)) or 0
+        committed_total += committed
+        past_end += committed > sizes.get(p, 0)
+    await group.stop()
+    return {"partitions_committed_past_end": past_end, "messages": sum(sizes.values()),
+            "committed": committed_total}
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=10000)
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--stall-s", type=float, default=20)
+    ap.add_argument("--redis-restart", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--s3-outage-s", type=float, default=10)
+    ap.add_argument("--gap-s", type=float, default=4, help="most seconds between two faults")
+    ap.add_argument("--timeout-s", type=float, default=900)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--name", default="chaos")
+    args = ap.parse_args()
+    c = Chaos(args)
+    t0 = time.perf_counter()
+    try:
+        await asyncio.to_thread(c.up)
+        await make_topics(c.env["VLMQ_KAFKA_BOOTSTRAP"], c.tag, args.partitions)
+        s3 = boto3.client("s3", endpoint_url=c.env["VLMQ_S3_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="chaos")
+        blobs = [photo(96, 72, seed=i) for i in range(N_IMAGES)]
+        for i, b in enumerate(blobs):
+            s3.put_object(Bucket="chaos", Key=f"{i}.jpg", Body=b)
+        jobs = [caption(f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.tag)
+                for i in range(args.jobs)]
+        expected = expected_answers(blobs, jobs)
+        for w in range(args.workers):
+            c.worker(f"w{w}")
+        async with Client(c.env["VLMQ_KAFKA_BOOTSTRAP"], c.env["VLMQ_REDIS_URL"], topic=c.tag) as client:
+            await client.submit_many(jobs)
+        stop = asyncio.Event()
+        faults = asyncio.create_task(c.inject(stop))
+        await wait_all(c, args.jobs, args.timeout_s)
+        stop.set()
+        await faults
+        report = await verify(c, jobs, expected)
+    finally:
+        c.stop()
+    wall = time.perf_counter() - t0
+    row = {"jobs": args.jobs, **report, "faults_injected": len(c.faults), "wall_s": round(wall, 1)}
+    print("\n" + " | ".join(f"{k}: {v}" for k, v in row.items()))
+    print("faults:", "; ".join(c.faults))
+    ok = report["lost"] == report["duplicated"] == report["wrong"] == report["partitions_committed_past_end"] == 0
+    bad = report["lost"] + report["duplicated"] + report["wrong"]
+    write_result(args.name, "jobs correct", args.jobs, args.jobs - bad,
+                 {k: v for k, v in vars(args).items() if k != "name"} | {"device": hardware()},
+                 **row, faults=c.faults)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
