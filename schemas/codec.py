@@ -57,7 +57,7 @@ def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
     except msgspec.ValidationError as exc:
         _raise_version(value, is_json)
         raise VlmqError(ErrorCode.INVALID_JOB, str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a str
         kind = "JSON" if is_json else "msgpack"
         raise VlmqError(ErrorCode.BAD_MESSAGE, f"not valid {kind}: {exc}") from None
 
@@ -65,7 +65,7 @@ def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
 def _raise_version(value: bytes, is_json: bool) -> None:
     try:
         env = msgspec.convert((msgspec.json.decode if is_json else msgspec.msgpack.decode)(value), _Envelope)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except ValueError:  # msgspec's errors and UnicodeDecodeError all derive from it
         return
     if env.v > VERSION:
         raise VlmqError(
