@@ -188,14 +188,21 @@ class Result(Struct, omit_defaults=True):
     v: int = VERSION
 
 
+MAX_DEAD_LETTER_PAYLOAD = 256 * 1024
+
+
 class DeadLetter(Struct, omit_defaults=True):
-    """What goes to the dead-letter topic: the original bytes and why they failed."""
+    """What goes to the dead-letter topic: the original bytes (the first 256 KiB: a dead
+    letter must fit in a Kafka message) and why they failed. `payload_size` is the
+    original size; when it is larger than `payload`, re-read the original at topic,
+    partition, offset while the topic retains it."""
 
     error: Error
     topic: str
     partition: int
     offset: int
     payload: bytes
+    payload_size: int | None = None
     job_id: str | None = None
     worker: str | None = None
     at: float | None = None

@@ -32,7 +32,15 @@ from vlmq.schemas.codec import (
     peek_job_id,
 )
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import DeadLetter, Error, Job, JobState, Result, Timings
+from vlmq.schemas.job import (
+    MAX_DEAD_LETTER_PAYLOAD,
+    DeadLetter,
+    Error,
+    Job,
+    JobState,
+    Result,
+    Timings,
+)
 from vlmq.worker import metrics
 from vlmq.worker.engines import Engine, make_engine
 from vlmq.worker.fetch import Fetcher
@@ -283,8 +291,10 @@ class Worker:
         await self._dead_letter(msg, error, job_id)
 
     async def _dead_letter(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
+        payload = msg.value or b""
         dead = DeadLetter(error=error, topic=msg.topic, partition=msg.partition,
-                          offset=msg.offset, payload=msg.value or b"", job_id=job_id,
+                          offset=msg.offset, payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
+                          payload_size=len(payload), job_id=job_id,
                           worker=self.s.worker_id, at=time.time())
         value, headers = encode_dead_letter(dead)
         key = job_id.encode() if job_id else None
