@@ -4,7 +4,6 @@ only when run, so `vlmq --help` needs nothing beyond the base install."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -243,10 +242,6 @@ def cancel(job_id: str) -> None:
     out.print(f"{job_id} cancelled" if done else f"{job_id}: nothing to cancel (ended or unknown)")
     if not done:
         raise typer.Exit(1)
-
-
-def _json_dump(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -188,3 +188,23 @@ def test_committed_json_schema_is_current() -> None:
     folder = Path(__file__).parent.parent / "docs" / "schema"
     for name, text in render().items():
         assert (folder / name).read_text() == text, f"docs/schema/{name} is stale"
+
+
+def test_sdk_and_cli_need_no_worker_dependencies() -> None:
+    """The base install (producer SDK + CLI) imports without Pillow, torch, aiobotocore or
+    aiohttp; `vlmq worker` without them says which extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('PIL', 'torch', 'aiobotocore', 'aiohttp', 'prometheus_client', 'vllm', 'lmdeploy'):\n"
+        "    sys.modules[m] = None\n"
+        "import vlmq.producer, vlmq.producer.cli\n"
+        "from vlmq.producer import Client, SyncClient, caption, moderate\n"
+        "sys.argv = ['vlmq', 'worker']\n"
+        "vlmq.producer.cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "pip install 'vlmq[worker]'" in proc.stderr

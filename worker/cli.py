@@ -50,6 +50,12 @@ def worker(
         overrides["engine_args"] = parse_pairs(engine_arg)
     settings = WorkerSettings.load(overrides)
     configure(settings.log_format, settings.log_level)
-    from vlmq.worker.service import serve
+    try:
+        from vlmq.worker.service import serve
+    except ImportError as exc:
+        typer.echo(f"error: the worker needs the `worker` extra ({exc.name} is missing): "
+                   "pip install 'vlmq[worker]' (plus 'vlmq[vllm]' or 'vlmq[lmdeploy]' for a GPU engine)",
+                   err=True)
+        raise typer.Exit(2) from None
 
     raise typer.Exit(asyncio.run(serve(settings)))
