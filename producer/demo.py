@@ -26,24 +26,20 @@ out = Console()
 def _pick_engine(engine: str | None) -> str:
     if engine:
         return engine
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        console.print(
-            "engine: [bold]fake[/] (deterministic, no model; install the `hf` extra "
-            "for the transformers CPU engine)"
-        )
-        return "fake"
-    return "hf"
+    # No CPU model engine exists yet (docs/engines.md): without a GPU engine, the fake one.
+    console.print(
+        "engine: [bold]fake[/] (deterministic answers, no model). With a GPU: "
+        "`vlmq demo --engine vllm --model <path or HF id>`"
+    )
+    return "fake"
 
 
 def demo(
     images: Annotated[int, typer.Option(help="How many sample images to caption.")] = 12,
     engine: Annotated[
-        str | None, typer.Option(help="fake | hf | vllm | lmdeploy (default: the best installed).")
+        str | None, typer.Option(help="fake | vllm | lmdeploy | openai (default: fake).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model path or HF id (vllm, lmdeploy, hf).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path or HF id (vllm, lmdeploy, openai).")] = None,
     state_dir: Annotated[Path, typer.Option(help="Where the demo's stack keeps its state.")] = Path(
         ".vlmq/demo"
     ),

@@ -17,7 +17,7 @@ Opt = typer.Option
 
 
 def worker(
-    engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,
+    engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | openai [VLMQ_ENGINE]")] = None,
     model: Annotated[str | None, Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
     engine_arg: Annotated[list[str] | None, Opt(
         "--engine-arg", "-e",
