@@ -38,14 +38,18 @@ from vlmq.schemas import keys
 TOPIC, GROUP = "vlmq.jobs", "gpu-workers"
 
 
-def start_worker(env: dict[str, str], gpu: int, model: str, tmp: Path, max_num_seqs: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_worker(env: dict[str, str], gpu: int, model: str, tmp: Path, max_num_seqs: int,
+                 engine: str = "vllm") -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     wenv = {**os.environ, **env, "CUDA_VISIBLE_DEVICES": str(gpu), "VLMQ_GROUP_ID": GROUP,
             "VLMQ_JOBS_TOPIC": TOPIC, "VLMQ_METRICS_PORT": str(port), "VLMQ_LOG_LEVEL": "WARNING",
             "VLMQ_MAX_IN_FLIGHT": "384", "VLMQ_WORKER_ID": f"gpu{gpu}", "NCCL_NVLS_ENABLE": "0"}
-    args = [sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", "vllm", "--model", model]
-    for kv in ("load_format=dummy", "max_model_len=8192", f"max_num_seqs={max_num_seqs}",
-               "gpu_memory_utilization=0.85", "enable_prefix_caching=false", "ignore_eos=true"):
+    args = [sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", engine, "--model", model]
+    options = ("load_format=dummy", "max_model_len=8192", f"max_num_seqs={max_num_seqs}",
+               "gpu_memory_utilization=0.85", "enable_prefix_caching=false", "ignore_eos=true")
+    if engine == "fake":  # a CPU dry run of the script
+        options = ("step_ms=20", f"max_num_seqs={max_num_seqs}", "completion_tokens=64")
+    for kv in options:
         args += ["-e", kv]
     log = open(tmp / f"gpu{gpu}.log", "ab")  # noqa: SIM115 - lives as long as the worker
     return subprocess.Popen(args, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), port
@@ -95,6 +99,7 @@ async def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--engine", default="vllm", help="vllm, or fake for a dry run on the CPU")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-multi-"))
     blobs = make_images(args.images, 1024, 768)
@@ -107,13 +112,13 @@ async def main() -> None:
         s3.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]), enumerate(blobs)))
-        w0, p0 = start_worker(env, 0, args.model, tmp, args.max_num_seqs)
+        w0, p0 = start_worker(env, 0, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w0)
         wait_until(lambda: ready(p0), "worker gpu0", timeout=600)
         submit(env, "A", args.images, tmp)
         a = await measure(env, "A", args.images)
         print("1 worker", a, flush=True)
-        w1, p1 = start_worker(env, 1, args.model, tmp, args.max_num_seqs)
+        w1, p1 = start_worker(env, 1, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w1)
         wait_until(lambda: ready(p1), "worker gpu1", timeout=600)
         await asyncio.sleep(8)  # let the group settle on both members
@@ -123,7 +128,7 @@ async def main() -> None:
         submit(env, "C", args.images, tmp)
         c = await measure(env, "C", args.images, on_third=lambda: w1.send_signal(signal.SIGTERM))
         print("2 workers, gpu1 stopped at 1/3", c, "gpu1 exit", w1.wait(120), flush=True)
-        write_result("gpu-multi-vllm", "images/s", a["images_per_s"], b["images_per_s"],
+        write_result(f"gpu-multi-{args.engine}", "images/s", a["images_per_s"], b["images_per_s"],
                      {"model": args.model, "weights": "random (load_format=dummy), real-size config",
                       "images": args.images, "max_num_seqs": args.max_num_seqs, "device": hardware(),
                       "layout": "one vlmq worker per GPU (CUDA_VISIBLE_DEVICES), one consumer group, 16 partitions"},
