@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -71,12 +72,24 @@ def redis_ok(url: str) -> bool:
         return False
 
 
-def s3_ok(url: str) -> bool:
+def http_status(url: str) -> int:
+    """The HTTP status a GET of `url` answers with; 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
-            return int(resp.status) < 500
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
     except OSError:
-        return False
+        return 0
+
+
+def s3_ok(url: str) -> bool:
+    return 200 <= http_status(url) < 400
+
+
+def worker_ready(port: int) -> bool:
+    """A local worker answers /readyz with 200 (consuming, engine up, not draining)."""
+    return http_status(f"http://127.0.0.1:{port}/readyz") == 200
 
 
 def kafka_ok(bootstrap: str) -> bool:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Annotated
 
@@ -46,7 +45,7 @@ def demo(
     keep_stack: Annotated[bool, typer.Option(help="Leave Kafka, Redis and S3 running afterwards.")] = False,
 ) -> None:
     """Run the demo: local stack, one worker, a captioning backlog, the results."""
-    from vlmq.deploy.stack import Stack, free_port, wait_until
+    from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 
     stack = Stack(state_dir, partitions=4)
     console.rule("[bold]1. local stack")
@@ -78,7 +77,7 @@ def demo(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLMQ_LOG_FORMAT": "json"}
     )
     try:
-        wait_until(lambda: _ready(port) or worker.poll() is not None, "worker", timeout=600)
+        wait_until(lambda: worker_ready(port) or worker.poll() is not None, "worker", timeout=600)
         if worker.poll() is not None:
             console.print(f"[red]worker exited[/]; see {state_dir / 'worker.log'}")
             raise typer.Exit(1)
@@ -95,14 +94,6 @@ def demo(
         if not keep_stack:
             stack.down()
     raise typer.Exit(0 if ok else 1)
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return int(r.status) == 200
-    except OSError:
-        return False
 
 
 def _upload(n: int) -> str:

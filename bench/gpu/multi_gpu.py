@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
 from bench.gpu.bench_e2e import PROMPT, make_images
-from vlmq.deploy.stack import Stack, free_port, wait_until
+from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 from vlmq.producer.state import StateStore
 from vlmq.schemas import keys
 
@@ -53,14 +52,6 @@ def start_worker(env: dict[str, str], gpu: int, model: str, tmp: Path, max_num_s
         args += ["-e", kv]
     log = open(tmp / f"gpu{gpu}.log", "ab")  # noqa: SIM115 - lives as long as the worker
     return subprocess.Popen(args, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), port
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return int(r.status) == 200
-    except OSError:
-        return False
 
 
 def submit(env: dict[str, str], batch: str, n: int, tmp: Path) -> None:
@@ -114,13 +105,13 @@ async def main() -> None:
             list(pool.map(lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]), enumerate(blobs)))
         w0, p0 = start_worker(env, 0, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w0)
-        wait_until(lambda: ready(p0), "worker gpu0", timeout=600)
+        wait_until(lambda: worker_ready(p0), "worker gpu0", timeout=600)
         submit(env, "A", args.images, tmp)
         a = await measure(env, "A", args.images)
         print("1 worker", a, flush=True)
         w1, p1 = start_worker(env, 1, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w1)
-        wait_until(lambda: ready(p1), "worker gpu1", timeout=600)
+        wait_until(lambda: worker_ready(p1), "worker gpu1", timeout=600)
         await asyncio.sleep(8)  # let the group settle on both members
         submit(env, "B", args.images, tmp)
         b = await measure(env, "B", args.images)
