@@ -183,10 +183,9 @@ class StateStore:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job (running ones are aborted by their worker)."""
-        st = await self.redis.hget(keys.job_key(job_id), "state")
+        st, batch_id = await self.redis.hmget(keys.job_key(job_id), ["state", "batch_id"])
         if st is None:
             return False
-        batch_id = await self.redis.hget(keys.job_key(job_id), "batch_id")
         result = Result(
             job_id=job_id,
             state=JobState.CANCELLED,
