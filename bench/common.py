@@ -31,6 +31,14 @@ def hardware_tag() -> str:
     return os.environ.get("VLMQ_BENCH_TAG", f"cpu{os.cpu_count()}")
 
 
+def peak_rss_mib(pid: int) -> int:
+    """A live process's peak resident memory (VmHWM), in MiB; -1 where /proc does not say."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
 def start_stack() -> tuple[Stack, dict[str, str]]:
     """A private stack (Kafka, Redis, S3) in a temp dir, unless VLMQ_* URLs are given."""
     stack = Stack(Path(tempfile.mkdtemp(prefix="vlmq-bench-")))

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from bench.common import start_stack, write_result
+from bench.common import peak_rss_mib, start_stack, write_result
 from vlmq.producer.state import StateStore
 from vlmq.schemas.codec import encode_job
 from vlmq.schemas.job import Job, Message
@@ -93,7 +93,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
             if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
             await asyncio.sleep(0.2)
-        peak = _peak_rss_mib(proc.pid)
+        peak = peak_rss_mib(proc.pid)
         results = []
         for i in range(0, n, 5000):
             results += await store.get_many(ids[i:i + 5000])
@@ -105,13 +105,6 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
     start = min(r.timings.started_at for r in results if r and r.timings and r.timings.started_at)
     end = max(r.timings.finished_at for r in results if r and r.timings and r.timings.finished_at)
     return n / (end - start), peak
-
-
-def _peak_rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) // 1024
-    return -1
 
 
 async def main() -> None:

@@ -137,7 +137,8 @@ def _register_subcommands() -> None:
     from vlmq.producer.demo import demo
     from vlmq.worker.cli import worker
 
-    app.command("worker")(worker)
+    # Unknown --flags are the engine's own (vllm serve / lmdeploy serve names).
+    app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(worker)
     app.add_typer(bulk_app, name="bulk")
     app.command("demo")(demo)
 

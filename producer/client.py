@@ -205,12 +205,12 @@ class Client:
     ) -> AsyncIterator[Result]:
         """Each job's terminal Result as it ends, whatever the state (no exceptions)."""
         ids = list(job_ids)
-        seen = 0
+        expected, seen = len(set(ids)), 0
         async for result in self.store.as_completed(ids, timeout=timeout):
             seen += 1
             yield result
-        if seen < len(set(ids)):
-            raise Timeout(f"{len(set(ids)) - seen} of {len(set(ids))} jobs", timeout)
+        if seen < expected:
+            raise Timeout(f"{expected - seen} of {expected} jobs", timeout)
 
     async def wait_many(self, job_ids: Iterable[str], timeout: float | None = None) -> list[Result]:
         """Terminal Results in the order of `job_ids` (states not raised: check each)."""

@@ -1,8 +1,8 @@
 """`vlmq demo`: the whole path on this machine, end to end.
 
-Local stack up -> a worker on the CPU engine -> sample images into S3 -> a bulk submit
-with a progress bar -> a table of results. On a GPU box, `--engine vllm --model <path>`
-runs a real model the same way.
+Local stack up -> a worker (the fake engine unless told) -> sample images into S3 -> a bulk
+submit with a progress bar -> a table of results. `--engine vllm --model <path>` on a GPU
+box, or `--engine hf --model <path>` on the CPU, runs a real model the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 out = Console()
@@ -25,10 +26,11 @@ out = Console()
 def _pick_engine(engine: str | None) -> str:
     if engine:
         return engine
-    # No CPU model engine exists yet (docs/engines.md): without a GPU engine, the fake one.
+    # A model needs its weights and torch; the demo must run on a bare machine, so: fake.
     console.print(
-        "engine: [bold]fake[/] (deterministic answers, no model). With a GPU: "
-        "`vlmq demo --engine vllm --model <path or HF id>`"
+        "engine: [bold]fake[/] (deterministic answers, no model). A real model: "
+        "`vlmq demo --engine vllm --model <path or HF id>` on a GPU, "
+        "`--engine hf --model <path>` on the CPU (pip install 'vlmq[hf]' and torch)"
     )
     return "fake"
 
@@ -36,9 +38,11 @@ def _pick_engine(engine: str | None) -> str:
 def demo(
     images: Annotated[int, typer.Option(help="How many sample images to caption.")] = 12,
     engine: Annotated[
-        str | None, typer.Option(help="fake | vllm | lmdeploy | openai (default: fake).")
+        str | None, typer.Option(help="fake | vllm | lmdeploy | hf | openai (default: fake).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model path or HF id (vllm, lmdeploy, openai).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model path or HF id (vllm, lmdeploy, hf, openai).")
+    ] = None,
     state_dir: Annotated[Path, typer.Option(help="Where the demo's stack keeps its state.")] = Path(
         ".vlmq/demo"
     ),
@@ -132,7 +136,10 @@ async def _table(batch: str) -> None:
     table = Table("image", "state", "answer", "engine s", "tokens")
     async with Client() as client:
         async for r in client.iter_results(batch):
-            text = (r.text or (r.error.message if r.error else ""))[:70]
+            # One line per image whatever the model wrote (random weights write blank lines),
+            # and as plain text: a model's "[bold]" is not markup.
+            line = " ".join((r.text or (r.error.message if r.error else "")).split())[:70]
+            text = Text(line) if line else Text("(only whitespace)", style="dim")
             engine_s = f"{r.timings.engine_s:.2f}" if r.timings and r.timings.engine_s else "-"
             tokens = str(r.usage.completion_tokens) if r.usage else "-"
             key = r.metadata.get("key", r.job_id).rsplit("/", 1)[-1]

@@ -221,20 +221,26 @@ class StateStore:
     async def as_completed(
         self, job_ids: Iterable[str], *, timeout: float | None = None
     ) -> AsyncIterator[Result]:
-        """Yield each job's terminal Result as it ends (already ended ones first)."""
+        """Yield each job's terminal Result as it ends (already ended ones first). After the
+        first read, only the jobs a completion message named are read again, and all pending
+        ones once per re-check interval (a message can be missed: Redis pub/sub has no replay)."""
         pending = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub: PubSub = self.redis.pubsub()
         try:
-            channels = [keys.done_channel(j) for j in pending]
+            job_of = {keys.done_channel(j): j for j in pending}
+            channels = list(job_of)
             for i in range(0, len(channels), 1000):
                 await pubsub.subscribe(*channels[i : i + 1000])
+            to_read = set(pending)
             while pending:
-                for result in await self._ended(pending):
+                for result in await self._ended(to_read & pending):
                     pending.discard(result.job_id)
                     yield result
-                if not pending or not await self._await_news(pubsub, deadline):
+                news = await self._await_news(pubsub, deadline) if pending else None
+                if news is None:
                     return
+                to_read = {job_of[c] for c in news if c in job_of} or pending
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -246,21 +252,24 @@ class StateStore:
             out.extend(r for r in chunk if r is not None and r.state.terminal)
         return out
 
-    async def _await_news(self, pubsub: PubSub, deadline: float | None) -> bool:
-        """Wait for a completion message or the re-check interval. False once timed out."""
+    async def _await_news(self, pubsub: PubSub, deadline: float | None) -> set[str] | None:
+        """The channels of the completion messages that arrived together; an empty set when
+        the re-check interval passed without one; None once timed out."""
         end = time.monotonic() + self.recheck_s
         if deadline is not None:
             if deadline <= time.monotonic():
-                return False
+                return None
             end = min(end, deadline)
         # Subscribe confirmations arrive as messages too: only a completion wakes us.
         while (left := end - time.monotonic()) > 0:
             msg = await pubsub.get_message(timeout=left)
             if msg is not None and msg["type"] == "message":
-                while msg is not None:  # drain what arrived together, then re-read once
+                news = set()
+                while msg is not None:  # drain what arrived together, then read those once
+                    news.add(_s(msg["channel"]))
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)
-                return True
-        return True
+                return news
+        return set()
 
     async def batch_counts(self, batch_id: str) -> BatchCounts:
         raw = await self.redis.hgetall(keys.batch_key(batch_id))

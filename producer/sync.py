@@ -7,7 +7,7 @@ It owns a private event loop; do not use it from inside a running asyncio loop (
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from vlmq.producer.client import Client, Handle, SubmitReport
@@ -56,12 +56,7 @@ class SyncClient:
         return self._run(self._client.wait_many(job_ids, timeout))  # type: ignore[no-any-return]
 
     def as_completed(self, job_ids: Iterable[str], *, timeout: float | None = None) -> Iterator[Result]:
-        agen = self._client.as_completed(job_ids, timeout=timeout)
-        while True:
-            try:
-                yield self._run(agen.__anext__())
-            except StopAsyncIteration:
-                return
+        return self._iterate(self._client.as_completed(job_ids, timeout=timeout))
 
     def cancel(self, job_id: str) -> bool:
         return self._run(self._client.cancel(job_id))  # type: ignore[no-any-return]
@@ -70,7 +65,10 @@ class SyncClient:
         return self._run(self._client.batch(batch_id))  # type: ignore[no-any-return]
 
     def iter_results(self, batch_id: str) -> Iterator[Result]:
-        agen = self._client.iter_results(batch_id)
+        return self._iterate(self._client.iter_results(batch_id))
+
+    def _iterate(self, agen: AsyncIterator[Result]) -> Iterator[Result]:
+        """An async iterator of the client, consumed item by item on the client's loop."""
         while True:
             try:
                 yield self._run(agen.__anext__())

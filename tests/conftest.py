@@ -16,7 +16,7 @@ import boto3
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Env, make_topics
+from tests.helpers import Env, make_topics, stop_all
 from vlmq.deploy.stack import Stack
 
 
@@ -54,6 +54,13 @@ def env(stack: dict[str, str], tmp_path: Path) -> Env:
     make_topics(e)
     boto3.client("s3", endpoint_url=e.s3).create_bucket(Bucket=e.bucket)
     return e
+
+
+@pytest.fixture
+def e(env: Env) -> Iterator[Env]:
+    """`env`, and every worker process started on it killed afterwards, however the test ended."""
+    yield env
+    stop_all(env)
 
 
 @pytest.fixture

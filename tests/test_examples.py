@@ -8,23 +8,14 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.helpers import Env, put_images, read_topic, start_worker, stop_all
+from tests.helpers import Env, put_images, read_topic, start_worker
 from vlmq.deploy.stack import free_port, wait_until
 from vlmq.producer import Client, caption
 from vlmq.schemas.codec import decode_result_msg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def _run_example(e: Env, *args: str) -> str:

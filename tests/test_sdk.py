@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Env, put_images, read_topic, start_worker, stop_all
+from tests.helpers import Env, put_images, read_topic, start_worker
 from vlmq.producer import (
     Client,
     JobCancelled,
@@ -21,12 +20,6 @@ from vlmq.producer import (
     moderate,
 )
 from vlmq.schemas import ImageRef, Job, JobState, Message, Sampling
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def _text(job_id: str, prompt: str = "hello", **kw: object) -> Job:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Env, log_text, start_worker, stop_all, stop_worker
+from tests.helpers import Env, log_text, start_worker, stop_worker
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 async def _acl_user(redis: Redis, secret: str) -> str:

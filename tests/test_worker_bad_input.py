@@ -7,23 +7,15 @@ import base64
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 
 import boto3
 import msgspec
-import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.helpers import Env, photo, read_topic, start_worker, stop_all, stop_worker
+from tests.helpers import Env, photo, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
 from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, TextPart
 from vlmq.schemas.codec import decode_dead_letter
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def _bomb_png() -> bytes:

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.expect import expected_text
-from tests.helpers import Env, photo, put_images, start_worker, stop_all, stop_worker
+from tests.helpers import Env, photo, put_images, start_worker, stop_worker
 from vlmq.producer import Client, caption
-
-
-@pytest.fixture
-def e(env: Env):  # type: ignore[no-untyped-def]
-    yield env
-    stop_all(env)
 
 
 async def test_jobs_with_s3_images_all_succeed_with_the_engines_answer(e: Env) -> None:

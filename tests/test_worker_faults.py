@@ -7,9 +7,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
 
-import pytest
 from redis.asyncio import Redis
 
 from tests.expect import expected_text
@@ -21,20 +19,14 @@ from tests.helpers import (
     put_images,
     read_topic,
     start_worker,
-    stop_all,
     stop_worker,
+    wait_running,
 )
 from vlmq.producer import Client, caption
 from vlmq.producer.state import StateStore
 from vlmq.schemas.job import Job, JobState, Message, Sampling
 
 N_IMAGES = 12
-
-
-@pytest.fixture
-def e(env: Env) -> Iterator[Env]:
-    yield env
-    stop_all(env)
 
 
 def _jobs(e: Env, n: int, uris: list[str], **kw: object) -> list[Job]:
@@ -139,10 +131,7 @@ async def test_cancel_queued_and_in_flight_and_deadline_expiry(e: Env) -> None:
         await asyncio.sleep(0.3)
         start_worker(e, "w", engine_args="step_ms=200,completion_tokens=1000", max_in_flight=4)
         await client.submit(slow)
-        deadline = time.monotonic() + 30
-        while (await client.status(slow.job_id)).state is not JobState.RUNNING:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await wait_running(client, slow.job_id)
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
         assert await client.cancel(slow.job_id)

@@ -11,13 +11,14 @@ from typing import Annotated
 
 import typer
 
-from vlmq.worker.settings import WorkerSettings, parse_pairs
+from vlmq.worker.settings import WorkerSettings, engine_flags, parse_pairs
 
 Opt = typer.Option
 
 
 def worker(
-    engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | openai [VLMQ_ENGINE]")] = None,
+    ctx: typer.Context,
+    engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,
     model: Annotated[str | None, Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
     engine_arg: Annotated[list[str] | None, Opt(
         "--engine-arg", "-e",
@@ -42,12 +43,23 @@ def worker(
         help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")] = None,
     log_format: Annotated[str | None, Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
 ) -> None:
-    """Serve jobs from Kafka with an engine, results to Redis. SIGTERM drains and exits 0."""
+    """Serve jobs from Kafka with an engine, results to Redis. SIGTERM drains and exits 0.
+
+    Any other --flag goes to the engine under its own name, as vllm serve or lmdeploy serve spell it:
+
+    vlmq worker --engine vllm --model /models/qwen2-vl-7b --max-num-seqs 16 --enforce-eager
+
+    vlmq worker --engine lmdeploy --model /models/internvl2_5-8b --tp 1 --session-len 8192
+    """
     from vlmq.producer.logs import configure
 
-    overrides = {k: v for k, v in locals().items() if k not in ("engine_arg",)}
-    if engine_arg:
-        overrides["engine_args"] = parse_pairs(engine_arg)
+    overrides = {k: v for k, v in locals().items() if k not in ("ctx", "engine_arg")}
+    try:
+        extra = engine_flags(ctx.args)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if engine_arg or extra:
+        overrides["engine_args"] = parse_pairs(engine_arg or []) | extra
     settings = WorkerSettings.load(overrides)
     configure(settings.log_format, settings.log_level)
     try:
@@ -58,4 +70,11 @@ def worker(
                    err=True)
         raise typer.Exit(2) from None
 
-    raise typer.Exit(asyncio.run(serve(settings)))
+    from vlmq.worker.engines import EngineConfigError
+
+    try:
+        code = asyncio.run(serve(settings))
+    except EngineConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -58,7 +58,6 @@ class Pipeline:
             images = await self._images(job, timings)
             out = await self._generate(job, images, timings)
         except VlmqError as exc:
-            metrics.ERRORS.labels(exc.code.value).inc()
             return self.result(job, JobState.FAILED, attempt, timings,
                                error=Error(exc.code, exc.message, exc.retryable))
         return self._succeeded(job, out, attempt, timings)

@@ -267,6 +267,9 @@ class Worker:
             metrics.SKIPPED.inc()
             return
         metrics.JOBS.labels(result.state.value).inc()
+        if result.state is JobState.FAILED and result.error:
+            # Here, where every job's failure is written (invalid JSON output included).
+            metrics.ERRORS.labels(result.error.code.value).inc()
         log.info("job ended", state=result.state.value,
                  error=result.error.code.value if result.error else None)
         if job.result_topic:
@@ -329,6 +332,7 @@ class Worker:
             await asyncio.sleep(self.s.commit_interval_s)
             await self._commit(None)
             self._report_lag()
+            self._report_engine()
 
     async def _commit(self, tps: set[TopicPartition] | None) -> None:
         offsets = self.ledger.to_commit(tps if tps is not None else self.consumer.assignment())
@@ -341,6 +345,13 @@ class Worker:
             return
         self.ledger.committed(offsets)
         metrics.COMMITS.inc()
+
+    def _report_engine(self) -> None:
+        # Engine counters are best effort: a failing stats() must never stop the commits.
+        try:
+            metrics.ENGINE_RUNNING.set(self.engine.stats().get("running", 0))
+        except Exception as exc:
+            log.debug("engine stats failed", error=repr(exc))
 
     def _report_lag(self) -> None:
         for tp in self.consumer.assignment():

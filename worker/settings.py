@@ -107,6 +107,25 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
     return out
 
 
+def engine_flags(args: list[str]) -> dict[str, str]:
+    """Engine flags as `vllm serve` takes them (`--max-num-seqs 16`, `--max-num-seqs=16`,
+    `--enforce-eager`) into engine_args: snake_case keys, a flag without a value is "true"."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"unexpected argument {arg!r}: engine options are --name value")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            value = args[i + 1] if has_value else "true"
+            i += has_value
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
 def redact_url(url: str) -> str:
     """redis://user:secret@host -> redis://user:***@host."""
     scheme, sep, rest = url.partition("://")

@@ -1,4 +1,4 @@
-"""A real-size Qwen2-VL / Qwen2.5-VL checkpoint folder without weights (no hub here).
+"""A Qwen2-VL / Qwen2.5-VL checkpoint folder built here (no hub is reachable).
 
 The config holds the model's public architecture values (configs/*.json); vLLM loads it
 with `load_format="dummy"` (random weights, so the text is noise: throughput and batching
@@ -7,6 +7,13 @@ special tokens, with Qwen-VL's chat template; the config's special-token ids are
 that tokenizer's ids (the embedding keeps the real vocabulary size).
 
     python bench/gpu/make_model.py qwen2-vl-7b /tmp/models/qwen2-vl-7b
+
+With `--random-weights` it also writes seeded random float32 safetensors through
+transformers (needs torch): how the CPU engine tests get `tiny-qwen2-vl`, a two-layer model
+whose head_dim is 64 (vLLM's CPU attention rejects smaller) and whose mrope_section sums to
+head_dim / 2:
+
+    python bench/gpu/make_model.py tiny-qwen2-vl /tmp/tiny --random-weights
 """
 
 from __future__ import annotations
@@ -47,13 +54,13 @@ def byte_vocab() -> dict[str, int]:
     return {chr(c): i for i, c in enumerate(sorted(cs, key=lambda c: bs[cs.index(c)]))}
 
 
-def tokenizer_json(vocab: dict[str, int]) -> dict[str, object]:
+def tokenizer_json(vocab: dict[str, int], specials: list[str]) -> dict[str, object]:
     base = len(vocab)
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": base + i, "content": t, "single_word": False, "lstrip": False,
                           "rstrip": False, "normalized": False, "special": True}
-                         for i, t in enumerate(SPECIALS)],
+                         for i, t in enumerate(specials)],
         "normalizer": None,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                           "use_regex": True},
@@ -68,6 +75,8 @@ def tokenizer_json(vocab: dict[str, int]) -> dict[str, object]:
 
 def build(name: str, out: Path) -> None:
     config = json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text())
+    if config["model_type"] == "llava":
+        return build_llava(name, config, out)
     vocab = byte_vocab()
     ids = {t: len(vocab) + i for i, t in enumerate(SPECIALS)}
     config |= {
@@ -82,7 +91,7 @@ def build(name: str, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
          "pad_token_id": ids["<|endoftext|>"]}))
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab)))
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab, SPECIALS)))
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "merges.txt").write_text("#version: 0.2\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -102,5 +111,72 @@ def build(name: str, out: Path) -> None:
     print(f"{name}: {out} (image_token_id {ids['<|image_pad|>']}, eos {ids['<|im_end|>']})")
 
 
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: {% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>\n{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_llava(name: str, config: dict[str, object], out: Path) -> None:
+    """LLaVA-1.5 layout (llava-hf): CLIP vision tower, `<image>` placeholders expanded by
+    LlavaProcessor, a USER:/ASSISTANT: template, CLIP's square resize and crop."""
+    specials = ["<|endoftext|>", "<image>"]
+    vocab = byte_vocab()
+    eos, image = len(vocab), len(vocab) + 1
+    config["image_token_index"] = image
+    config["text_config"] |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}  # type: ignore[operator]
+    out.mkdir(parents=True, exist_ok=True)
+    side = config["vision_config"]["image_size"]  # type: ignore[index]
+    files: dict[str, object] = {
+        "config.json": config,
+        "generation_config.json": {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos},
+        "tokenizer.json": tokenizer_json(vocab, specials),
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768,
+                                  "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                                  "chat_template": LLAVA_TEMPLATE, "clean_up_tokenization_spaces": False},
+        "chat_template.json": {"chat_template": LLAVA_TEMPLATE},
+        "preprocessor_config.json": {
+            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+            "do_resize": True, "size": {"shortest_edge": side}, "do_center_crop": True,
+            "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
+        "processor_config.json": {"processor_class": "LlavaProcessor", "image_token": "<image>",
+                                  "patch_size": config["vision_config"]["patch_size"],  # type: ignore[index]
+                                  "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+    }
+    for file, data in files.items():
+        (out / file).write_text(json.dumps(data, indent=1))
+    print(f"{name}: {out} (image_token_id {image}, eos {eos})")
+
+
+def random_weights(out: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)
+    ours = json.loads((out / "generation_config.json").read_text())
+    model.save_pretrained(out)  # rewrites config.json in transformers' own layout: same model
+    (out / "generation_config.json").write_text(json.dumps(ours))
+    if model.config.model_type == "llava":
+        _llava_hub_layout(out / "model.safetensors")
+
+
+def _llava_hub_layout(path: Path) -> None:
+    """transformers 5 saves the CLIP tower as `vision_tower.*`; llava-hf checkpoints (and
+    vLLM's loader) have `vision_tower.vision_model.*`, which transformers loads as well."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k: v
+               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
 if __name__ == "__main__":
     build(sys.argv[1], Path(sys.argv[2]))
+    if "--random-weights" in sys.argv[3:]:
+        random_weights(Path(sys.argv[2]))

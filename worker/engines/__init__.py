@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.worker.engines.base import Engine, EngineOutput, EngineRequest
+from vlmq.worker.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
 
-ENGINES = ("fake", "vllm", "lmdeploy", "openai")
-
-__all__ = ["ENGINES", "Engine", "EngineOutput", "EngineRequest", "make_engine"]
+__all__ = ["ENGINES", "Engine", "EngineConfigError", "EngineOutput", "EngineRequest", "make_engine"]
 
 
 def _coerce(value: str) -> Any:
@@ -22,24 +19,26 @@ def _coerce(value: str) -> Any:
         return value
 
 
+# name -> "module:class"; imported only when chosen (each engine brings heavy dependencies).
+_CLASSES = {
+    "fake": "fake:FakeEngine", "vllm": "vllm:VllmEngine", "lmdeploy": "lmdeploy:LmdeployEngine",
+    "hf": "hf:HfEngine", "openai": "openai:OpenAIEngine",
+}
+ENGINES = tuple(_CLASSES)
+
+
 def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
-    options = {k: _coerce(v) for k, v in args.items()}
-    if name == "fake":
-        from vlmq.worker.engines.fake import FakeEngine
+    """The engine `name` for `model`; a wrong name, a missing model or an option the engine
+    does not take is an EngineConfigError that says which."""
+    import importlib
 
-        return FakeEngine(model or "fake", **options)
-    if not model:
-        raise VlmqError(ErrorCode.UNSUPPORTED, f"engine {name!r} needs --model (a path or HF id)")
-    if name == "vllm":
-        from vlmq.worker.engines.vllm import VllmEngine
-
-        return VllmEngine(model, **options)
-    if name == "lmdeploy":
-        from vlmq.worker.engines.lmdeploy import LmdeployEngine
-
-        return LmdeployEngine(model, **options)
-    if name == "openai":
-        from vlmq.worker.engines.openai import OpenAIEngine
-
-        return OpenAIEngine(model, **options)
-    raise VlmqError(ErrorCode.UNSUPPORTED, f"engine {name!r} is not one of {', '.join(ENGINES)}")
+    if name not in _CLASSES:
+        raise EngineConfigError(f"engine {name!r} is not one of {', '.join(ENGINES)}")
+    if not model and name != "fake":
+        raise EngineConfigError(f"engine {name!r} needs --model (a path or HF id)")
+    module, cls = _CLASSES[name].split(":")
+    engine_cls = getattr(importlib.import_module(f"vlmq.worker.engines.{module}"), cls)
+    try:
+        return engine_cls(model or "fake", **{k: _coerce(v) for k, v in args.items()})  # type: ignore[no-any-return]
+    except TypeError as exc:  # an unexpected keyword: an option this engine does not have
+        raise EngineConfigError(f"engine {name!r}: {exc}") from None

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
+class EngineConfigError(ValueError):
+    """An engine option the engine does not take: the worker stops at start and says which."""
+
+
 class EngineRequest(msgspec.Struct, kw_only=True):
     """A job ready for an engine: messages as sent, images decoded and resized, in order."""
 
@@ -52,4 +56,6 @@ class Engine(Protocol):
 
     def healthy(self) -> bool: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]:
+        """Engine counters; "running" (requests inside the engine) feeds vlmq_engine_running."""
+        ...

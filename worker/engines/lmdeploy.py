@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from vlmq.worker.engines.base import EngineOutput, EngineRequest
+from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ class LmdeployEngine:
                  image_factor: int = 28, **options: Any) -> None:
         unknown = set(options) - _BACKEND_KEYS
         if unknown:
-            raise ValueError(f"unknown LMDeploy option(s): {', '.join(sorted(unknown))}")
+            raise EngineConfigError(f"unknown LMDeploy option(s): {', '.join(sorted(unknown))}")
         self.model = model
         self.backend = backend
         self.options = options
@@ -121,4 +121,4 @@ class LmdeployEngine:
         return self._pipe is not None
 
     def stats(self) -> dict[str, Any]:
-        return {"sessions": len(self._sessions)}
+        return {"running": len(self._sessions)}

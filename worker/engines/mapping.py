@@ -79,6 +79,22 @@ def vllm_sampling_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict
     return kw
 
 
+def hf_gen_kwargs(sampling: Sampling) -> dict[str, Any]:
+    """Keyword arguments for transformers' `generate`. Greedy when temperature is 0 (and then
+    no sampling knobs, which transformers would warn about); top_k 0 switches its default
+    top-k of 50 off, as vLLM has none."""
+    kw: dict[str, Any] = {
+        "max_new_tokens": sampling.max_tokens,
+        "do_sample": sampling.temperature > 0,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
+    if sampling.temperature > 0:
+        kw |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or 0}
+    if sampling.stop:
+        kw["stop_strings"] = list(sampling.stop)
+    return kw
+
+
 def lmdeploy_gen_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[str, Any]:
     """Keyword arguments for lmdeploy.GenerationConfig. Structured output goes through its
     `response_format` (xgrammar, PyTorch engine): JSON schema and regex; a choice list is
@@ -102,12 +118,17 @@ def lmdeploy_gen_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[
     elif isinstance(fmt, RegexFormat):
         kw["response_format"] = {"type": "regex_schema", "regex_schema": fmt.pattern}
     elif isinstance(fmt, ChoiceFormat):
-        alternatives = "|".join(re.escape(c) for c in fmt.choices)
-        kw["response_format"] = {"type": "regex_schema", "regex_schema": f"({alternatives})"}
+        kw["response_format"] = {"type": "regex_schema", "regex_schema": choice_regex(fmt.choices)}
     return kw
 
 
+def choice_regex(choices: list[str]) -> str:
+    """A choice list for engines that only take regexes: the alternatives, escaped."""
+    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
 _TOO_LONG = re.compile(r"(longer than the maximum model length|exceeds? (the )?max(imum)?[ _]model[ _]len"
+                       r"|maximum context length|reduce the length of the input prompt"
                        r"|prompt is too long|too many tokens|session_len)", re.I)
 
 

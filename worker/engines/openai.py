@@ -58,7 +58,7 @@ class OpenAIEngine:
         return self._session is not None and not self._session.closed
 
     def stats(self) -> dict[str, Any]:
-        return {"in_flight": len(self._tasks)}
+        return {"running": len(self._tasks)}
 
     def body(self, request: EngineRequest) -> dict[str, Any]:
         s = request.sampling
@@ -143,6 +143,8 @@ def _client_error(status: int, data: Any) -> VlmqError:
 
 
 def _data_url(image: Any) -> str:
+    # JPEG cannot hold alpha; such images go as PNG, and say so.
+    fmt = "PNG" if image.mode == "RGBA" else "JPEG"
     buf = io.BytesIO()
-    image.save(buf, "PNG" if image.mode == "RGBA" else "JPEG", quality=95)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    image.save(buf, fmt, quality=95)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()

@@ -9,12 +9,24 @@ to `AsyncEngineArgs` as given.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from vlmq.schemas.errors import VlmqError
-from vlmq.worker.engines.base import EngineOutput, EngineRequest
+from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
+from vlmq.worker.settings import parse_pairs
+
+_PAIRS = re.compile(r"^\w+=[^=,]+(,\w+=[^=,]+)*$")
+
+
+def _mapping(value: Any) -> Any:
+    """`image=4` or `image=4,video=1` (how vllm serve's guides write --limit-mm-per-prompt)
+    into the dict AsyncEngineArgs takes; JSON values arrive as dicts already."""
+    if isinstance(value, str) and _PAIRS.match(value):
+        return {k: int(v) if v.isdigit() else v for k, v in parse_pairs(value.split(",")).items()}
+    return value
 
 
 class VllmEngine:
@@ -27,20 +39,39 @@ class VllmEngine:
         self.image_factor = image_factor
         # Benchmarks with random weights: every answer max_tokens long, whatever the noise.
         self.ignore_eos = ignore_eos
-        self.engine_args = {"model": model, **engine_args}
+        # Compact JSON unless told otherwise: with free whitespace, weak (or random-weight)
+        # models fill max_tokens with blanks and never close the object (seen on the H100).
+        # vLLM takes this per engine, and only for the xgrammar and guidance backends.
+        self.engine_args = {"model": model, "structured_outputs_config": {
+            "backend": "xgrammar", "disable_any_whitespace": True}}
+        self.engine_args |= {k: _mapping(v) for k, v in engine_args.items()}
         self.priority = engine_args.get("scheduling_policy") == "priority"
         self._llm: Any = None
         self._template: Any = None
+        self._image_token: int | None = None
         self._dead = False
 
     async def start(self) -> None:
         if self._llm is not None:  # started already (e.g. shared by a benchmark)
             return
+        import dataclasses
+
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        unknown = set(self.engine_args) - {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        if unknown:
+            raise EngineConfigError(f"not vLLM engine args: {', '.join(sorted(unknown))} "
+                             "(see `vllm serve --help` for the names this vLLM takes)")
+        kw = dict(self.engine_args)
+        if isinstance(kw["structured_outputs_config"], dict):
+            from vllm.config import StructuredOutputsConfig
+
+            kw["structured_outputs_config"] = StructuredOutputsConfig(**kw["structured_outputs_config"])
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
         self._template = self._chat_template_owner()
+        # Image placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
+        self._image_token = getattr(self._llm.model_config.hf_config, "image_token_id", None)
 
     def _chat_template_owner(self) -> Any:
         """The processor when the model ships one (it knows the image tokens), else the
@@ -89,9 +120,11 @@ class VllmEngine:
         except Exception as exc:
             self._dead = type(exc).__name__ == "EngineDeadError"
             raise engine_error(exc) from None
+        prompt = list(final.prompt_token_ids or [])
         return EngineOutput(
             text="".join(text), finish_reason=final.outputs[0].finish_reason,
-            prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=tokens, ttft_s=ttft,
+            prompt_tokens=len(prompt), completion_tokens=tokens, ttft_s=ttft,
+            image_tokens=prompt.count(self._image_token) if self._image_token is not None else 0,
         )
 
     async def abort(self, request_id: str) -> None:
@@ -106,4 +139,6 @@ class VllmEngine:
         return self._llm is not None and not self._dead and not getattr(self._llm, "errored", False)
 
     def stats(self) -> dict[str, Any]:
-        return {}
+        if self._llm is None:
+            return {}
+        return {"running": self._llm.output_processor.get_num_unfinished_requests()}
