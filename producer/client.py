@@ -77,7 +77,11 @@ class Client:
         content_type: bytes = MSGPACK,
         ttl_s: int | None = None,
         kafka_options: dict[str, Any] | None = None,
+        redis_options: dict[str, Any] | None = None,
     ) -> None:
+        """`kafka_options` go to AIOKafkaProducer (SASL, TLS...); `redis_options` to
+        `Redis.from_url` (e.g. socket_timeout: redis-py's default gives up on a command
+        after 5 s and 3 retries, too soon for a machine that is starved of CPU)."""
         self.kafka_bootstrap = kafka_bootstrap or os.environ.get("VLMQ_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
         self.redis_url = redis_url or os.environ.get("VLMQ_REDIS_URL", DEFAULT_REDIS)
         self.topic = topic or os.environ.get("VLMQ_JOBS_TOPIC", keys.JOBS_TOPIC)
@@ -85,7 +89,7 @@ class Client:
         self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", str(7 * 24 * 3600)))
         self._kafka_options = kafka_options or {}
         self._producer: AIOKafkaProducer | None = None
-        self.redis = Redis.from_url(self.redis_url)
+        self.redis = Redis.from_url(self.redis_url, **(redis_options or {}))
         self.store = StateStore(self.redis, ttl_s=self._ttl)
 
     async def __aenter__(self) -> Client:

