@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import boto3
@@ -59,7 +59,9 @@ def env(stack: dict[str, str], tmp_path: Path) -> Env:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test that started processes shows the end of their logs (workers, vllm
     serve): CI prints only the failure report, and the cause is usually in there."""
     report = yield
@@ -68,7 +70,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for log in sorted(env.tmp.glob("*.log")):
             lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
             report.sections.append((f"last {len(lines)} lines of {log.name}", "\n".join(lines)))
-    return report  # type: ignore[no-any-return]
+    return report
 
 
 @pytest.fixture
