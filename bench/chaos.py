@@ -35,9 +35,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bench.common import hardware, write_result
+from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack
 from vlmq.producer import Client, caption
-from vlmq.producer.state import StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.job import Job, JobState
 from vlmq.worker.engines.base import EngineRequest
@@ -64,19 +64,39 @@ class Chaos:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
 
     def worker(self, name: str) -> None:
-        env = {**os.environ, **self.env, "VLMQ_JOBS_TOPIC": self.tag, "VLMQ_DLQ_TOPIC": f"{self.tag}.dlq",
-               "VLMQ_GROUP_ID": self.tag, "VLMQ_WORKER_ID": name, "VLMQ_METRICS_PORT": "0",
-               "VLMQ_LOG_FORMAT": "json", "VLMQ_LOG_LEVEL": "WARNING", "VLMQ_COMMIT_INTERVAL_S": "0.5",
-               "VLMQ_SESSION_TIMEOUT_MS": "6000", "VLMQ_S3_TIMEOUT_S": "2", "VLMQ_FETCH_RETRY_S": "120",
-               "VLMQ_MAX_IN_FLIGHT": "64", "VLMQ_ENGINE_ARGS": "step_ms=5,max_num_seqs=32,completion_tokens=8"}
+        env = {
+            **os.environ,
+            **self.env,
+            "VLMQ_JOBS_TOPIC": self.tag,
+            "VLMQ_DLQ_TOPIC": f"{self.tag}.dlq",
+            "VLMQ_GROUP_ID": self.tag,
+            "VLMQ_WORKER_ID": name,
+            "VLMQ_METRICS_PORT": "0",
+            "VLMQ_LOG_FORMAT": "json",
+            "VLMQ_LOG_LEVEL": "WARNING",
+            "VLMQ_COMMIT_INTERVAL_S": "0.5",
+            "VLMQ_SESSION_TIMEOUT_MS": "6000",
+            "VLMQ_S3_TIMEOUT_S": "2",
+            "VLMQ_FETCH_RETRY_S": "120",
+            "VLMQ_MAX_IN_FLIGHT": "64",
+            "VLMQ_ENGINE_ARGS": "step_ms=5,max_num_seqs=32,completion_tokens=8",
+        }
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the worker
         self.workers[name] = subprocess.Popen(
-            [sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", "fake"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     async def inject(self, stop: asyncio.Event) -> None:
-        plan = (["kill"] * self.a.kills + (["stall"] if self.a.stall_s else [])
-                + (["redis"] if self.a.redis_restart else []) + (["s3"] if self.a.s3_outage_s else []))
+        plan = (
+            ["kill"] * self.a.kills
+            + (["stall"] if self.a.stall_s else [])
+            + (["redis"] if self.a.redis_restart else [])
+            + (["s3"] if self.a.s3_outage_s else [])
+        )
         self.rnd.shuffle(plan)
         for fault in plan:
             await asyncio.sleep(self.rnd.uniform(0.5, self.a.gap_s))
@@ -125,10 +145,16 @@ async def make_topics(bootstrap: str, topic: str, partitions: int) -> None:
 def expected_answers(blobs: list[bytes], jobs: list[Job]) -> dict[int, str]:
     out = {}
     for i in range(N_IMAGES):
-        img = load_image(blobs[i], factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
-                         max_image_pixels=64_000_000)
-        out[i] = answer(EngineRequest(request_id="x", messages=jobs[i].messages, images=[img],
-                                      sampling=jobs[i].sampling))
+        img = load_image(
+            blobs[i],
+            factor=28,
+            min_pixels=QWEN_MIN_PIXELS,
+            max_pixels=QWEN_MAX_PIXELS,
+            max_image_pixels=64_000_000,
+        )
+        out[i] = answer(
+            EngineRequest(request_id="x", messages=jobs[i].messages, images=[img], sampling=jobs[i].sampling)
+        )
     return out
 
 
@@ -151,7 +177,7 @@ async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[st
     store = StateStore(redis)
     lost = dup = wrong = 0
     for start in range(0, len(jobs), 2000):
-        chunk = jobs[start:start + 2000]
+        chunk = jobs[start : start + 2000]
         results = await store.get_many([j.job_id for j in chunk])
         pipe = redis.pipeline(transaction=False)
         for j in chunk:
@@ -170,8 +196,12 @@ async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[st
 
 async def offsets(c: Chaos) -> dict[str, Any]:
     """Committed offsets never pass the end of their partition (and cover all of it)."""
-    consumer = AIOKafkaConsumer(c.tag, bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"],
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        c.tag,
+        bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"],
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     sizes: dict[int, int] = {}
     while True:
@@ -181,8 +211,9 @@ async def offsets(c: Chaos) -> dict[str, Any]:
         for tp, msgs in batch.items():
             sizes[tp.partition] = max(sizes.get(tp.partition, 0), msgs[-1].offset + 1)
     await consumer.stop()
-    group = AIOKafkaConsumer(bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"], group_id=c.tag,
-                             enable_auto_commit=False)
+    group = AIOKafkaConsumer(
+        bootstrap_servers=c.env["VLMQ_KAFKA_BOOTSTRAP"], group_id=c.tag, enable_auto_commit=False
+    )
     await group.start()
     past_end = 0
     committed_total = 0
@@ -191,8 +222,11 @@ async def offsets(c: Chaos) -> dict[str, Any]:
         committed_total += committed
         past_end += committed > sizes.get(p, 0)
     await group.stop()
-    return {"partitions_committed_past_end": past_end, "messages": sum(sizes.values()),
-            "committed": committed_total}
+    return {
+        "partitions_committed_past_end": past_end,
+        "messages": sum(sizes.values()),
+        "committed": committed_total,
+    }
 
 
 async def main() -> int:
@@ -219,8 +253,10 @@ async def main() -> int:
         blobs = [photo(96, 72, seed=i) for i in range(N_IMAGES)]
         for i, b in enumerate(blobs):
             s3.put_object(Bucket="chaos", Key=f"{i}.jpg", Body=b)
-        jobs = [caption(f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.tag)
-                for i in range(args.jobs)]
+        jobs = [
+            caption(f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.tag)
+            for i in range(args.jobs)
+        ]
         expected = expected_answers(blobs, jobs)
         for w in range(args.workers):
             c.worker(f"w{w}")
@@ -238,11 +274,23 @@ async def main() -> int:
     row = {"jobs": args.jobs, **report, "faults_injected": len(c.faults), "wall_s": round(wall, 1)}
     print("\n" + " | ".join(f"{k}: {v}" for k, v in row.items()))
     print("faults:", "; ".join(c.faults))
-    ok = report["lost"] == report["duplicated"] == report["wrong"] == report["partitions_committed_past_end"] == 0
+    ok = (
+        report["lost"]
+        == report["duplicated"]
+        == report["wrong"]
+        == report["partitions_committed_past_end"]
+        == 0
+    )
     bad = report["lost"] + report["duplicated"] + report["wrong"]
-    write_result(args.name, "jobs correct", args.jobs, args.jobs - bad,
-                 {k: v for k, v in vars(args).items() if k != "name"} | {"device": hardware()},
-                 **row, faults=c.faults)
+    write_result(
+        args.name,
+        "jobs correct",
+        args.jobs,
+        args.jobs - bad,
+        {k: v for k, v in vars(args).items() if k != "name"} | {"device": hardware()},
+        **row,
+        faults=c.faults,
+    )
     return 0 if ok else 1
 
 

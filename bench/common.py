@@ -42,20 +42,28 @@ def peak_rss_mib(pid: int) -> int:
 def start_stack() -> tuple[Stack, dict[str, str]]:
     """A private stack (Kafka, Redis, S3) in a temp dir, unless VLMQ_* URLs are given."""
     stack = Stack(Path(tempfile.mkdtemp(prefix="vlmq-bench-")))
-    env = stack.up(kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
-                   redis_url=os.environ.get("VLMQ_BENCH_REDIS_URL"),
-                   s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"))
+    env = stack.up(
+        kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
+        redis_url=os.environ.get("VLMQ_BENCH_REDIS_URL"),
+        s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
+    )
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     return stack, env
 
 
-def write_result(name: str, unit: str, baseline: float, value: float, settings: dict[str, Any],
-                 **extra: Any) -> Path:
+def write_result(
+    name: str, unit: str, baseline: float, value: float, settings: dict[str, Any], **extra: Any
+) -> Path:
     """bench/results/<name>-<hardware>.json in DESIGN.md's form; prints it too."""
     row = {
-        "name": name, "unit": unit, "baseline": round(baseline, 3), "value": round(value, 3),
-        "ratio": round(value / baseline, 3) if baseline else None, "hardware": hardware(),
-        "settings": settings, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "name": name,
+        "unit": unit,
+        "baseline": round(baseline, 3),
+        "value": round(value, 3),
+        "ratio": round(value / baseline, 3) if baseline else None,
+        "hardware": hardware(),
+        "settings": settings,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,16 @@ MESSAGES = [Message("user", [ImageRef("s3://bench/x.jpg"), TextPart(PROMPT)])]
 
 
 def images(n: int, w: int, h: int) -> list[Any]:
-    return [load_image(photo(w, h, seed=i), factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
-                       max_image_pixels=100_000_000) for i in range(n)]
+    return [
+        load_image(
+            photo(w, h, seed=i),
+            factor=28,
+            min_pixels=QWEN_MIN_PIXELS,
+            max_pixels=QWEN_MAX_PIXELS,
+            max_image_pixels=100_000_000,
+        )
+        for i in range(n)
+    ]
 
 
 def baseline(model_dir: Path, imgs: list[Any], max_tokens: int) -> dict[str, Any]:
@@ -60,15 +68,18 @@ def baseline(model_dir: Path, imgs: list[Any], max_tokens: int) -> dict[str, Any
     with torch.inference_mode():
         for img in imgs:
             inputs = proc(text=[prompt], images=[img], return_tensors="pt")
-            out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            out = model.generate(
+                **inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
+            )
             tokens += out.shape[1] - inputs["input_ids"].shape[1]
     return figures(len(imgs), time.perf_counter() - t0, tokens)
 
 
 async def through_engine(engine: Any, imgs: list[Any], max_tokens: int) -> dict[str, Any]:
     def request(i: int, img: Any) -> EngineRequest:
-        return EngineRequest(request_id=f"r{i}", messages=MESSAGES, images=[img],
-                             sampling=Sampling(max_tokens=max_tokens))
+        return EngineRequest(
+            request_id=f"r{i}", messages=MESSAGES, images=[img], sampling=Sampling(max_tokens=max_tokens)
+        )
 
     await engine.generate(request(-1, imgs[0]))  # warm-up, not measured
     t0 = time.perf_counter()
@@ -77,8 +88,13 @@ async def through_engine(engine: Any, imgs: list[Any], max_tokens: int) -> dict[
 
 
 def figures(n: int, seconds: float, tokens: int) -> dict[str, Any]:
-    return {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2),
-            "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "images": n,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n / seconds, 2),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
 async def main() -> None:
@@ -91,8 +107,18 @@ async def main() -> None:
     ap.add_argument("--family", default="tiny-qwen2-vl")
     args = ap.parse_args()
     model_dir = Path(tempfile.mkdtemp(prefix="vlmq-cpu-bench-")) / args.family
-    await asyncio.to_thread(subprocess.run, [sys.executable, str(Path(__file__).parent / "gpu" / "make_model.py"),
-                            args.family, str(model_dir), "--random-weights"], check=True, capture_output=True)
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            str(Path(__file__).parent / "gpu" / "make_model.py"),
+            args.family,
+            str(model_dir),
+            "--random-weights",
+        ],
+        check=True,
+        capture_output=True,
+    )
     imgs = images(args.images, args.width, args.height)
     modes: dict[str, Any] = {"baseline": baseline(model_dir, imgs, args.max_tokens)}
     print("baseline", modes["baseline"], flush=True)
@@ -102,8 +128,14 @@ async def main() -> None:
     await hf.close()
     print("hf", modes["hf"], flush=True)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    vllm_options = {"max_model_len": "4096", "max_num_seqs": str(args.max_batch_size), "enforce_eager": "true",
-                    "gpu_memory_utilization": "0.1", "ignore_eos": "true", "dtype": "float32"}
+    vllm_options = {
+        "max_model_len": "4096",
+        "max_num_seqs": str(args.max_batch_size),
+        "enforce_eager": "true",
+        "gpu_memory_utilization": "0.1",
+        "ignore_eos": "true",
+        "dtype": "float32",
+    }
     vllm = make_engine("vllm", str(model_dir), vllm_options)
     await vllm.start()
     modes["vllm"] = await through_engine(vllm, imgs, args.max_tokens)
@@ -111,14 +143,24 @@ async def main() -> None:
     print("vllm", modes["vllm"], flush=True)
     base = modes["baseline"]["images_per_s"]
     write_result(
-        f"cpu-engines-{args.family}", "images/s", base, modes["vllm"]["images_per_s"],
-        {"model": f"{args.family}, random weights (bench/gpu/make_model.py)", "images": args.images,
-         "image_size": f"{args.width}x{args.height} JPEG, resized by the worker's preprocess",
-         "prompt": PROMPT, "max_tokens": f"{args.max_tokens}, forced in every mode",
-         "hf_max_batch_size": args.max_batch_size, "vllm_options": vllm_options, "device": hardware()},
-        modes=modes, ratio_hf_vs_baseline=round(modes["hf"]["images_per_s"] / base, 3),
+        f"cpu-engines-{args.family}",
+        "images/s",
+        base,
+        modes["vllm"]["images_per_s"],
+        {
+            "model": f"{args.family}, random weights (bench/gpu/make_model.py)",
+            "images": args.images,
+            "image_size": f"{args.width}x{args.height} JPEG, resized by the worker's preprocess",
+            "prompt": PROMPT,
+            "max_tokens": f"{args.max_tokens}, forced in every mode",
+            "hf_max_batch_size": args.max_batch_size,
+            "vllm_options": vllm_options,
+            "device": hardware(),
+        },
+        modes=modes,
+        ratio_hf_vs_baseline=round(modes["hf"]["images_per_s"] / base, 3),
         note="value = vLLM (vllm-cpu) through vlmq's engine adapter; baseline = transformers by hand, "
-             "one image at a time; hf = vlmq's micro-batching transformers engine",
+        "one image at a time; hf = vlmq's micro-batching transformers engine",
     )
 
 

@@ -38,8 +38,9 @@ def raw(blobs: list[bytes], size: tuple[int, int]) -> float:
 def ours(blobs: list[bytes]) -> float:
     t0 = time.perf_counter()
     for b in blobs:
-        load_image(b, factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
-                   max_image_pixels=100_000_000)
+        load_image(
+            b, factor=28, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS, max_image_pixels=100_000_000
+        )
     return len(blobs) / (time.perf_counter() - t0)
 
 
@@ -59,8 +60,9 @@ async def fetch_all(blobs: list[bytes]) -> float:
         settings = WorkerSettings(s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"])
         async with Fetcher(settings) as f:
             t0 = time.perf_counter()
-            data = await asyncio.gather(*(f.fetch(ImageRef(f"s3://bench/{i}.jpg"))
-                                          for i in range(len(blobs))))
+            data = await asyncio.gather(
+                *(f.fetch(ImageRef(f"s3://bench/{i}.jpg")) for i in range(len(blobs)))
+            )
             fetched = time.perf_counter() - t0
         decode = len(blobs) / ours(list(data))
         return len(blobs) / (fetched + decode)
@@ -84,9 +86,19 @@ def main() -> None:
     if args.s3:
         extra["with_s3_fetch_images_per_s"] = round(asyncio.run(fetch_all(blobs)), 2)
     print(f"raw Pillow: {base:.1f} images/s/core; vlmq: {value:.1f} images/s/core")
-    write_result("images", "images/s per core", base, value,
-                 {"count": args.count, "source": f"{args.width}x{args.height} JPEG q90, photo-like",
-                  "target": f"{w}x{h} (max_pixels 1280*28*28)", "threads": 1}, **extra)
+    write_result(
+        "images",
+        "images/s per core",
+        base,
+        value,
+        {
+            "count": args.count,
+            "source": f"{args.width}x{args.height} JPEG q90, photo-like",
+            "target": f"{w}x{h} (max_pixels 1280*28*28)",
+            "threads": 1,
+        },
+        **extra,
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from bench.common import peak_rss_mib, start_stack, write_result
-from vlmq.producer.state import StateStore
+from vlmq.core.state import StateStore
 from vlmq.schemas.codec import encode_job
 from vlmq.schemas.job import Job, Message
 
@@ -36,13 +36,13 @@ async def produce(bootstrap: str, topic: str, n: int, partitions: int) -> None:
     await admin.start()
     await admin.create_topics([NewTopic(topic, partitions, 1)])
     await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
-                                linger_ms=5, max_batch_size=1 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=5, max_batch_size=1 << 20
+    )
     await producer.start()
     futs = []
     for i in range(n):
-        job = Job(job_id=f"{topic}-{i}", messages=[Message("user", f"caption number {i}")],
-                  batch_id=topic)
+        job = Job(job_id=f"{topic}-{i}", messages=[Message("user", f"caption number {i}")], batch_id=topic)
         value, headers = encode_job(job)
         futs.append(await producer.send(topic, value, key=job.job_id.encode(), headers=headers))
     await asyncio.gather(*futs)
@@ -52,8 +52,13 @@ async def produce(bootstrap: str, topic: str, n: int, partitions: int) -> None:
 async def floor(bootstrap: str, redis_url: str, topic: str, n: int) -> float:
     """Raw: consume the messages, write one JSON result per message with a pipeline."""
     redis = Redis.from_url(redis_url)
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"floor-{uuid.uuid4().hex}",
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"floor-{uuid.uuid4().hex}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     done, t0 = 0, None
     while done < n:
@@ -80,10 +85,18 @@ PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
 
 async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int]:
     """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB)."""
-    wenv = {**os.environ, **env, "VLMQ_JOBS_TOPIC": topic, "VLMQ_GROUP_ID": f"w-{uuid.uuid4().hex}",
-            "VLMQ_METRICS_PORT": "0", "VLMQ_LOG_LEVEL": "WARNING", "VLMQ_MAX_IN_FLIGHT": str(in_flight)}
+    wenv = {
+        **os.environ,
+        **env,
+        "VLMQ_JOBS_TOPIC": topic,
+        "VLMQ_GROUP_ID": f"w-{uuid.uuid4().hex}",
+        "VLMQ_METRICS_PORT": "0",
+        "VLMQ_LOG_LEVEL": "WARNING",
+        "VLMQ_MAX_IN_FLIGHT": str(in_flight),
+    }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *PROFILE, "-m", "vlmq.producer.cli", "worker", "--engine", "fake", env=wenv)
+        sys.executable, *PROFILE, "-m", "vlmq.worker", "--engine", "fake", env=wenv
+    )
     redis = Redis.from_url(env["VLMQ_REDIS_URL"])
     store = StateStore(redis)
     ids = [f"{topic}-{i}" for i in range(n)]
@@ -96,7 +109,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         peak = peak_rss_mib(proc.pid)
         results = []
         for i in range(0, n, 5000):
-            results += await store.get_many(ids[i:i + 5000])
+            results += await store.get_many(ids[i : i + 5000])
         assert all(r is not None and r.state.terminal for r in results)
     finally:
         proc.terminate()
@@ -122,10 +135,20 @@ async def main() -> None:
         print(f"floor: {base:,.0f} jobs/s", flush=True)
         value, peak = await vlmq_worker(env, topic, args.jobs, args.max_in_flight)
         print(f"vlmq:  {value:,.0f} jobs/s, worker peak RSS {peak} MiB", flush=True)
-        write_result(args.name, "jobs/s", base, value,
-                     {"jobs": args.jobs, "partitions": args.partitions, "engine": "fake step_ms=0",
-                      "max_in_flight": args.max_in_flight, "job": "text-only, msgpack"},
-                     worker_peak_rss_mib=peak)
+        write_result(
+            args.name,
+            "jobs/s",
+            base,
+            value,
+            {
+                "jobs": args.jobs,
+                "partitions": args.partitions,
+                "engine": "fake step_ms=0",
+                "max_in_flight": args.max_in_flight,
+                "job": "text-only, msgpack",
+            },
+            worker_peak_rss_mib=peak,
+        )
     finally:
         stack.down()
 

@@ -42,17 +42,22 @@ async def main() -> None:
         await admin.create_topics([NewTopic(raw_topic, 8, 1), NewTopic(sdk_topic, 8, 1)])
         await admin.close()
         batch = uuid.uuid4().hex[:8]
-        jobs = [caption(f"s3://photos/{i:07d}.jpg", job_id=f"{batch}-{i}", batch_id=batch)
-                for i in range(args.jobs)]
+        jobs = [
+            caption(f"s3://photos/{i:07d}.jpg", job_id=f"{batch}-{i}", batch_id=batch)
+            for i in range(args.jobs)
+        ]
 
-        producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", enable_idempotence=False,
-                                    linger_ms=5, max_batch_size=1 << 20)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka, acks="all", enable_idempotence=False, linger_ms=5, max_batch_size=1 << 20
+        )
         await producer.start()
         encoded = [encode_job(j) for j in jobs]
         t0 = time.perf_counter()
         for i in range(0, len(jobs), args.chunk):
-            futs = [await producer.send(raw_topic, v, key=j.job_id.encode(), headers=h)
-                    for j, (v, h) in zip(jobs[i:i + args.chunk], encoded[i:i + args.chunk], strict=True)]
+            futs = [
+                await producer.send(raw_topic, v, key=j.job_id.encode(), headers=h)
+                for j, (v, h) in zip(jobs[i : i + args.chunk], encoded[i : i + args.chunk], strict=True)
+            ]
             await asyncio.gather(*futs)
         base = args.jobs / (time.perf_counter() - t0)
         await producer.stop()
@@ -64,9 +69,19 @@ async def main() -> None:
             value = (args.jobs - 10) / (time.perf_counter() - t0)
         assert report.sent == args.jobs - 10, report
         print(f"raw aiokafka: {base:,.0f} jobs/s; submit_many: {value:,.0f} jobs/s")
-        write_result("submit", "jobs/s", base, value,
-                     {"jobs": args.jobs, "chunk": args.chunk, "acks": "all", "partitions": 8,
-                      "job": "caption, one s3:// image, msgpack"})
+        write_result(
+            "submit",
+            "jobs/s",
+            base,
+            value,
+            {
+                "jobs": args.jobs,
+                "chunk": args.chunk,
+                "acks": "all",
+                "partitions": 8,
+                "job": "caption, one s3:// image, msgpack",
+            },
+        )
     finally:
         stack.down()
 

@@ -29,12 +29,16 @@ from vlmq.schemas.job import JobState, Result, Timings
 
 
 def state_module(rev: str | None) -> ModuleType:
-    """producer/state.py as it is now, or as it was at `rev`."""
-    path = Path(__file__).resolve().parents[1] / "producer" / "state.py"
+    """core/state.py as it is now, or as it was at `rev` (a revision after the state machine
+    moved from producer/ to core/: older ones load their Lua scripts from vlmq.schemas)."""
+    path = Path(__file__).resolve().parents[1] / "core" / "state.py"
     if rev:
         path = Path(tempfile.mkdtemp()) / "state.py"
-        path.write_text(subprocess.run(["git", "show", f"{rev}:producer/state.py"], check=True,
-                                       capture_output=True, text=True).stdout)
+        path.write_text(
+            subprocess.run(
+                ["git", "show", f"{rev}:core/state.py"], check=True, capture_output=True, text=True
+            ).stdout
+        )
     spec = importlib.util.spec_from_file_location(f"state_{rev or 'now'}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -54,8 +58,9 @@ async def commands(url: str, st: ModuleType | None, n: int) -> int:
         await asyncio.sleep(0.5)  # the waiter subscribes first
         for j in ids:
             await store.claim(j, None, "w")
-            await store.finish(Result(job_id=j, state=JobState.SUCCEEDED, text="x",
-                                      timings=Timings(finished_at=time.time())))
+            await store.finish(
+                Result(job_id=j, state=JobState.SUCCEEDED, text="x", timings=Timings(finished_at=time.time()))
+            )
             await asyncio.sleep(0.002)
 
     before = int((await r.info("stats"))["total_commands_processed"])
@@ -83,10 +88,19 @@ async def main() -> None:
         new = await commands(url, state_module(None), args.jobs) - alone
     finally:
         stack.down()
-    write_result("wait-commands", "Redis commands by the waiter (lower is better)", old, new,
-                 {"jobs": args.jobs, "ending": "one every ~2 ms", "baseline": f"StateStore at {args.baseline_rev}",
-                  "value": "StateStore now"},
-                 per_job={"baseline": round(old / args.jobs, 1), "value": round(new / args.jobs, 1)})
+    write_result(
+        "wait-commands",
+        "Redis commands by the waiter (lower is better)",
+        old,
+        new,
+        {
+            "jobs": args.jobs,
+            "ending": "one every ~2 ms",
+            "baseline": f"StateStore at {args.baseline_rev}",
+            "value": "StateStore now",
+        },
+        per_job={"baseline": round(old / args.jobs, 1), "value": round(new / args.jobs, 1)},
+    )
 
 
 if __name__ == "__main__":

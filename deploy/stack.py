@@ -180,7 +180,10 @@ class Stack:
         with open(log, "ab") as out:
             # Own session: survives the CLI that started it, and SIGSTOP/kill reach only it.
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env={**os.environ, **AWS_ENV},
             )
         svc = Service(name, url, proc.pid, cmd, str(log))
@@ -215,8 +218,16 @@ class Stack:
         elif not self._alive("kafka", kafka_ok):
             port = port or free_port()
             addr = f"tcp://127.0.0.1:{port}"
-            cmd = [tansu_bin(), "broker", "--listener-url", addr,
-                   "--advertised-listener-url", addr, "--storage-engine", "memory://tansu/"]
+            cmd = [
+                tansu_bin(),
+                "broker",
+                "--listener-url",
+                addr,
+                "--advertised-listener-url",
+                addr,
+                "--storage-engine",
+                "memory://tansu/",
+            ]
             self._spawn("kafka", cmd, f"127.0.0.1:{port}")
         wait_until(lambda: kafka_ok(self.services["kafka"].url), "Kafka")
 
@@ -229,8 +240,20 @@ class Stack:
         port = port or free_port()
         data = self.dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        cmd = [redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-               "--save", "", "--appendonly", "no", *extra]
+        cmd = [
+            redis_bin(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra,
+        ]
         self._spawn("redis", cmd, f"redis://127.0.0.1:{port}/0")
         wait_until(lambda: redis_ok(self.services["redis"].url), "Redis")
 
@@ -285,13 +308,12 @@ class Stack:
 
     def status(self) -> dict[str, tuple[str, bool, int | None]]:
         checks = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}
-        return {
-            n: (s.url, checks[n](s.url), s.pid) for n, s in self.services.items() if n in checks
-        }
+        return {n: (s.url, checks[n](s.url), s.pid) for n, s in self.services.items() if n in checks}
 
 
 def _reap(pid: int) -> None:
     """Wait (briefly, without sleeping blind) for a killed process to be gone."""
+
     def gone() -> bool:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)

@@ -1,7 +1,7 @@
 """A service that needs a caption now: submit one job, wait for it, use the answer.
 
-    eval "$(vlmq stack up)"; vlmq worker --engine fake &      # or a real engine
-    python examples/microservice.py s3://photos/cat.jpg
+eval "$(vlmq stack up)"; vlmq worker --engine fake &      # or a real engine
+python examples/microservice.py s3://photos/cat.jpg
 """
 
 from __future__ import annotations

@@ -17,8 +17,13 @@ from vlmq.schemas.codec import content_type_of, decode_result_msg
 
 async def consume(topic: str, group: str = "caption-indexer") -> None:
     bootstrap = os.environ.get("VLMQ_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     seen: set[str] = set()  # use a durable store in production
     try:

@@ -1,5 +1,6 @@
 """The vlmq producer SDK. Importable with the base install: no torch, vLLM or Pillow."""
 
+from vlmq.core.state import BatchCounts
 from vlmq.producer.builders import batch_job_id, caption, image, moderate, new_job_id, user
 from vlmq.producer.client import Client, Handle, SubmitReport
 from vlmq.producer.errors import (
@@ -11,7 +12,6 @@ from vlmq.producer.errors import (
     ValidationError,
     VlmqClientError,
 )
-from vlmq.producer.state import BatchCounts
 from vlmq.producer.sync import SyncClient
 
 __all__ = [

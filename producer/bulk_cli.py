@@ -22,10 +22,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from vlmq.core.settings import Connection
+from vlmq.core.state import BatchCounts
 from vlmq.producer import bulk
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.client import Client
-from vlmq.producer.state import BatchCounts
 from vlmq.schemas.job import Job
 
 console = Console(stderr=True)
@@ -58,9 +59,7 @@ def _source(
 
 
 def _s3_endpoint() -> str | None:
-    import os
-
-    return os.environ.get("VLMQ_S3_ENDPOINT_URL")
+    return Connection.load().s3_endpoint_url
 
 
 @app.command()
@@ -90,13 +89,14 @@ def submit(
     preset = bulk.Preset(prompt=prompt, labels=labels.split(",") if labels else None)
     suffixes = tuple(s.lower() for s in suffix) if suffix else bulk.IMAGE_SUFFIXES
     items = _source(batch_id, s3_prefix, manifest, openai, preset, suffixes, allow_https)
-    sent, skipped, bad = asyncio.run(_submit(items, chunk))
+    sent, skipped, bad = asyncio.run(submit_items(items, chunk))
     if bad:
         _report_bad(bad, rejected)
     console.print(f"batch [bold]{batch_id}[/]: {sent} sent, {skipped} already sent, {len(bad)} rejected")
 
 
-async def _submit(items: Iterator[bulk.Item], chunk: int) -> tuple[int, int, list[bulk.BadLine]]:
+async def submit_items(items: Iterator[bulk.Item], chunk: int) -> tuple[int, int, list[bulk.BadLine]]:
+    """Submit jobs with a progress bar; returns (sent, already sent, rejected lines)."""
     bad: list[bulk.BadLine] = []
     sent = skipped = 0
     with Progress(

@@ -12,7 +12,6 @@ crash or a timeout is always safe. Kafka writes use acks=all.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -21,6 +20,8 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
+from vlmq.core.settings import Connection
+from vlmq.core.state import BatchCounts, StateStore
 from vlmq.producer.errors import (
     JobCancelled,
     JobExpired,
@@ -29,14 +30,10 @@ from vlmq.producer.errors import (
     Timeout,
     ValidationError,
 )
-from vlmq.producer.state import BatchCounts, StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import MSGPACK, decode_job, encode_job
 from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Job, JobState, Result
-
-DEFAULT_KAFKA = "127.0.0.1:9092"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
 class Handle(msgspec.Struct, frozen=True):
@@ -74,23 +71,31 @@ class Client:
         redis_url: str | None = None,
         *,
         topic: str | None = None,
+        settings: Connection | None = None,
         content_type: bytes = MSGPACK,
         ttl_s: int | None = None,
         kafka_options: dict[str, Any] | None = None,
         redis_options: dict[str, Any] | None = None,
     ) -> None:
-        """`kafka_options` go to AIOKafkaProducer (SASL, TLS...); `redis_options` to
-        `Redis.from_url` (e.g. socket_timeout: redis-py's default gives up on a command
-        after 5 s and 3 retries, too soon for a machine that is starved of CPU)."""
-        self.kafka_bootstrap = kafka_bootstrap or os.environ.get("VLMQ_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
-        self.redis_url = redis_url or os.environ.get("VLMQ_REDIS_URL", DEFAULT_REDIS)
-        self.topic = topic or os.environ.get("VLMQ_JOBS_TOPIC", keys.JOBS_TOPIC)
+        """Arguments left out come from `settings`, else from `VLMQ_*` env vars (the same
+        `Connection` the worker loads). `kafka_options` go to AIOKafkaProducer on top of the
+        settings' TLS/SASL; `redis_options` to `Redis.from_url` (e.g. socket_timeout:
+        redis-py's default gives up on a command after 5 s and 3 retries, too soon for a
+        machine that is starved of CPU)."""
+        overrides = {
+            "kafka_bootstrap": kafka_bootstrap,
+            "redis_url": redis_url,
+            "jobs_topic": topic,
+            "result_ttl_s": ttl_s,
+        }
+        self.settings = msgspec.structs.replace(
+            settings or Connection.load(), **{k: v for k, v in overrides.items() if v is not None}
+        )
         self.content_type = content_type
-        self._ttl = ttl_s or int(os.environ.get("VLMQ_RESULT_TTL_S", str(7 * 24 * 3600)))
         self._kafka_options = kafka_options or {}
         self._producer: AIOKafkaProducer | None = None
-        self.redis = Redis.from_url(self.redis_url, **(redis_options or {}))
-        self.store = StateStore(self.redis, ttl_s=self._ttl)
+        self.redis = Redis.from_url(self.settings.redis_url, **(redis_options or {}))
+        self.store = StateStore(self.redis, ttl_s=self.settings.result_ttl_s)
 
     async def __aenter__(self) -> Client:
         return self
@@ -109,12 +114,12 @@ class Client:
             # No idempotent producer: tansu's memory storage rejects it, and the job id
             # de-duplicates downstream anyway.
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.kafka_bootstrap,
+                bootstrap_servers=self.settings.kafka_bootstrap,
                 acks="all",
                 enable_idempotence=False,
                 linger_ms=5,
                 max_batch_size=1 << 20,
-                **self._kafka_options,
+                **(self.settings.kafka_options() | self._kafka_options),
             )
             await producer.start()
             self._producer = producer
@@ -130,7 +135,9 @@ class Client:
         if not got.must_send:
             return Handle(job.job_id, False, got.state)
         producer = await self._kafka()
-        await producer.send_and_wait(self.topic, value, key=job.job_id.encode(), headers=headers)
+        await producer.send_and_wait(
+            self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
+        )
         await self.store.mark_sent([job.job_id])
         return Handle(job.job_id, True, JobState.QUEUED)
 
@@ -166,7 +173,9 @@ class Client:
             if not got.must_send:
                 report.skipped += 1
                 continue
-            sent.acks.append(await producer.send(self.topic, value, key=job.job_id.encode(), headers=headers))
+            sent.acks.append(
+                await producer.send(self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers)
+            )
             sent.ids.append(job.job_id)
         return sent
 

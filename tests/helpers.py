@@ -60,11 +60,13 @@ def make_topics(e: Env) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=e.kafka)
         await admin.start()
         try:
-            await admin.create_topics([
-                NewTopic(e.jobs_topic, e.partitions, 1),
-                NewTopic(e.dlq_topic, 1, 1),
-                NewTopic(e.results_topic, 1, 1),
-            ])
+            await admin.create_topics(
+                [
+                    NewTopic(e.jobs_topic, e.partitions, 1),
+                    NewTopic(e.dlq_topic, 1, 1),
+                    NewTopic(e.results_topic, 1, 1),
+                ]
+            )
         finally:
             await admin.close()
 
@@ -81,14 +83,23 @@ def put_images(e: Env, n: int, prefix: str = "img", **kw: Any) -> list[str]:
     return uris
 
 
-def start_worker(e: Env, name: str = "w", *, python: str = sys.executable, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, **settings: Any) -> subprocess.Popen[bytes]:
+def start_worker(
+    e: Env,
+    name: str = "w",
+    *,
+    python: str = sys.executable,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    **settings: Any,
+) -> subprocess.Popen[bytes]:
     """A real `vlmq worker` process (own session, so kill -9 reaches only it); `python` may
     be another venv's (the CPU engines'), `args` its command-line flags, `env` more variables."""
     log = open(e.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [python, "-m", "vlmq.producer.cli", "worker", *args],
-        env=e.worker_env(worker_id=name, **settings) | (env or {}), stdout=log, stderr=subprocess.STDOUT,
+        [python, "-m", "vlmq.worker", *args],
+        env=e.worker_env(worker_id=name, **settings) | (env or {}),
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     e.procs.append(proc)
@@ -133,8 +144,9 @@ async def read_topic(e: Env, topic: str, expect: int, timeout: float = 30) -> li
     """Every record of `topic` from the start (no group), waiting for at least `expect`."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=e.kafka, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=e.kafka, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     got: list[Any] = []
     deadline = time.monotonic() + timeout
@@ -154,8 +166,7 @@ async def committed_offsets(e: Env) -> dict[int, int]:
     """The group's committed offset per partition of the jobs topic."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=e.kafka, group_id=e.group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=e.kafka, group_id=e.group, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(e.jobs_topic, p) for p in range(e.partitions)]

@@ -1,4 +1,5 @@
-"""`vlmq worker`: flags override `VLMQ_*` env vars, which override the defaults.
+"""`vlmq worker` (also `python -m vlmq.worker`): flags override `VLMQ_*` env vars, which
+override the defaults.
 
 Only settings are imported here; the worker's heavy dependencies load when it starts, so
 `vlmq --help` works with the base (producer-only) install.
@@ -11,36 +12,51 @@ from typing import Annotated
 
 import typer
 
-from vlmq.worker.settings import WorkerSettings, engine_flags, parse_pairs
+from vlmq.core.logs import configure
+from vlmq.core.settings import parse_pairs
+from vlmq.worker.settings import WorkerSettings, engine_flags
 
 Opt = typer.Option
+app = typer.Typer()
+# Unknown --flags are the engine's own (vllm serve / lmdeploy serve names).
+ENGINE_FLAGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+@app.command("worker", context_settings=ENGINE_FLAGS)
 def worker(
     ctx: typer.Context,
     engine: Annotated[str | None, Opt(help="fake | vllm | lmdeploy | hf | openai [VLMQ_ENGINE]")] = None,
     model: Annotated[str | None, Opt(help="Model path or HF id [VLMQ_MODEL]")] = None,
-    engine_arg: Annotated[list[str] | None, Opt(
-        "--engine-arg", "-e",
-        help="Engine option key=value, named as the engine names it "
-             "(max_num_seqs=16, enforce_eager=true, session_len=8192). Repeatable.")] = None,
+    engine_arg: Annotated[
+        list[str] | None,
+        Opt(
+            "--engine-arg",
+            "-e",
+            help="Engine option key=value, named as the engine names it "
+            "(max_num_seqs=16, enforce_eager=true, session_len=8192). Repeatable.",
+        ),
+    ] = None,
     kafka_bootstrap: Annotated[str | None, Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
     redis_url: Annotated[str | None, Opt(help="[VLMQ_REDIS_URL]")] = None,
     s3_endpoint_url: Annotated[str | None, Opt(help="[VLMQ_S3_ENDPOINT_URL]")] = None,
     jobs_topic: Annotated[str | None, Opt(help="[VLMQ_JOBS_TOPIC]")] = None,
     dlq_topic: Annotated[str | None, Opt(help="[VLMQ_DLQ_TOPIC]")] = None,
     group_id: Annotated[str | None, Opt(help="Consumer group [VLMQ_GROUP_ID]")] = None,
-    max_in_flight: Annotated[int | None, Opt(
-        help="Jobs held at once; a few times the engine's max batch [VLMQ_MAX_IN_FLIGHT]")] = None,
+    max_in_flight: Annotated[
+        int | None, Opt(help="Jobs held at once; a few times the engine's max batch [VLMQ_MAX_IN_FLIGHT]")
+    ] = None,
     max_images_per_job: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGES_PER_JOB]")] = None,
     max_image_bytes: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGE_BYTES]")] = None,
     min_pixels: Annotated[int | None, Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
     max_pixels: Annotated[int | None, Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
-    allowed_file_roots: Annotated[list[str] | None, Opt(
-        "--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]")] = None,
+    allowed_file_roots: Annotated[
+        list[str] | None,
+        Opt("--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]"),
+    ] = None,
     result_ttl_s: Annotated[int | None, Opt(help="Redis TTL of job records [VLMQ_RESULT_TTL_S]")] = None,
-    metrics_port: Annotated[int | None, Opt(
-        help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")] = None,
+    metrics_port: Annotated[
+        int | None, Opt(help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")
+    ] = None,
     log_format: Annotated[str | None, Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
 ) -> None:
     """Serve jobs from Kafka with an engine, results to Redis. SIGTERM drains and exits 0.
@@ -51,8 +67,6 @@ def worker(
 
     vlmq worker --engine lmdeploy --model /models/internvl2_5-8b --tp 1 --session-len 8192
     """
-    from vlmq.producer.logs import configure
-
     overrides = {k: v for k, v in locals().items() if k not in ("ctx", "engine_arg")}
     try:
         extra = engine_flags(ctx.args)
@@ -65,9 +79,11 @@ def worker(
     try:
         from vlmq.worker.service import serve
     except ImportError as exc:
-        typer.echo(f"error: the worker needs the `worker` extra ({exc.name} is missing): "
-                   "pip install 'vlmq[worker]' (plus 'vlmq[vllm]' or 'vlmq[lmdeploy]' for a GPU engine)",
-                   err=True)
+        typer.echo(
+            f"error: the worker needs the `worker` extra ({exc.name} is missing): "
+            "pip install 'vlmq[worker]' (plus 'vlmq[vllm]' or 'vlmq[lmdeploy]' for a GPU engine)",
+            err=True,
+        )
         raise typer.Exit(2) from None
 
     from vlmq.worker.engines import EngineConfigError

@@ -20,20 +20,21 @@ from urllib.parse import unquote, urlparse
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
+from vlmq.core.retry import retry, within
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ImageRef
 from vlmq.worker.settings import WorkerSettings
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
-           "SignatureDoesNotMatch"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+}
 
 
 class _Transient(Exception):
@@ -44,19 +45,19 @@ class Fetcher:
     """Use as `async with Fetcher(settings) as f: data = await f.fetch(ref)`."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        self.s = settings
+        self.settings = settings
         self._stack = contextlib.AsyncExitStack()
         self._s3: Any = None
 
     async def __aenter__(self) -> Fetcher:
         config = AioConfig(
-            max_pool_connections=max(64, self.s.max_in_flight),
-            connect_timeout=self.s.s3_timeout_s,
-            read_timeout=self.s.s3_timeout_s,
+            max_pool_connections=max(64, self.settings.max_in_flight),
+            connect_timeout=self.settings.s3_timeout_s,
+            read_timeout=self.settings.s3_timeout_s,
             retries={"mode": "standard", "max_attempts": 2},
         )
         self._s3 = await self._stack.enter_async_context(
-            get_session().create_client("s3", endpoint_url=self.s.s3_endpoint_url, config=config)
+            get_session().create_client("s3", endpoint_url=self.settings.s3_endpoint_url, config=config)
         )
         return self
 
@@ -72,8 +73,9 @@ class Fetcher:
         elif uri.startswith("file://"):
             data = await asyncio.to_thread(self._read_file, uri)
         else:
-            raise VlmqError(ErrorCode.URI_NOT_ALLOWED,
-                            f"{uri.split(':', 1)[0]}:// images are not enabled on this worker")
+            raise VlmqError(
+                ErrorCode.URI_NOT_ALLOWED, f"{uri.split(':', 1)[0]}:// images are not enabled on this worker"
+            )
         if ref.sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
             raise VlmqError(ErrorCode.IMAGE_CHECKSUM, f"sha256 of {_short(uri)} does not match")
         return data
@@ -83,43 +85,43 @@ class Fetcher:
         bucket, key = parsed.netloc, unquote(parsed.path.lstrip("/"))
         if not bucket or not key:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"malformed S3 URI {_short(uri)}")
-        if self.s.allowed_buckets and bucket not in self.s.allowed_buckets:
+        if self.settings.allowed_buckets and bucket not in self.settings.allowed_buckets:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"bucket {bucket!r} is not allowed")
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_Transient),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
-            stop=stop_after_delay(self.s.fetch_retry_s),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._get_object(bucket, key, uri)
+            return await retry(
+                lambda: self._get_object(bucket, key, uri),
+                on=_Transient,
+                seconds=self.settings.fetch_retry_s,
+                initial=0.2,
+                max_wait=5.0,
+            )
         except _Transient as exc:
-            raise VlmqError(ErrorCode.IMAGE_FETCH_FAILED,
-                            f"storage kept failing for {self.s.fetch_retry_s:.0f}s: {exc}") from None
-        raise AssertionError("unreachable")
+            raise VlmqError(
+                ErrorCode.IMAGE_FETCH_FAILED,
+                f"storage kept failing for {self.settings.fetch_retry_s:.0f}s: {exc}",
+            ) from None
 
     async def _get_object(self, bucket: str, key: str, uri: str) -> bytes:
         async def get() -> bytes:
             resp = await self._s3.get_object(Bucket=bucket, Key=key)
             size = int(resp.get("ContentLength") or 0)
             async with resp["Body"] as body:
-                if size > self.s.max_image_bytes:
-                    raise VlmqError(ErrorCode.IMAGE_TOO_LARGE,
-                                    f"{_short(uri)} is {size} bytes > {self.s.max_image_bytes}")
+                if size > self.settings.max_image_bytes:
+                    raise VlmqError(
+                        ErrorCode.IMAGE_TOO_LARGE,
+                        f"{_short(uri)} is {size} bytes > {self.settings.max_image_bytes}",
+                    )
                 return bytes(await body.read())
 
         try:
-            return await asyncio.wait_for(get(), self.s.s3_timeout_s * 2)
+            return await within(get(), self.settings.s3_timeout_s * 2)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             if code in _NOT_FOUND or status == 404:
                 raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{_short(uri)} does not exist") from None
             if code in _DENIED or status == 403:
-                raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED,
-                                f"access to {_short(uri)} denied") from None
+                raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"access to {_short(uri)} denied") from None
             raise _Transient(f"S3 {code or status}") from None
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise _Transient(type(exc).__name__) from None
@@ -128,7 +130,7 @@ class Fetcher:
         header, sep, payload = uri.partition(",")
         if not sep or not header.endswith(";base64"):
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI must be base64 (data:<mime>;base64,...)")
-        if len(payload) * 3 // 4 > self.s.max_image_bytes:
+        if len(payload) * 3 // 4 > self.settings.max_image_bytes:
             raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, "inline image over max_image_bytes")
         try:
             return base64.b64decode(payload, validate=True)
@@ -137,13 +139,14 @@ class Fetcher:
 
     def _read_file(self, uri: str) -> bytes:
         path = Path(unquote(urlparse(uri).path)).resolve()
-        roots = [Path(r).resolve() for r in self.s.allowed_file_roots]
+        roots = [Path(r).resolve() for r in self.settings.allowed_file_roots]
         if not any(path.is_relative_to(r) for r in roots):
-            raise VlmqError(ErrorCode.URI_NOT_ALLOWED,
-                            f"{path} is outside allowed_file_roots (VLMQ_ALLOWED_FILE_ROOTS)")
+            raise VlmqError(
+                ErrorCode.URI_NOT_ALLOWED, f"{path} is outside allowed_file_roots (VLMQ_ALLOWED_FILE_ROOTS)"
+            )
         try:
             size = path.stat().st_size
-            if size > self.s.max_image_bytes:
+            if size > self.settings.max_image_bytes:
                 raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{path} is {size} bytes")
             return path.read_bytes()
         except FileNotFoundError:

@@ -54,9 +54,7 @@ class OffsetLedger:
         return {
             tp: p.committable
             for tp, p in self.partitions.items()
-            if (tps is None or tp in tps)
-            and p.committable is not None
-            and p.committable != p.committed
+            if (tps is None or tp in tps) and p.committable is not None and p.committable != p.committed
         }
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:

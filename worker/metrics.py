@@ -12,7 +12,9 @@ ERRORS = Counter("vlmq_job_errors_total", "Failed jobs by error code", ["code"])
 DEAD_LETTERS = Counter("vlmq_dead_letters_total", "Records sent to the dead-letter topic")
 SKIPPED = Counter("vlmq_jobs_skipped_total", "Deliveries skipped: the job had already ended")
 STAGE = Histogram(
-    "vlmq_stage_seconds", "Time per stage", ["stage"],
+    "vlmq_stage_seconds",
+    "Time per stage",
+    ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 IN_FLIGHT = Gauge("vlmq_in_flight", "Jobs held by this worker")
@@ -36,8 +38,7 @@ async def serve(port: int, healthy: Callable[[], bool], ready: Callable[[], bool
         return web.Response(status=200 if ready() else 503, text="ready" if ready() else "not ready")
 
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz),
-                    web.get("/readyz", readyz)])
+    app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()

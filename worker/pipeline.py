@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
-from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import (
     Error,
@@ -29,7 +28,7 @@ from vlmq.schemas.job import (
     Usage,
 )
 from vlmq.worker import metrics
-from vlmq.worker.engines.base import Engine, EngineOutput, EngineRequest
+from vlmq.worker.engines.base import Engine, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.preprocess import load_image
 from vlmq.worker.settings import WorkerSettings
@@ -37,12 +36,10 @@ from vlmq.worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-T = TypeVar("T")
-
 
 class Pipeline:
     def __init__(self, settings: WorkerSettings, fetcher: Fetcher, engine: Engine) -> None:
-        self.s = settings
+        self.settings = settings
         self.fetcher = fetcher
         self.engine = engine
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -58,23 +55,29 @@ class Pipeline:
             images = await self._images(job, timings)
             out = await self._generate(job, images, timings)
         except VlmqError as exc:
-            return self.result(job, JobState.FAILED, attempt, timings,
-                               error=Error(exc.code, exc.message, exc.retryable))
+            return self.result(
+                job, JobState.FAILED, attempt, timings, error=Error(exc.code, exc.message, exc.retryable)
+            )
         return self._succeeded(job, out, attempt, timings)
 
     def check(self, job: Job) -> None:
         """Limits this worker enforces beyond the contract's own."""
         if job.model and job.model != self.engine.model:
-            raise VlmqError(ErrorCode.UNKNOWN_MODEL,
-                            f"this worker serves {self.engine.model!r}, not {job.model!r}")
+            raise VlmqError(
+                ErrorCode.UNKNOWN_MODEL, f"this worker serves {self.engine.model!r}, not {job.model!r}"
+            )
         n = len(job.images)
-        if n > self.s.max_images_per_job:
-            raise VlmqError(ErrorCode.TOO_MANY_IMAGES,
-                            f"{n} images > max_images_per_job {self.s.max_images_per_job}")
+        if n > self.settings.max_images_per_job:
+            raise VlmqError(
+                ErrorCode.TOO_MANY_IMAGES,
+                f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
+            )
         chars = sum(len(p.text) for m in job.messages for p in m.parts if isinstance(p, TextPart))
-        if chars > self.s.max_prompt_chars:
-            raise VlmqError(ErrorCode.PROMPT_TOO_LONG,
-                            f"{chars} prompt characters > max_prompt_chars {self.s.max_prompt_chars}")
+        if chars > self.settings.max_prompt_chars:
+            raise VlmqError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"{chars} prompt characters > max_prompt_chars {self.settings.max_prompt_chars}",
+            )
 
     async def _images(self, job: Job, timings: Timings) -> list[Image]:
         refs = job.images
@@ -97,24 +100,28 @@ class Pipeline:
         return load_image(
             data,
             factor=self.engine.image_factor,
-            min_pixels=ref.min_pixels or self.s.min_pixels,
-            max_pixels=ref.max_pixels or self.s.max_pixels,
-            max_image_pixels=self.s.max_image_pixels,
+            min_pixels=ref.min_pixels or self.settings.min_pixels,
+            max_pixels=ref.max_pixels or self.settings.max_pixels,
+            max_image_pixels=self.settings.max_image_pixels,
         )
 
     async def _generate(self, job: Job, images: list[Image], timings: Timings) -> EngineOutput:
         request = EngineRequest(
-            request_id=job.job_id, messages=job.messages, images=images, sampling=job.sampling,
-            response_format=job.response_format, priority=job.priority,
+            request_id=job.job_id,
+            messages=job.messages,
+            images=images,
+            sampling=job.sampling,
+            response_format=job.response_format,
+            priority=job.priority,
         )
         t0 = time.perf_counter()
         finished = False
         try:
-            out = await _within(self.engine.generate(request), self.s.job_timeout_s)
+            out = await within(self.engine.generate(request), self.settings.job_timeout_s)
             finished = True
-        except asyncio.TimeoutError:
-            raise VlmqError(ErrorCode.TIMEOUT, f"engine took over {self.s.job_timeout_s}s") from None
-        except VlmqError:
+        except TimeoutError:
+            raise VlmqError(ErrorCode.TIMEOUT, f"engine took over {self.settings.job_timeout_s}s") from None
+        except (VlmqError, EngineDead):
             raise
         except Exception as exc:  # engine internals: report, keep serving
             raise VlmqError(ErrorCode.ENGINE_ERROR, f"{type(exc).__name__}: {exc}") from None
@@ -132,27 +139,57 @@ class Pipeline:
             try:
                 parsed = json.loads(out.text)
             except ValueError:
-                return self.result(job, JobState.FAILED, attempt, timings, error=Error(
-                    ErrorCode.ENGINE_ERROR, "engine output is not valid JSON", True), text=out.text)
+                return self.result(
+                    job,
+                    JobState.FAILED,
+                    attempt,
+                    timings,
+                    error=Error(ErrorCode.ENGINE_ERROR, "engine output is not valid JSON", True),
+                    text=out.text,
+                )
         usage = Usage(out.prompt_tokens, out.completion_tokens, out.image_tokens)
-        return self.result(job, JobState.SUCCEEDED, attempt, timings, text=out.text,
-                           parsed=parsed, finish_reason=out.finish_reason, usage=usage)
+        return self.result(
+            job,
+            JobState.SUCCEEDED,
+            attempt,
+            timings,
+            text=out.text,
+            parsed=parsed,
+            finish_reason=out.finish_reason,
+            usage=usage,
+        )
 
-    def result(self, job: Job, state: JobState, attempt: int, timings: Timings | None = None,
-               **fields: object) -> Result:
+    def result(
+        self,
+        job: Job,
+        state: JobState,
+        attempt: int,
+        timings: Timings | None = None,
+        *,
+        error: Error | None = None,
+        text: str | None = None,
+        parsed: Any = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+    ) -> Result:
+        """The job's terminal record, stamped with this worker, its model and the time."""
         timings = timings or Timings(submitted_at=job.submitted_at)
         timings.finished_at = time.time()
-        return Result(job_id=job.job_id, state=state, model=self.engine.model,
-                      worker=self.s.worker_id, attempt=attempt, timings=timings,
-                      batch_id=job.batch_id, metadata=job.metadata, **fields)  # type: ignore[arg-type]
-
-
-async def _within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
-    """`wait_for` without its extra task per call where Python has `asyncio.timeout` (3.11+)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await coro
-    return await asyncio.wait_for(coro, seconds)
+        return Result(
+            job_id=job.job_id,
+            state=state,
+            model=self.engine.model,
+            worker=self.settings.worker_id,
+            attempt=attempt,
+            timings=timings,
+            batch_id=job.batch_id,
+            metadata=job.metadata,
+            error=error,
+            text=text,
+            parsed=parsed,
+            finish_reason=finish_reason,
+            usage=usage,
+        )
 
 
 async def _abort_quietly(engine: Engine, request_id: str) -> None:

@@ -54,8 +54,9 @@ def load_image(
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_image_pixels:  # from the header, before any pixel is decoded
-                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE,
-                                f"{w}x{h} pixels > max_image_pixels {max_image_pixels}")
+                raise VlmqError(
+                    ErrorCode.IMAGE_TOO_LARGE, f"{w}x{h} pixels > max_image_pixels {max_image_pixels}"
+                )
             return _to_rgb_resized(img, factor, min_pixels, max_pixels)
     except VlmqError:
         raise

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -22,7 +22,8 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from vlmq.producer.state import StateStore
+from vlmq.core.retry import through_outage, within
+from vlmq.core.state import StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
     content_type_of,
@@ -46,28 +47,47 @@ from vlmq.worker.engines import Engine, make_engine
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.ledger import OffsetLedger
 from vlmq.worker.pipeline import Pipeline
-from vlmq.worker.retry import through_outage
 from vlmq.worker.settings import WorkerSettings
 
 log = structlog.get_logger("vlmq.worker")
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 
 
-def kafka_security(s: WorkerSettings) -> dict[str, Any]:
-    """aiokafka's TLS/SASL arguments from the settings."""
-    out: dict[str, Any] = {"security_protocol": s.kafka_security_protocol}
-    if s.kafka_sasl_mechanism:
-        out |= {"sasl_mechanism": s.kafka_sasl_mechanism,
-                "sasl_plain_username": s.kafka_sasl_username,
-                "sasl_plain_password": s.kafka_sasl_password}
-    if "SSL" in s.kafka_security_protocol:
-        from aiokafka.helpers import create_ssl_context
-
-        out["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile)
-    return out
+def make_redis(settings: WorkerSettings) -> Redis:
+    """The worker's Redis client: short socket timeouts, retried by `through_outage`."""
+    return Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15
+    )
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+def make_producer(settings: WorkerSettings) -> AIOKafkaProducer:
+    """Results and dead letters: acks=all. No idempotence: tansu's memory storage refuses
+    it, and the job id de-duplicates downstream anyway."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        **settings.kafka_options(),
+    )
+
+
+def make_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
+    """Manual commits only (the ledger decides what is done); the group heartbeats at a
+    quarter of the session timeout."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.group_id,
+        client_id=settings.worker_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.session_timeout_ms // 4,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        **settings.kafka_options(),
+    )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka has no type hints: an Any base
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
@@ -76,13 +96,28 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.worker.assignments += 1
-        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned),
-                 generation=self.worker.assignments)
+        log.info(
+            "partitions assigned",
+            partitions=sorted(tp.partition for tp in assigned),
+            generation=self.worker.assignments,
+        )
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Engine | None = None) -> None:
-        self.s = settings
+    """One worker process's loop. The engine and the three clients can be handed in (tests,
+    benchmarks, a shared engine); by default they are built from the settings."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine | None = None,
+        *,
+        redis: Callable[[WorkerSettings], Redis] = make_redis,
+        producer: Callable[[WorkerSettings], AIOKafkaProducer] = make_producer,
+        consumer: Callable[[WorkerSettings], AIOKafkaConsumer] = make_consumer,
+    ) -> None:
+        self.settings = settings
+        self._make_redis, self._make_producer, self._make_consumer = redis, producer, consumer
         self.engine = engine or make_engine(settings.engine, settings.model, settings.engine_args)
         self.ledger = OffsetLedger()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
@@ -107,10 +142,9 @@ class Worker:
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code (0 after a clean drain)."""
-        s = self.s
+        s = self.settings
         log.info("worker starting", **s.redacted())
-        redis = Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5,
-                               health_check_interval=15)
+        redis = self._make_redis(s)
         self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
@@ -119,28 +153,17 @@ class Worker:
             self.fetcher = await stack.enter_async_context(Fetcher(s))
             self.pipeline = Pipeline(s, self.fetcher, self.engine)
             stack.callback(self.pipeline.close)
-            self.producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all",
-                                             enable_idempotence=False, **kafka_security(s))
+            self.producer = self._make_producer(s)
             await self.producer.start()
             stack.push_async_callback(self.producer.stop)
-            self.consumer = self._consumer()
+            self.consumer = self._make_consumer(s)
+            self.consumer.subscribe([s.jobs_topic], listener=_Rebalance(self))
             await self.consumer.start()
             stack.push_async_callback(self.consumer.stop)
             if s.metrics_port:
                 runner = await metrics.serve(s.metrics_port, self.engine.healthy, lambda: self.ready)
                 stack.push_async_callback(runner.cleanup)
             return await self._serve()
-
-    def _consumer(self) -> AIOKafkaConsumer:
-        s = self.s
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap, group_id=s.group_id, client_id=s.worker_id,
-            enable_auto_commit=False, auto_offset_reset="earliest",
-            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.session_timeout_ms // 4,
-            max_poll_interval_ms=s.max_poll_interval_ms, **kafka_security(s),
-        )
-        consumer.subscribe([s.jobs_topic], listener=_Rebalance(self))
-        return consumer
 
     async def _serve(self) -> int:
         helpers = [asyncio.create_task(self._commit_loop()), asyncio.create_task(self._cancels())]
@@ -157,8 +180,11 @@ class Worker:
         if self._fatal is not None:
             log.error("worker stopped on an unrecoverable error", error=repr(self._fatal))
             return 1
-        log.info("worker drained and stopped", max_in_flight_seen=self.max_in_flight_seen,
-                 assignments=self.assignments)
+        log.info(
+            "worker drained and stopped",
+            max_in_flight_seen=self.max_in_flight_seen,
+            assignments=self.assignments,
+        )
         return 0
 
     # -- intake ---------------------------------------------------------------------------
@@ -166,14 +192,14 @@ class Worker:
     async def _intake(self) -> None:
         consumer = self.consumer
         while not self._stop.is_set():
-            free = self.s.max_in_flight - len(self._tasks)
+            free = self.settings.max_in_flight - len(self._tasks)
             if free <= 0:
                 # Full: stop fetching but keep polling, so the group sees us alive.
                 consumer.pause(*consumer.assignment())
                 metrics.PAUSED.set(1)
                 self._slot_freed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), 0.5)
+                with contextlib.suppress(TimeoutError):
+                    await within(self._slot_freed.wait(), 0.5)
                 self._start(await consumer.getmany(timeout_ms=0, max_records=1))
                 continue
             if consumer.paused():
@@ -193,7 +219,7 @@ class Worker:
             for msg in records:
                 if tp not in assigned:
                     break  # revoked meanwhile: its new owner reads it
-                if len(self._tasks) >= self.s.max_in_flight:
+                if len(self._tasks) >= self.settings.max_in_flight:
                     self.consumer.seek(tp, msg.offset)  # hand the rest back, unread
                     break
                 self.ledger.track(tp, msg.offset)
@@ -231,15 +257,20 @@ class Worker:
             return
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
         claim = await through_outage(
-            lambda: self.store.claim(job.job_id, job.batch_id, self.s.worker_id), OUTAGE_S)
+            lambda: self.store.claim(job.job_id, job.batch_id, self.settings.worker_id), OUTAGE_S
+        )
         if not claim.granted:
             metrics.SKIPPED.inc()
             log.debug("skipped: already ended", state=claim.state.value)
             return
         result: Result | None
         if job.deadline is not None and time.time() > job.deadline:
-            result = self.pipeline.result(job, JobState.EXPIRED, claim.attempt, error=Error(
-                ErrorCode.TIMEOUT, "deadline passed before the job started"))
+            result = self.pipeline.result(
+                job,
+                JobState.EXPIRED,
+                claim.attempt,
+                error=Error(ErrorCode.TIMEOUT, "deadline passed before the job started"),
+            )
         else:
             result = await self._run_cancellable(job, claim.attempt)
             if result is None:
@@ -270,12 +301,17 @@ class Worker:
         if result.state is JobState.FAILED and result.error:
             # Here, where every job's failure is written (invalid JSON output included).
             metrics.ERRORS.labels(result.error.code.value).inc()
-        log.info("job ended", state=result.state.value,
-                 error=result.error.code.value if result.error else None)
+        log.info(
+            "job ended", state=result.state.value, error=result.error.code.value if result.error else None
+        )
         if job.result_topic:
             value, headers = encode_result_msg(result)
-            await through_outage(lambda: self.producer.send_and_wait(
-                job.result_topic, value, key=job.job_id.encode(), headers=headers), OUTAGE_S)
+            await through_outage(
+                lambda: self.producer.send_and_wait(
+                    job.result_topic, value, key=job.job_id.encode(), headers=headers
+                ),
+                OUTAGE_S,
+            )
         if result.state is JobState.FAILED and result.error:
             await self._dead_letter(msg, result.error, job.job_id)
 
@@ -285,8 +321,13 @@ class Worker:
         error = Error(exc.code, exc.message, exc.retryable)
         metrics.ERRORS.labels(exc.code.value).inc()
         if job_id and len(job_id) <= 160:
-            result = Result(job_id=job_id, state=JobState.FAILED, error=error,
-                            worker=self.s.worker_id, timings=Timings(finished_at=time.time()))
+            result = Result(
+                job_id=job_id,
+                state=JobState.FAILED,
+                error=error,
+                worker=self.settings.worker_id,
+                timings=Timings(finished_at=time.time()),
+            )
             wrote = await through_outage(lambda: self.store.finish(result), OUTAGE_S)
             if not wrote:
                 return
@@ -295,14 +336,23 @@ class Worker:
 
     async def _dead_letter(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
         payload = msg.value or b""
-        dead = DeadLetter(error=error, topic=msg.topic, partition=msg.partition,
-                          offset=msg.offset, payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
-                          payload_size=len(payload), job_id=job_id,
-                          worker=self.s.worker_id, at=time.time())
+        dead = DeadLetter(
+            error=error,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
+            payload_size=len(payload),
+            job_id=job_id,
+            worker=self.settings.worker_id,
+            at=time.time(),
+        )
         value, headers = encode_dead_letter(dead)
         key = job_id.encode() if job_id else None
-        await through_outage(lambda: self.producer.send_and_wait(
-            self.s.dlq_topic, value, key=key, headers=headers), OUTAGE_S)
+        await through_outage(
+            lambda: self.producer.send_and_wait(self.settings.dlq_topic, value, key=key, headers=headers),
+            OUTAGE_S,
+        )
         metrics.DEAD_LETTERS.inc()
 
     # -- cancel, commit, revoke, drain ---------------------------------------------------
@@ -329,7 +379,7 @@ class Worker:
 
     async def _commit_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.s.commit_interval_s)
+            await asyncio.sleep(self.settings.commit_interval_s)
             await self._commit(None)
             self._report_lag()
             self._report_engine()
@@ -366,7 +416,7 @@ class Worker:
         mine = [t for t, tp in self._tasks.items() if tp in revoked]
         if mine:
             log.info("partitions revoked; finishing in-flight work", jobs=len(mine))
-            _, late = await asyncio.wait(mine, timeout=self.s.revoke_grace_s)
+            _, late = await asyncio.wait(mine, timeout=self.settings.revoke_grace_s)
             for t in late:
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -375,8 +425,8 @@ class Worker:
 
     async def _drain(self) -> None:
         if self._tasks:
-            log.info("draining", jobs=len(self._tasks), timeout_s=self.s.drain_timeout_s)
-            _, late = await asyncio.wait(list(self._tasks), timeout=self.s.drain_timeout_s)
+            log.info("draining", jobs=len(self._tasks), timeout_s=self.settings.drain_timeout_s)
+            _, late = await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout_s)
             for t in late:  # handed back: uncommitted, another worker takes them
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)

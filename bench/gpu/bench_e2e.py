@@ -92,19 +92,34 @@ def _photo(a: tuple[int, int, int]) -> bytes:
 
 def request(i: int, images: list[Any], max_tokens: int, **kw: Any) -> EngineRequest:
     parts: list[Any] = [ImageRef(f"s3://memory/{i}")] * len(images) + [TextPart(PROMPT)]
-    return EngineRequest(request_id=f"r{i}-{time.monotonic_ns()}", messages=[Message("user", parts)],
-                         images=images, sampling=Sampling(max_tokens=max_tokens), **kw)
+    return EngineRequest(
+        request_id=f"r{i}-{time.monotonic_ns()}",
+        messages=[Message("user", parts)],
+        images=images,
+        sampling=Sampling(max_tokens=max_tokens),
+        **kw,
+    )
 
 
 async def ceiling(engine: Any, blobs: list[bytes], factor: int, max_tokens: int) -> dict[str, Any]:
     with ThreadPoolExecutor() as pool:
-        images = list(pool.map(lambda b: load_image(b, factor=factor, min_pixels=QWEN_MIN_PIXELS,
-                                                    max_pixels=QWEN_MAX_PIXELS,
-                                                    max_image_pixels=100_000_000), blobs))
+        images = list(
+            pool.map(
+                lambda b: load_image(
+                    b,
+                    factor=factor,
+                    min_pixels=QWEN_MIN_PIXELS,
+                    max_pixels=QWEN_MAX_PIXELS,
+                    max_image_pixels=100_000_000,
+                ),
+                blobs,
+            )
+        )
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*(engine.generate(request(i, [img], max_tokens))
-                                      for i, img in enumerate(images)))
+        outs = await asyncio.gather(
+            *(engine.generate(request(i, [img], max_tokens)) for i, img in enumerate(images))
+        )
         dt = time.perf_counter() - t0
     return _figures(len(blobs), dt, outs, gpu)
 
@@ -120,37 +135,76 @@ async def naive(engine: Any, s3: Any, bucket: str, n: int, max_tokens: int) -> d
             for i in range(start, min(n, start + 16)):  # one at a time, as a loop does
                 body = s3.get_object(Bucket=bucket, Key=f"img/{i:05d}.jpg")["Body"].read()
                 batch.append(Image.open(io.BytesIO(body)).convert("RGB"))
-            outs += await asyncio.gather(*(engine.generate(request(start + j, [img], max_tokens))
-                                           for j, img in enumerate(batch)))
+            outs += await asyncio.gather(
+                *(engine.generate(request(start + j, [img], max_tokens)) for j, img in enumerate(batch))
+            )
         dt = time.perf_counter() - t0
     return _figures(n, dt, outs, gpu)
 
 
 def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, Any]:
     tokens = sum(o.completion_tokens for o in outs)
-    return {"images": n, "seconds": round(dt, 2), "images_per_s": round(n / dt, 2),
-            "output_tokens_per_s": round(tokens / dt, 1), "gpu_util_mean_pct": gpu.mean,
-            "mean_output_tokens": round(tokens / n, 1)}
+    return {
+        "images": n,
+        "seconds": round(dt, 2),
+        "images_per_s": round(n / dt, 2),
+        "output_tokens_per_s": round(tokens / dt, 1),
+        "gpu_util_mean_pct": gpu.mean,
+        "mean_output_tokens": round(tokens / n, 1),
+    }
 
 
-async def through_vlmq(engine: Any, env: dict[str, str], n: int, bucket: str, max_tokens: int,
-                       tmp: Path, in_flight: int) -> dict[str, Any]:
+async def through_vlmq(
+    engine: Any, env: dict[str, str], n: int, bucket: str, max_tokens: int, tmp: Path, in_flight: int
+) -> dict[str, Any]:
     batch = f"gpu-{int(time.time())}"
     manifest = tmp / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"key": f"{i:05d}", "messages": [{"role": "user", "content": [
-        {"type": "image", "uri": f"s3://{bucket}/img/{i:05d}.jpg"}, {"type": "text", "text": PROMPT}]}],
-        "sampling": {"max_tokens": max_tokens}}) + "\n" for i in range(n)))
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "key": f"{i:05d}",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "uri": f"s3://{bucket}/img/{i:05d}.jpg"},
+                                {"type": "text", "text": PROMPT},
+                            ],
+                        }
+                    ],
+                    "sampling": {"max_tokens": max_tokens},
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
     settings = WorkerSettings(
-        kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"], redis_url=env["VLMQ_REDIS_URL"],
-        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"], metrics_port=0, max_in_flight=in_flight,
-        engine=engine.name, model=engine.model, decode_threads=max(4, (os.cpu_count() or 8) - 4),
-        group_id=f"bench-{batch}")
+        kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
+        redis_url=env["VLMQ_REDIS_URL"],
+        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
+        metrics_port=0,
+        max_in_flight=in_flight,
+        engine=engine.name,
+        model=engine.model,
+        decode_threads=max(4, (os.cpu_count() or 8) - 4),
+        group_id=f"bench-{batch}",
+    )
     worker = Worker(settings, engine=engine)
     serving = asyncio.create_task(worker.run())
     with GpuSampler() as gpu:
         submit = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vlmq.producer.cli", "bulk", "submit", batch, "--manifest", str(manifest),
-            env={**os.environ, **env})
+            sys.executable,
+            "-m",
+            "vlmq.cli",
+            "bulk",
+            "submit",
+            batch,
+            "--manifest",
+            str(manifest),
+            env={**os.environ, **env},
+        )
         async with Client(env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"]) as client:
             while (await client.batch(batch)).finished < n:
                 await asyncio.sleep(0.25)
@@ -169,11 +223,17 @@ async def through_vlmq(engine: Any, env: dict[str, str], n: int, bucket: str, ma
         vals = [getattr(x, attr) for x in t if getattr(x, attr) is not None]
         return round(statistics.fmean(vals), 4) if vals else None
 
-    return {"images": n, "succeeded": ok, "seconds": round(end - start, 2),
-            "images_per_s": round(n / (end - start), 2), "output_tokens_per_s": round(tokens / (end - start), 1),
-            "gpu_util_mean_pct": gpu.mean, "mean_output_tokens": round(tokens / n, 1),
-            "stage_means_s": {k: mean(k) for k in ("fetch_s", "preprocess_s", "engine_s", "ttft_s")},
-            **extra}
+    return {
+        "images": n,
+        "succeeded": ok,
+        "seconds": round(end - start, 2),
+        "images_per_s": round(n / (end - start), 2),
+        "output_tokens_per_s": round(tokens / (end - start), 1),
+        "gpu_util_mean_pct": gpu.mean,
+        "mean_output_tokens": round(tokens / n, 1),
+        "stage_means_s": {k: mean(k) for k in ("fetch_s", "preprocess_s", "engine_s", "ttft_s")},
+        **extra,
+    }
 
 
 async def _features(client: Client, bucket: str) -> dict[str, Any]:
@@ -182,31 +242,63 @@ async def _features(client: Client, bucket: str) -> dict[str, Any]:
 
     two = [ImageRef(f"s3://{bucket}/img/00000.jpg"), ImageRef(f"s3://{bucket}/img/00001.jpg")]
     jobs = [
-        Job(job_id=f"multi-{time.time_ns()}", messages=[Message("user", [*two, TextPart("Compare them.")])],
-            sampling=Sampling(max_tokens=16)),
-        Job(job_id=f"choice-{time.time_ns()}", messages=[Message("user", [two[0], TextPart("Safe?")])],
-            response_format=ChoiceFormat(["safe", "unsafe"]), sampling=Sampling(max_tokens=8)),
-        Job(job_id=f"json-{time.time_ns()}", messages=[Message("user", [two[0], TextPart("Label it.")])],
-            response_format=JsonSchemaFormat({"type": "object", "properties": {
-                "label": {"enum": ["cat", "dog", "other"]}}, "required": ["label"]}),
-            sampling=Sampling(max_tokens=32)),
+        Job(
+            job_id=f"multi-{time.time_ns()}",
+            messages=[Message("user", [*two, TextPart("Compare them.")])],
+            sampling=Sampling(max_tokens=16),
+        ),
+        Job(
+            job_id=f"choice-{time.time_ns()}",
+            messages=[Message("user", [two[0], TextPart("Safe?")])],
+            response_format=ChoiceFormat(["safe", "unsafe"]),
+            sampling=Sampling(max_tokens=8),
+        ),
+        Job(
+            job_id=f"json-{time.time_ns()}",
+            messages=[Message("user", [two[0], TextPart("Label it.")])],
+            response_format=JsonSchemaFormat(
+                {
+                    "type": "object",
+                    "properties": {"label": {"enum": ["cat", "dog", "other"]}},
+                    "required": ["label"],
+                }
+            ),
+            sampling=Sampling(max_tokens=32),
+        ),
     ]
     await client.submit_many(jobs)
     done = await client.wait_many([j.job_id for j in jobs], timeout=300)
-    return {"feature_jobs": {j.job_id.split("-")[0]: {"state": r.state.value, "text": (r.text or "")[:80],
-                                                       "parsed": r.parsed,
-                                                       "error": r.error.message[:200] if r.error else None}
-                             for j, r in zip(jobs, done, strict=True)}}
+    return {
+        "feature_jobs": {
+            j.job_id.split("-")[0]: {
+                "state": r.state.value,
+                "text": (r.text or "")[:80],
+                "parsed": r.parsed,
+                "error": r.error.message[:200] if r.error else None,
+            }
+            for j, r in zip(jobs, done, strict=True)
+        }
+    }
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, str]:
     if args.engine == "fake":
         return {"step_ms": "20", "max_num_seqs": "64", "completion_tokens": str(args.max_tokens)}
     if args.engine == "lmdeploy":
-        return {"session_len": "8192", "cache_max_entry_count": "0.6", "max_batch_size": str(args.max_num_seqs)}
-    return {"load_format": "dummy", "max_model_len": "8192", "max_num_seqs": str(args.max_num_seqs),
-            "gpu_memory_utilization": "0.85", "limit_mm_per_prompt": '{"image": 4}',
-            "enable_prefix_caching": "false", "ignore_eos": "true"}
+        return {
+            "session_len": "8192",
+            "cache_max_entry_count": "0.6",
+            "max_batch_size": str(args.max_num_seqs),
+        }
+    return {
+        "load_format": "dummy",
+        "max_model_len": "8192",
+        "max_num_seqs": str(args.max_num_seqs),
+        "gpu_memory_utilization": "0.85",
+        "limit_mm_per_prompt": '{"image": 4}',
+        "enable_prefix_caching": "false",
+        "ignore_eos": "true",
+    }
 
 
 async def main() -> None:
@@ -222,7 +314,7 @@ async def main() -> None:
     ap.add_argument("--modes", default="ceiling,naive,vlmq")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
-    from vlmq.producer.logs import configure
+    from vlmq.core.logs import configure
 
     configure("console", "WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-gpu-"))
@@ -236,8 +328,12 @@ async def main() -> None:
         s3 = boto3.client("s3", endpoint_url=env["VLMQ_S3_ENDPOINT_URL"])
         s3.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
-                          enumerate(blobs)))
+            list(
+                pool.map(
+                    lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
+                    enumerate(blobs),
+                )
+            )
         options = engine_options(args)
         engine = make_engine(args.engine, args.model, options)
         t0 = time.perf_counter()
@@ -255,18 +351,33 @@ async def main() -> None:
             out["naive"] = await naive(engine, s3, "bench", args.images, args.max_tokens)
             print("naive", out["naive"], flush=True)
         if "vlmq" in modes:
-            out["vlmq"] = await through_vlmq(engine, env, args.images, "bench", args.max_tokens, tmp, args.in_flight)
+            out["vlmq"] = await through_vlmq(
+                engine, env, args.images, "bench", args.max_tokens, tmp, args.in_flight
+            )
             print("vlmq", out["vlmq"], flush=True)
         base = out.get("ceiling", {}).get("images_per_s", 0.0)
         value = out.get("vlmq", {}).get("images_per_s", 0.0)
         naive_ips = out.get("naive", {}).get("images_per_s")
         write_result(
-            args.name or f"gpu-{args.engine}", "images/s", base, value,
-            {"engine": args.engine, "model": args.model, "weights": "random (load_format=dummy), real-size config",
-             "images": args.images, "image_size": f"{args.width}x{args.height} JPEG q90, photo-like",
-             "prompt": PROMPT, "max_tokens": args.max_tokens, "engine_options": options,
-             "worker_max_in_flight": args.in_flight, "engine_start_s": started, "device": hardware()},
-            modes=out, ratio_vs_naive=round(value / naive_ips, 3) if naive_ips else None,
+            args.name or f"gpu-{args.engine}",
+            "images/s",
+            base,
+            value,
+            {
+                "engine": args.engine,
+                "model": args.model,
+                "weights": "random (load_format=dummy), real-size config",
+                "images": args.images,
+                "image_size": f"{args.width}x{args.height} JPEG q90, photo-like",
+                "prompt": PROMPT,
+                "max_tokens": args.max_tokens,
+                "engine_options": options,
+                "worker_max_in_flight": args.in_flight,
+                "engine_start_s": started,
+                "device": hardware(),
+            },
+            modes=out,
+            ratio_vs_naive=round(value / naive_ips, 3) if naive_ips else None,
         )
     finally:
         await engine.close() if "engine" in locals() else None

@@ -21,11 +21,24 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-            "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-            "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-            "<|image_pad|>", "<|video_pad|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
@@ -42,8 +55,11 @@ CHAT_TEMPLATE = (
 
 def byte_vocab() -> dict[str, int]:
     """GPT-2's byte-to-unicode table: 256 symbols, one per byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -57,19 +73,42 @@ def byte_vocab() -> dict[str, int]:
 def tokenizer_json(vocab: dict[str, int], specials: list[str]) -> dict[str, object]:
     base = len(vocab)
     return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": base + i, "content": t, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": True}
-                         for i, t in enumerate(specials)],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": base + i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in enumerate(specials)
+        ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                          "use_regex": True},
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
         "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": []},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
     }
 
 
@@ -80,33 +119,57 @@ def build(name: str, out: Path) -> None:
     vocab = byte_vocab()
     ids = {t: len(vocab) + i for i, t in enumerate(SPECIALS)}
     config |= {
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
-        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
-        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-         "pad_token_id": ids["<|endoftext|>"]}))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                "pad_token_id": ids["<|endoftext|>"],
+            }
+        )
+    )
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab, SPECIALS)))
     (out / "vocab.json").write_text(json.dumps(vocab))
     (out / "merges.txt").write_text("#version: 0.2\n")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "errors": "replace",
-        "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False,
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "model_max_length": 32768,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "unk_token": None,
+                "errors": "replace",
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+                "split_special_tokens": False,
+            }
+        )
+    )
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    proc = {"min_pixels": 3136, "max_pixels": 1280 * 28 * 28, "patch_size": 14,
-            "temporal_patch_size": 2, "merge_size": 2,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor" if "2_5" in config["model_type"] else "Qwen2VLProcessor"}
+    proc = {
+        "min_pixels": 3136,
+        "max_pixels": 1280 * 28 * 28,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor" if "2_5" in config["model_type"] else "Qwen2VLProcessor",
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(proc))
     print(f"{name}: {out} (image_token_id {ids['<|image_pad|>']}, eos {ids['<|im_end|>']})")
 
@@ -119,33 +182,51 @@ LLAVA_TEMPLATE = (
 )
 
 
-def build_llava(name: str, config: dict[str, object], out: Path) -> None:
+def build_llava(name: str, config: dict[str, Any], out: Path) -> None:
     """LLaVA-1.5 layout (llava-hf): CLIP vision tower, `<image>` placeholders expanded by
     LlavaProcessor, a USER:/ASSISTANT: template, CLIP's square resize and crop."""
     specials = ["<|endoftext|>", "<image>"]
     vocab = byte_vocab()
     eos, image = len(vocab), len(vocab) + 1
     config["image_token_index"] = image
-    config["text_config"] |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}  # type: ignore[operator]
+    config["text_config"] |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
     out.mkdir(parents=True, exist_ok=True)
-    side = config["vision_config"]["image_size"]  # type: ignore[index]
+    side = config["vision_config"]["image_size"]
     files: dict[str, object] = {
         "config.json": config,
         "generation_config.json": {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos},
         "tokenizer.json": tokenizer_json(vocab, specials),
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 32768,
-                                  "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-                                  "chat_template": LLAVA_TEMPLATE, "clean_up_tokenization_spaces": False},
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 32768,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": LLAVA_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+        },
         "chat_template.json": {"chat_template": LLAVA_TEMPLATE},
         "preprocessor_config.json": {
-            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-            "do_resize": True, "size": {"shortest_edge": side}, "do_center_crop": True,
-            "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "do_convert_rgb": True, "resample": 3,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
-        "processor_config.json": {"processor_class": "LlavaProcessor", "image_token": "<image>",
-                                  "patch_size": config["vision_config"]["patch_size"],  # type: ignore[index]
-                                  "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": "LlavaProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": side},
+            "do_center_crop": True,
+            "crop_size": {"height": side, "width": side},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        },
+        "processor_config.json": {
+            "processor_class": "LlavaProcessor",
+            "image_token": "<image>",
+            "patch_size": config["vision_config"]["patch_size"],
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        },
     }
     for file, data in files.items():
         (out / file).write_text(json.dumps(data, indent=1))
@@ -171,9 +252,16 @@ def _llava_hub_layout(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1)
-               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k: v
-               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_file(
+        {
+            k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+            else k: v
+            for k, v in tensors.items()
+        },
+        path,
+        metadata={"format": "pt"},
+    )
 
 
 if __name__ == "__main__":

@@ -30,37 +30,77 @@ from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
 from bench.gpu.bench_e2e import PROMPT, make_images
+from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
-from vlmq.producer.state import StateStore
 from vlmq.schemas import keys
 
 TOPIC, GROUP = "vlmq.jobs", "gpu-workers"
 
 
-def start_worker(env: dict[str, str], gpu: int, model: str, tmp: Path, max_num_seqs: int,
-                 engine: str = "vllm") -> tuple[subprocess.Popen[bytes], int]:
+def start_worker(
+    env: dict[str, str], gpu: int, model: str, tmp: Path, max_num_seqs: int, engine: str = "vllm"
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    wenv = {**os.environ, **env, "CUDA_VISIBLE_DEVICES": str(gpu), "VLMQ_GROUP_ID": GROUP,
-            "VLMQ_JOBS_TOPIC": TOPIC, "VLMQ_METRICS_PORT": str(port), "VLMQ_LOG_LEVEL": "WARNING",
-            "VLMQ_MAX_IN_FLIGHT": "384", "VLMQ_WORKER_ID": f"gpu{gpu}", "NCCL_NVLS_ENABLE": "0"}
-    args = [sys.executable, "-m", "vlmq.producer.cli", "worker", "--engine", engine, "--model", model]
-    options = ("load_format=dummy", "max_model_len=8192", f"max_num_seqs={max_num_seqs}",
-               "gpu_memory_utilization=0.85", "enable_prefix_caching=false", "ignore_eos=true")
+    wenv = {
+        **os.environ,
+        **env,
+        "CUDA_VISIBLE_DEVICES": str(gpu),
+        "VLMQ_GROUP_ID": GROUP,
+        "VLMQ_JOBS_TOPIC": TOPIC,
+        "VLMQ_METRICS_PORT": str(port),
+        "VLMQ_LOG_LEVEL": "WARNING",
+        "VLMQ_MAX_IN_FLIGHT": "384",
+        "VLMQ_WORKER_ID": f"gpu{gpu}",
+        "NCCL_NVLS_ENABLE": "0",
+    }
+    args = [sys.executable, "-m", "vlmq.worker", "--engine", engine, "--model", model]
+    options: tuple[str, ...] = (
+        "load_format=dummy",
+        "max_model_len=8192",
+        f"max_num_seqs={max_num_seqs}",
+        "gpu_memory_utilization=0.85",
+        "enable_prefix_caching=false",
+        "ignore_eos=true",
+    )
     if engine == "fake":  # a CPU dry run of the script
         options = ("step_ms=20", f"max_num_seqs={max_num_seqs}", "completion_tokens=64")
     for kv in options:
         args += ["-e", kv]
     log = open(tmp / f"gpu{gpu}.log", "ab")  # noqa: SIM115 - lives as long as the worker
-    return subprocess.Popen(args, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), port
+    return subprocess.Popen(
+        args, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    ), port
 
 
 def submit(env: dict[str, str], batch: str, n: int, tmp: Path) -> None:
     manifest = tmp / f"{batch}.jsonl"
-    manifest.write_text("".join(json.dumps({"key": f"{i:05d}", "messages": [{"role": "user", "content": [
-        {"type": "image", "uri": f"s3://bench/img/{i:05d}.jpg"}, {"type": "text", "text": PROMPT}]}],
-        "sampling": {"max_tokens": 64}}) + "\n" for i in range(n)))
-    subprocess.run([sys.executable, "-m", "vlmq.producer.cli", "bulk", "submit", batch, "--manifest", str(manifest)],
-                   env={**os.environ, **env, "VLMQ_JOBS_TOPIC": TOPIC}, check=True, capture_output=True)
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "key": f"{i:05d}",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "uri": f"s3://bench/img/{i:05d}.jpg"},
+                                {"type": "text", "text": PROMPT},
+                            ],
+                        }
+                    ],
+                    "sampling": {"max_tokens": 64},
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
+    subprocess.run(
+        [sys.executable, "-m", "vlmq.cli", "bulk", "submit", batch, "--manifest", str(manifest)],
+        env={**os.environ, **env, "VLMQ_JOBS_TOPIC": TOPIC},
+        check=True,
+        capture_output=True,
+    )
 
 
 async def measure(env: dict[str, str], batch: str, n: int, on_third: Any = None) -> dict[str, Any]:
@@ -80,9 +120,14 @@ async def measure(env: dict[str, str], batch: str, n: int, on_third: Any = None)
     await redis.aclose()
     t = [r.timings for r in results if r.timings]
     wall = max(x.finished_at for x in t if x.finished_at) - min(x.submitted_at for x in t if x.submitted_at)
-    return {"images": n, "seconds": round(wall, 2), "images_per_s": round(n / wall, 2),
-            "succeeded": sum(r.state.value == "succeeded" for r in results),
-            "ended_once": sum(w == 1 for w in writes), "workers": sorted({r.worker or "" for r in results})}
+    return {
+        "images": n,
+        "seconds": round(wall, 2),
+        "images_per_s": round(n / wall, 2),
+        "succeeded": sum(r.state.value == "succeeded" for r in results),
+        "ended_once": sum(w == 1 for w in writes),
+        "workers": sorted({r.worker or "" for r in results}),
+    }
 
 
 async def main() -> None:
@@ -102,7 +147,12 @@ async def main() -> None:
         s3 = boto3.client("s3", endpoint_url=env["VLMQ_S3_ENDPOINT_URL"])
         s3.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]), enumerate(blobs)))
+            list(
+                pool.map(
+                    lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
+                    enumerate(blobs),
+                )
+            )
         w0, p0 = start_worker(env, 0, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w0)
         wait_until(lambda: worker_ready(p0), "worker gpu0", timeout=600)
@@ -119,11 +169,23 @@ async def main() -> None:
         submit(env, "C", args.images, tmp)
         c = await measure(env, "C", args.images, on_third=lambda: w1.send_signal(signal.SIGTERM))
         print("2 workers, gpu1 stopped at 1/3", c, "gpu1 exit", w1.wait(120), flush=True)
-        write_result(f"gpu-multi-{args.engine}", "images/s", a["images_per_s"], b["images_per_s"],
-                     {"model": args.model, "weights": "random (load_format=dummy), real-size config",
-                      "images": args.images, "max_num_seqs": args.max_num_seqs, "device": hardware(),
-                      "layout": "one vlmq worker per GPU (CUDA_VISIBLE_DEVICES), one consumer group, 16 partitions"},
-                     one_worker=a, two_workers=b, stop_one_mid_run=c)
+        write_result(
+            f"gpu-multi-{args.engine}",
+            "images/s",
+            a["images_per_s"],
+            b["images_per_s"],
+            {
+                "model": args.model,
+                "weights": "random (load_format=dummy), real-size config",
+                "images": args.images,
+                "max_num_seqs": args.max_num_seqs,
+                "device": hardware(),
+                "layout": "one vlmq worker per GPU (CUDA_VISIBLE_DEVICES), one consumer group, 16 partitions",
+            },
+            one_worker=a,
+            two_workers=b,
+            stop_one_mid_run=c,
+        )
     finally:
         for p in procs:
             p.kill()

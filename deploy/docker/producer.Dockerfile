@@ -4,9 +4,11 @@ FROM python:3.12.8-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
+COPY core ./core
 COPY producer ./producer
 COPY worker ./worker
-COPY deploy/__init__.py deploy/stack.py ./deploy/
+COPY cli ./cli
+COPY deploy/__init__.py deploy/stack.py deploy/cli.py ./deploy/
 RUN python -m venv /opt/vlmq && /opt/vlmq/bin/pip install --no-cache-dir .
 
 FROM python:3.12.8-slim-bookworm

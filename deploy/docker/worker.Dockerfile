@@ -17,9 +17,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements ./requirements
 COPY schemas ./schemas
+COPY core ./core
 COPY producer ./producer
 COPY worker ./worker
-COPY deploy/__init__.py deploy/stack.py ./deploy/
+COPY cli ./cli
+COPY deploy/__init__.py deploy/stack.py deploy/cli.py ./deploy/
 RUN python3 -m venv /opt/vlmq \
     && if [ "$ENGINE" = "vllm" ]; then pin="vllm==${VLLM_VERSION}"; else pin="lmdeploy==${LMDEPLOY_VERSION}"; fi \
     && /opt/vlmq/bin/pip install --no-cache-dir "$pin" ".[worker,${ENGINE}]"

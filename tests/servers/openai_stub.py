@@ -24,7 +24,9 @@ def answer(body: dict[str, Any]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for m in body["messages"]:
         content = m["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        parts: list[dict[str, Any]] = (
+            [{"type": "text", "text": content}] if isinstance(content, str) else content
+        )
         for p in parts:
             if p["type"] == "text":
                 h.update(p["text"].encode())
@@ -51,11 +53,17 @@ async def chat(request: web.Request) -> web.Response:
             STATE["cancelled"] += 1
             raise
     text = answer(body)
-    return web.json_response({
-        "id": "x", "object": "chat.completion", "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-    })
+    return web.json_response(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+        }
+    )
 
 
 async def stats(_: web.Request) -> web.Response:

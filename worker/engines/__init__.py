@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmq.worker.engines.base import Engine, EngineConfigError, EngineOutput, EngineRequest
+from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
 
-__all__ = ["ENGINES", "Engine", "EngineConfigError", "EngineOutput", "EngineRequest", "make_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineConfigError",
+    "EngineDead",
+    "EngineOutput",
+    "EngineRequest",
+    "make_engine",
+]
 
 
 def _coerce(value: str) -> Any:
@@ -21,8 +29,11 @@ def _coerce(value: str) -> Any:
 
 # name -> "module:class"; imported only when chosen (each engine brings heavy dependencies).
 _CLASSES = {
-    "fake": "fake:FakeEngine", "vllm": "vllm:VllmEngine", "lmdeploy": "lmdeploy:LmdeployEngine",
-    "hf": "hf:HfEngine", "openai": "openai:OpenAIEngine",
+    "fake": "fake:FakeEngine",
+    "vllm": "vllm:VllmEngine",
+    "lmdeploy": "lmdeploy:LmdeployEngine",
+    "hf": "hf:HfEngine",
+    "openai": "openai:OpenAIEngine",
 }
 ENGINES = tuple(_CLASSES)
 
@@ -39,6 +50,7 @@ def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
     module, cls = _CLASSES[name].split(":")
     engine_cls = getattr(importlib.import_module(f"vlmq.worker.engines.{module}"), cls)
     try:
-        return engine_cls(model or "fake", **{k: _coerce(v) for k, v in args.items()})  # type: ignore[no-any-return]
+        engine: Engine = engine_cls(model or "fake", **{k: _coerce(v) for k, v in args.items()})
     except TypeError as exc:  # an unexpected keyword: an option this engine does not have
         raise EngineConfigError(f"engine {name!r}: {exc}") from None
+    return engine

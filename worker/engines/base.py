@@ -20,6 +20,11 @@ class EngineConfigError(ValueError):
     """An engine option the engine does not take: the worker stops at start and says which."""
 
 
+class EngineDead(RuntimeError):
+    """The engine cannot serve any more requests (its process died, its loop stopped). Not
+    the job's fault: the worker stops without ending the job, and another worker redoes it."""
+
+
 class EngineRequest(msgspec.Struct, kw_only=True):
     """A job ready for an engine: messages as sent, images decoded and resized, in order."""
 

@@ -115,12 +115,15 @@ class FakeEngine:
         return self._loop_task is None or not self._loop_task.done()
 
     def stats(self) -> dict[str, Any]:
-        return {"running": len(self._running), "waiting": len(self._waiting),
-                "max_batch_seen": self.max_batch_seen, "steps": self.steps}
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "max_batch_seen": self.max_batch_seen,
+            "steps": self.steps,
+        }
 
     def _prompt_tokens(self, request: EngineRequest) -> tuple[int, int]:
-        text = sum(len(p.text) for m in request.messages for p in m.parts
-                   if isinstance(p, TextPart))
+        text = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         per = self.image_factor * self.image_factor
         images = sum(img.size[0] * img.size[1] // per for img in request.images)
         return text // 4 + images + 8, images
@@ -128,11 +131,14 @@ class FakeEngine:
     async def generate(self, request: EngineRequest) -> EngineOutput:
         prompt, image_tokens = self._prompt_tokens(request)
         if prompt + request.sampling.max_tokens > self.max_model_len:
-            raise VlmqError(ErrorCode.PROMPT_TOO_LONG,
-                            f"{prompt} prompt tokens + max_tokens {request.sampling.max_tokens}"
-                            f" exceed max_model_len {self.max_model_len}")
-        if self.fail_on and any(self.fail_on in p.text for m in request.messages
-                                for p in m.parts if isinstance(p, TextPart)):
+            raise VlmqError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"{prompt} prompt tokens + max_tokens {request.sampling.max_tokens}"
+                f" exceed max_model_len {self.max_model_len}",
+            )
+        if self.fail_on and any(
+            self.fail_on in p.text for m in request.messages for p in m.parts if isinstance(p, TextPart)
+        ):
             raise VlmqError(ErrorCode.ENGINE_ERROR, "fake engine failure (fail_on matched)")
         tokens = min(self.completion_tokens, request.sampling.max_tokens)
         if self._loop_task is None:  # zero latency: answer at once (plumbing benchmarks)
@@ -147,11 +153,17 @@ class FakeEngine:
         out.prompt_tokens, out.image_tokens = prompt, image_tokens
         return out
 
-    def _output(self, request: EngineRequest, prompt: int, images: int, tokens: int,
-                ttft: float | None) -> EngineOutput:
-        return EngineOutput(text=answer(request), finish_reason="length",
-                            prompt_tokens=prompt, completion_tokens=tokens,
-                            image_tokens=images, ttft_s=ttft)
+    def _output(
+        self, request: EngineRequest, prompt: int, images: int, tokens: int, ttft: float | None
+    ) -> EngineOutput:
+        return EngineOutput(
+            text=answer(request),
+            finish_reason="length",
+            prompt_tokens=prompt,
+            completion_tokens=tokens,
+            image_tokens=images,
+            ttft_s=ttft,
+        )
 
     async def abort(self, request_id: str) -> None:
         self._drop(request_id)

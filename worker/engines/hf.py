@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import ChoiceFormat, JsonSchemaFormat, RegexFormat, ResponseFormat
+from vlmq.schemas.job import ResponseFormat
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
-from vlmq.worker.engines.mapping import choice_regex, engine_error, hf_gen_kwargs, hf_messages
+from vlmq.worker.engines.mapping import engine_error, grammar, hf_gen_kwargs, hf_messages
 
 
 @dataclass(eq=False)
@@ -36,9 +36,19 @@ class _Pending:
 class HfEngine:
     name = "hf"
 
-    def __init__(self, model: str, *, max_batch_size: int = 8, dtype: str = "float32",
-                 device: str = "cpu", threads: int | None = None, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, image_factor: int = 28, ignore_eos: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_batch_size: int = 8,
+        dtype: str = "float32",
+        device: str = "cpu",
+        threads: int | None = None,
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+        image_factor: int = 28,
+        ignore_eos: bool = False,
+    ) -> None:
         self.model = model
         self.ignore_eos = ignore_eos  # benchmarks with random weights: every answer max_tokens long
         self.max_batch_size = max_batch_size
@@ -72,17 +82,26 @@ class HfEngine:
         trust = self.trust_remote_code
         self._proc = AutoProcessor.from_pretrained(self.model, trust_remote_code=trust)
         self._proc.tokenizer.padding_side = "left"  # generate() appends on the right
-        self._model = AutoModelForImageTextToText.from_pretrained(
-            self.model, dtype=getattr(torch, self.dtype), trust_remote_code=trust).to(self.device).eval()
+        self._model = (
+            AutoModelForImageTextToText.from_pretrained(
+                self.model, dtype=getattr(torch, self.dtype), trust_remote_code=trust
+            )
+            .to(self.device)
+            .eval()
+        )
         text = self._model.config.get_text_config()
         self.max_model_len = self.max_model_len or int(text.max_position_embeddings)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         item = _Pending(request, asyncio.get_running_loop().create_future())
-        item.prompt = str(self._proc.apply_chat_template(
-            hf_messages(request.messages), tokenize=False, add_generation_prompt=True))
-        item.key = json.dumps(hf_gen_kwargs(request.sampling) | {"seed": request.sampling.seed},
-                              sort_keys=True)
+        item.prompt = str(
+            self._proc.apply_chat_template(
+                hf_messages(request.messages), tokenize=False, add_generation_prompt=True
+            )
+        )
+        item.key = json.dumps(
+            hf_gen_kwargs(request.sampling) | {"seed": request.sampling.seed}, sort_keys=True
+        )
         self._waiting.append(item)
         self._wake.set()
         return await item.future
@@ -147,28 +166,43 @@ class HfEngine:
         grammar = self._grammar([p.request.response_format for p in batch])
         with torch.inference_mode():
             out = self._model.generate(
-                **inputs.to(self.device), **kw, stopping_criteria=[stop], tokenizer=self._proc.tokenizer,
-                logits_processor=[grammar] if grammar else None)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [self._output(p, row, n, inputs["input_ids"][i], stop.first_token_at)
-                for i, (p, row, n) in enumerate(zip(batch, new, lengths, strict=True))]
+                **inputs.to(self.device),
+                **kw,
+                stopping_criteria=[stop],
+                tokenizer=self._proc.tokenizer,
+                logits_processor=[grammar] if grammar else None,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [
+            self._output(p, row, n, inputs["input_ids"][i], stop.first_token_at)
+            for i, (p, row, n) in enumerate(zip(batch, new, lengths, strict=True))
+        ]
 
     def _inputs(self, batch: list[_Pending]) -> Any:
         images = [img for p in batch for img in p.request.images]
-        return self._proc(text=[p.prompt for p in batch], images=images or None, padding=True,
-                          return_tensors="pt")
+        return self._proc(
+            text=[p.prompt for p in batch], images=images or None, padding=True, return_tensors="pt"
+        )
 
-    def _without_too_long(self, batch: list[_Pending], too_long: list[bool], lengths: list[int],
-                          limit: int) -> list[EngineOutput | VlmqError]:
+    def _without_too_long(
+        self, batch: list[_Pending], too_long: list[bool], lengths: list[int], limit: int
+    ) -> list[EngineOutput | VlmqError]:
         ok = [p for p, bad in zip(batch, too_long, strict=True) if not bad]
         done = iter(self._run(ok) if ok else [])
-        return [VlmqError(ErrorCode.PROMPT_TOO_LONG,
-                          f"prompt of {n} tokens + max_tokens {p.request.sampling.max_tokens} "
-                          f"exceeds max_model_len {limit}") if bad else next(done)
-                for p, bad, n in zip(batch, too_long, lengths, strict=True)]
+        return [
+            VlmqError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt of {n} tokens + max_tokens {p.request.sampling.max_tokens} "
+                f"exceeds max_model_len {limit}",
+            )
+            if bad
+            else next(done)
+            for p, bad, n in zip(batch, too_long, lengths, strict=True)
+        ]
 
-    def _output(self, item: _Pending, row: Any, prompt_tokens: int, prompt_ids: Any,
-                first_token_at: float | None) -> EngineOutput:
+    def _output(
+        self, item: _Pending, row: Any, prompt_tokens: int, prompt_ids: Any, first_token_at: float | None
+    ) -> EngineOutput:
         tok = self._proc.tokenizer
         ends = set(_as_list(self._model.generation_config.eos_token_id)) | {tok.pad_token_id}
         ids = row.tolist()
@@ -182,10 +216,13 @@ class HfEngine:
                 text, finish = text[: text.index(s)], "stop"
         image_id = getattr(self._model.config, "image_token_id", None)
         return EngineOutput(
-            text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
             completion_tokens=len(ids[:cut]) + (cut is not None),
             image_tokens=int((prompt_ids == image_id).sum()) if image_id is not None else 0,
-            ttft_s=first_token_at - item.t0 if first_token_at else None)
+            ttft_s=first_token_at - item.t0 if first_token_at else None,
+        )
 
     def _grammar(self, formats: list[ResponseFormat | None]) -> _GrammarRows | None:
         if not any(formats):
@@ -194,7 +231,8 @@ class HfEngine:
             import xgrammar as xgr
 
             info = xgr.TokenizerInfo.from_huggingface(
-                self._proc.tokenizer, vocab_size=self._model.config.get_text_config().vocab_size)
+                self._proc.tokenizer, vocab_size=self._model.config.get_text_config().vocab_size
+            )
             self._grammars = xgr.GrammarCompiler(info)
         return _GrammarRows([_compile(self._grammars, f) if f else None for f in formats])
 
@@ -219,14 +257,13 @@ def _as_list(value: Any) -> list[int]:
 
 
 def _compile(compiler: Any, fmt: ResponseFormat) -> Any:
-    # Compact JSON: random or small models otherwise fill max_tokens with whitespace.
-    if isinstance(fmt, JsonSchemaFormat):
-        return compiler.compile_json_schema(json.dumps(fmt.schema), any_whitespace=False)
-    if isinstance(fmt, RegexFormat):
-        return compiler.compile_regex(fmt.pattern)
-    if isinstance(fmt, ChoiceFormat):
-        return compiler.compile_regex(choice_regex(fmt.choices))
-    raise VlmqError(ErrorCode.UNSUPPORTED, f"response format {type(fmt).__name__} is not supported")
+    rule = grammar(fmt)
+    if rule is None:
+        raise VlmqError(ErrorCode.UNSUPPORTED, f"response format {type(fmt).__name__} is not supported")
+    kind, spec = rule
+    if kind == "json":  # compact: random or small models otherwise fill max_tokens with blanks
+        return compiler.compile_json_schema(json.dumps(spec), any_whitespace=False)
+    return compiler.compile_regex(spec)
 
 
 class _RowStopper:

@@ -21,16 +21,33 @@ from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdep
 
 T = TypeVar("T")
 
-_BACKEND_KEYS = {"tp", "session_len", "cache_max_entry_count", "max_batch_size", "dtype",
-                 "max_prefill_token_num", "block_size", "quant_policy", "eager_mode"}
+_BACKEND_KEYS = {
+    "tp",
+    "session_len",
+    "cache_max_entry_count",
+    "max_batch_size",
+    "dtype",
+    "max_prefill_token_num",
+    "block_size",
+    "quant_policy",
+    "eager_mode",
+}
 
 
 class LmdeployEngine:
     name = "lmdeploy"
 
-    def __init__(self, model: str, *, backend: str = "pytorch", vision_max_batch_size: int = 8,
-                 chat_template: str | None = None, trust_remote_code: bool = False,
-                 image_factor: int = 28, **options: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        backend: str = "pytorch",
+        vision_max_batch_size: int = 8,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        image_factor: int = 28,
+        **options: Any,
+    ) -> None:
         unknown = set(options) - _BACKEND_KEYS
         if unknown:
             raise EngineConfigError(f"unknown LMDeploy option(s): {', '.join(sorted(unknown))}")
@@ -58,7 +75,9 @@ class LmdeployEngine:
 
         template = ChatTemplateConfig(model_name=self.chat_template) if self.chat_template else None
         self._pipe = pipeline(
-            self.model, backend_config=self.backend_config(), chat_template_config=template,
+            self.model,
+            backend_config=self.backend_config(),
+            chat_template_config=template,
             vision_config=VisionConfig(max_batch_size=self.vision_max_batch_size),
             trust_remote_code=self.trust_remote_code,
         )
@@ -87,7 +106,8 @@ class LmdeployEngine:
         last: Any = None
         try:
             prepared = await engine.preprocess(
-                lmdeploy_messages(request.messages, request.images), session_id, gen_config=gen)
+                lmdeploy_messages(request.messages, request.images), session_id, gen_config=gen
+            )
             async for out in engine.generate(prepared, stream_response=True):
                 if ttft is None and out.generate_token_len:
                     ttft = time.perf_counter() - t0
@@ -100,9 +120,11 @@ class LmdeployEngine:
         if last is not None and last.finish_reason == "error":
             raise engine_error(RuntimeError("LMDeploy finished the request with an error"))
         return EngineOutput(
-            text="".join(text), finish_reason=last.finish_reason if last else None,
+            text="".join(text),
+            finish_reason=last.finish_reason if last else None,
             prompt_tokens=last.input_token_len if last else 0,
-            completion_tokens=last.generate_token_len if last else 0, ttft_s=ttft,
+            completion_tokens=last.generate_token_len if last else 0,
+            ttft_s=ttft,
         )
 
     async def abort(self, request_id: str) -> None:

@@ -1,11 +1,12 @@
-"""Pure translations from vlmq's request to what engines take. No engine imports here, so
-CI checks every mapping without a GPU."""
+"""Every translation between vlmq and an engine: messages, sampling, structured output,
+whole request bodies, and engine errors back to vlmq's codes. Pure functions, no engine
+imports, so CI checks every mapping without a GPU."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import (
@@ -18,6 +19,7 @@ from vlmq.schemas.job import (
     Sampling,
     TextPart,
 )
+from vlmq.worker.engines.base import EngineRequest
 
 
 def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -29,8 +31,10 @@ def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
             continue
-        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
-                 for p in m.content]
+        parts = [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+            for p in m.content
+        ]
         out.append({"role": m.role, "content": parts})
     return out
 
@@ -40,8 +44,9 @@ def openai_messages(messages: list[Message], image_urls: list[str]) -> list[dict
     return _with_images(messages, image_urls, lambda url: {"type": "image_url", "image_url": {"url": url}})
 
 
-def _with_images(messages: list[Message], images: list[Any],
-                 part: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+def _with_images(
+    messages: list[Message], images: list[Any], part: Callable[[Any], dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Chat messages with the i-th ImageRef replaced by `part(images[i])`, text kept as is."""
     it = iter(images)
     out: list[dict[str, Any]] = []
@@ -49,8 +54,9 @@ def _with_images(messages: list[Message], images: list[Any],
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        parts = [part(next(it)) if isinstance(p, ImageRef) else {"type": "text", "text": p.text}
-                 for p in m.content]
+        parts = [
+            part(next(it)) if isinstance(p, ImageRef) else {"type": "text", "text": p.text} for p in m.content
+        ]
         out.append({"role": m.role, "content": parts})
     return out
 
@@ -70,13 +76,63 @@ def vllm_sampling_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict
         kw["seed"] = sampling.seed
     if sampling.stop:
         kw["stop"] = list(sampling.stop)
-    if isinstance(fmt, JsonSchemaFormat):
-        kw["structured_outputs"] = {"json": fmt.schema}
-    elif isinstance(fmt, RegexFormat):
-        kw["structured_outputs"] = {"regex": fmt.pattern}
-    elif isinstance(fmt, ChoiceFormat):
-        kw["structured_outputs"] = {"choice": list(fmt.choices)}
+    if (structured := structured_outputs(fmt)) is not None:
+        kw["structured_outputs"] = structured
     return kw
+
+
+def structured_outputs(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """vLLM's StructuredOutputsParams keywords for a response format; None for free text."""
+    if isinstance(fmt, JsonSchemaFormat):
+        return {"json": fmt.schema}
+    if isinstance(fmt, RegexFormat):
+        return {"regex": fmt.pattern}
+    if isinstance(fmt, ChoiceFormat):
+        return {"choice": list(fmt.choices)}
+    return None
+
+
+def grammar(fmt: ResponseFormat | None) -> tuple[Literal["json", "regex"], Any] | None:
+    """For engines that take only a JSON schema or a regex (xgrammar, LMDeploy): ("json",
+    schema) or ("regex", pattern), a choice list being the regex of its alternatives."""
+    spec = structured_outputs(fmt)
+    if spec is None:
+        return None
+    if "json" in spec:
+        return "json", spec["json"]
+    if "regex" in spec:
+        return "regex", spec["regex"]
+    return "regex", choice_regex(spec["choice"])
+
+
+def openai_body(request: EngineRequest, image_urls: list[str], model: str) -> dict[str, Any]:
+    """A `/v1/chat/completions` body; images as the given (data:) URLs. Choice and regex use
+    vLLM's `structured_outputs` extension, which servers without it refuse."""
+    s = request.sampling
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": openai_messages(request.messages, image_urls),
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+    }
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.top_k is not None:
+        body["top_k"] = s.top_k
+    if s.repetition_penalty != 1.0:
+        body["repetition_penalty"] = s.repetition_penalty
+    fmt = request.response_format
+    if isinstance(fmt, JsonSchemaFormat):
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "vlmq", "schema": fmt.schema},
+        }
+    elif (structured := structured_outputs(fmt)) is not None:
+        body["structured_outputs"] = structured
+    return body
 
 
 def hf_gen_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -112,13 +168,11 @@ def lmdeploy_gen_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[
         kw["random_seed"] = sampling.seed
     if sampling.stop:
         kw["stop_words"] = list(sampling.stop)
-    if isinstance(fmt, JsonSchemaFormat):
-        kw["response_format"] = {"type": "json_schema",
-                                 "json_schema": {"name": "vlmq", "schema": fmt.schema}}
-    elif isinstance(fmt, RegexFormat):
-        kw["response_format"] = {"type": "regex_schema", "regex_schema": fmt.pattern}
-    elif isinstance(fmt, ChoiceFormat):
-        kw["response_format"] = {"type": "regex_schema", "regex_schema": choice_regex(fmt.choices)}
+    rule = grammar(fmt)
+    if rule is not None and rule[0] == "json":
+        kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "vlmq", "schema": rule[1]}}
+    elif rule is not None:
+        kw["response_format"] = {"type": "regex_schema", "regex_schema": rule[1]}
     return kw
 
 
@@ -127,19 +181,36 @@ def choice_regex(choices: list[str]) -> str:
     return "(" + "|".join(re.escape(c) for c in choices) + ")"
 
 
-_TOO_LONG = re.compile(r"(longer than the maximum model length|exceeds? (the )?max(imum)?[ _]model[ _]len"
-                       r"|maximum context length|reduce the length of the input prompt"
-                       r"|prompt is too long|too many tokens|session_len)", re.I)
+_TOO_LONG = re.compile(
+    r"(longer than the maximum model length|exceeds? (the )?max(imum)?[ _]model[ _]len"
+    r"|maximum context length|reduce the length of the input prompt|max_model_len"
+    r"|(prompt|input) is too long|too many tokens|session_len)",
+    re.I,
+)
+
+
+def error_code(message: str) -> ErrorCode:
+    """The most specific code for an engine's error text (an exception's or a server's)."""
+    if _TOO_LONG.search(message):
+        return ErrorCode.PROMPT_TOO_LONG
+    lowered = message.lower()
+    if "structured" in lowered or "grammar" in lowered:
+        return ErrorCode.UNSUPPORTED
+    return ErrorCode.ENGINE_ERROR
 
 
 def engine_error(exc: BaseException) -> VlmqError:
     """An engine's exception as a vlmq error with the most specific code."""
-    text = f"{type(exc).__name__}: {exc}"
-    if _TOO_LONG.search(str(exc)):
-        return VlmqError(ErrorCode.PROMPT_TOO_LONG, text)
-    if "structured" in str(exc).lower() or "grammar" in str(exc).lower():
-        return VlmqError(ErrorCode.UNSUPPORTED, text)
-    return VlmqError(ErrorCode.ENGINE_ERROR, text)
+    return VlmqError(error_code(str(exc)), f"{type(exc).__name__}: {exc}")
+
+
+def http_error(status: int, message: str) -> VlmqError:
+    """An OpenAI-compatible server's 4xx answer as a vlmq error."""
+    code = error_code(message)
+    lowered = message.lower()
+    if code is ErrorCode.ENGINE_ERROR and (status == 404 or ("model" in lowered and "not found" in lowered)):
+        code = ErrorCode.UNKNOWN_MODEL
+    return VlmqError(code, message if code is not ErrorCode.ENGINE_ERROR else f"HTTP {status}: {message}")
 
 
 def lmdeploy_messages(messages: list[Message], images: list[Any]) -> list[dict[str, Any]]:

@@ -17,12 +17,10 @@ import time
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import ChoiceFormat, JsonSchemaFormat, RegexFormat
+from vlmq.core.retry import retry
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
-from vlmq.worker.engines.mapping import openai_messages
+from vlmq.worker.engines.mapping import http_error, openai_body
 
 
 class _Retryable(Exception):
@@ -32,9 +30,18 @@ class _Retryable(Exception):
 class OpenAIEngine:
     name = "openai"
 
-    def __init__(self, model: str, *, base_url: str = "http://127.0.0.1:8000/v1", api_key: str = "",
-                 max_concurrency: int = 64, timeout_s: float = 600.0, retries: int = 4,
-                 served_model: str | None = None, image_factor: int = 28) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        api_key: str = "",
+        max_concurrency: int = 64,
+        timeout_s: float = 600.0,
+        retries: int = 4,
+        served_model: str | None = None,
+        image_factor: int = 28,
+    ) -> None:
         self.model = model
         self.served_model = served_model or model
         self.base_url = base_url.rstrip("/")
@@ -60,30 +67,10 @@ class OpenAIEngine:
     def stats(self) -> dict[str, Any]:
         return {"running": len(self._tasks)}
 
-    def body(self, request: EngineRequest) -> dict[str, Any]:
-        s = request.sampling
-        body: dict[str, Any] = {
-            "model": self.served_model,
-            "messages": openai_messages(request.messages, [_data_url(i) for i in request.images]),
-            "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.top_k is not None:
-            body["top_k"] = s.top_k
-        if s.repetition_penalty != 1.0:
-            body["repetition_penalty"] = s.repetition_penalty
-        fmt = request.response_format
-        if isinstance(fmt, JsonSchemaFormat):
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "vlmq", "schema": fmt.schema}}
-        elif isinstance(fmt, ChoiceFormat):  # vLLM's extension; servers without it refuse
-            body["structured_outputs"] = {"choice": list(fmt.choices)}
-        elif isinstance(fmt, RegexFormat):
-            body["structured_outputs"] = {"regex": fmt.pattern}
-        return body
+    async def body(self, request: EngineRequest) -> dict[str, Any]:
+        # Encoding images costs milliseconds each: off the event loop.
+        urls = await asyncio.to_thread(lambda: [_data_url(i) for i in request.images])
+        return openai_body(request, urls, self.served_model)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         task = asyncio.ensure_future(self._call(request))
@@ -94,16 +81,11 @@ class OpenAIEngine:
             self._tasks.pop(request.request_id, None)
 
     async def _call(self, request: EngineRequest) -> EngineOutput:
-        body = self.body(request)
+        body = await self.body(request)
         async with self._slots:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
-                wait=wait_exponential_jitter(initial=0.5, max=10), stop=stop_after_attempt(self.retries),
-                reraise=True,
-            ):
-                with attempt:
-                    return await self._post(body)
-        raise AssertionError("unreachable")
+            return await retry(
+                lambda: self._post(body), on=_Retryable, attempts=self.retries, initial=0.5, max_wait=10.0
+            )
 
     async def _post(self, body: dict[str, Any]) -> EngineOutput:
         assert self._session is not None, "start() first"
@@ -114,13 +96,14 @@ class OpenAIEngine:
                     raise _Retryable(f"HTTP {resp.status}")
                 data = await resp.json(content_type=None)
                 if resp.status >= 400:
-                    raise _client_error(resp.status, data)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                    raise http_error(resp.status, _message(data))
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:  # aiohttp's, on 3.10 too
             raise _Retryable(repr(exc)) from None
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         return EngineOutput(
-            text=choice["message"].get("content") or "", finish_reason=choice.get("finish_reason"),
+            text=choice["message"].get("content") or "",
+            finish_reason=choice.get("finish_reason"),
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
             ttft_s=time.perf_counter() - t0,  # not streamed: the whole answer's latency
@@ -132,14 +115,8 @@ class OpenAIEngine:
             task.cancel()  # closes the HTTP request; the server aborts the generation
 
 
-def _client_error(status: int, data: Any) -> VlmqError:
-    message = str(data.get("error", data) if isinstance(data, dict) else data)[:500]
-    lowered = message.lower()
-    if "maximum context length" in lowered or "too long" in lowered or "max_model_len" in lowered:
-        return VlmqError(ErrorCode.PROMPT_TOO_LONG, message)
-    if status == 404 or ("model" in lowered and "not found" in lowered):
-        return VlmqError(ErrorCode.UNKNOWN_MODEL, message)
-    return VlmqError(ErrorCode.ENGINE_ERROR, f"HTTP {status}: {message}")
+def _message(data: Any) -> str:
+    return str(data.get("error", data) if isinstance(data, dict) else data)[:500]
 
 
 def _data_url(image: Any) -> str:

@@ -13,10 +13,10 @@ import re
 import time
 from typing import Any
 
+from vlmq.core.settings import parse_pairs
 from vlmq.schemas.errors import VlmqError
-from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
+from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
-from vlmq.worker.settings import parse_pairs
 
 _PAIRS = re.compile(r"^\w+=[^=,]+(,\w+=[^=,]+)*$")
 
@@ -32,8 +32,9 @@ def _mapping(value: Any) -> Any:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model: str, *, image_factor: int = 28, ignore_eos: bool = False,
-                 **engine_args: Any) -> None:
+    def __init__(
+        self, model: str, *, image_factor: int = 28, ignore_eos: bool = False, **engine_args: Any
+    ) -> None:
         self.model = str(engine_args.get("served_model_name") or model)
         self.path = model
         self.image_factor = image_factor
@@ -42,8 +43,10 @@ class VllmEngine:
         # Compact JSON unless told otherwise: with free whitespace, weak (or random-weight)
         # models fill max_tokens with blanks and never close the object (seen on the H100).
         # vLLM takes this per engine, and only for the xgrammar and guidance backends.
-        self.engine_args = {"model": model, "structured_outputs_config": {
-            "backend": "xgrammar", "disable_any_whitespace": True}}
+        self.engine_args: dict[str, Any] = {
+            "model": model,
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        }
         self.engine_args |= {k: _mapping(v) for k, v in engine_args.items()}
         self.priority = engine_args.get("scheduling_policy") == "priority"
         self._llm: Any = None
@@ -61,8 +64,10 @@ class VllmEngine:
 
         unknown = set(self.engine_args) - {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         if unknown:
-            raise EngineConfigError(f"not vLLM engine args: {', '.join(sorted(unknown))} "
-                             "(see `vllm serve --help` for the names this vLLM takes)")
+            raise EngineConfigError(
+                f"not vLLM engine args: {', '.join(sorted(unknown))} "
+                "(see `vllm serve --help` for the names this vLLM takes)"
+            )
         kw = dict(self.engine_args)
         if isinstance(kw["structured_outputs_config"], dict):
             from vllm.config import StructuredOutputsConfig
@@ -88,8 +93,11 @@ class VllmEngine:
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
 
     def prompt(self, request: EngineRequest) -> str:
-        return str(self._template.apply_chat_template(
-            hf_messages(request.messages), tokenize=False, add_generation_prompt=True))
+        return str(
+            self._template.apply_chat_template(
+                hf_messages(request.messages), tokenize=False, add_generation_prompt=True
+            )
+        )
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         from vllm import SamplingParams
@@ -107,8 +115,12 @@ class VllmEngine:
         tokens = 0  # DELTA outputs: each chunk holds only the new tokens
         final: Any = None
         try:
-            async for out in self._llm.generate(inputs, params, request_id=request.request_id,
-                                                priority=request.priority if self.priority else 0):
+            async for out in self._llm.generate(
+                inputs,
+                params,
+                request_id=request.request_id,
+                priority=request.priority if self.priority else 0,
+            ):
                 piece = out.outputs[0]
                 if ttft is None and piece.token_ids:
                     ttft = time.perf_counter() - t0
@@ -118,12 +130,19 @@ class VllmEngine:
         except VlmqError:
             raise
         except Exception as exc:
-            self._dead = type(exc).__name__ == "EngineDeadError"
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError):
+                self._dead = True
+                raise EngineDead(f"vLLM engine died: {exc}") from exc
             raise engine_error(exc) from None
         prompt = list(final.prompt_token_ids or [])
         return EngineOutput(
-            text="".join(text), finish_reason=final.outputs[0].finish_reason,
-            prompt_tokens=len(prompt), completion_tokens=tokens, ttft_s=ttft,
+            text="".join(text),
+            finish_reason=final.outputs[0].finish_reason,
+            prompt_tokens=len(prompt),
+            completion_tokens=tokens,
+            ttft_s=ttft,
             image_tokens=prompt.count(self._image_token) if self._image_token is not None else 0,
         )
 

@@ -1,0 +1,5 @@
+"""`python -m vlmq.cli ...`: the same as `vlmq ...`."""
+
+from vlmq.cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""The one way vlmq retries and times out: `retry`, `through_outage` and `within`.
+
+Retries are tenacity's (exponential backoff with jitter, then the last error re-raised);
+timeouts raise the builtin `TimeoutError` on every supported Python (on 3.10,
+`asyncio.TimeoutError` is another class, which once let a timeout escape a handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
+
+import structlog
+from aiokafka.errors import KafkaError
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    stop_any,
+    stop_never,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+T = TypeVar("T")
+log = structlog.get_logger("vlmq.retry")
+
+# Infrastructure faults that pass: a Redis or Kafka restart, a dropped connection.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    KafkaError,
+    OSError,
+)
+
+
+def _warn(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "retrying",
+        call=getattr(state.fn, "__qualname__", "?"),
+        attempt=state.attempt_number,
+        error=repr(exc),
+    )
+
+
+async def retry(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    on: type[BaseException] | tuple[type[BaseException], ...],
+    seconds: float | None = None,
+    attempts: int | None = None,
+    initial: float = 0.05,
+    max_wait: float = 2.0,
+    jitter: float = 1.0,
+) -> T:
+    """Call `fn` until it returns, retrying the exceptions `on` with backoff, for up to
+    `seconds` and/or `attempts` calls; then re-raise the last error. Other exceptions
+    propagate at once. The n-th wait is `initial * 2**n` capped at `max_wait`, plus up to
+    `jitter` seconds at random, so a fleet does not retry in lockstep."""
+    stops: list[stop_base] = []
+    if seconds is not None:
+        stops.append(stop_after_delay(seconds))
+    if attempts is not None:
+        stops.append(stop_after_attempt(attempts))
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(on),
+        wait=wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=jitter),
+        stop=stop_any(*stops) if stops else stop_never,
+        before_sleep=_warn,
+        reraise=True,
+    )
+
+    async def call() -> T:  # tenacity awaits only what it sees is a coroutine function
+        return await fn()
+
+    return cast(T, await retrying(call))
+
+
+async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """Call a Redis or Kafka operation until it succeeds, for up to `seconds` of outage."""
+    try:  # the hot path: tenacity's bookkeeping only once something failed
+        return await fn()
+    except TRANSIENT as exc:
+        log.warning("retrying", error=repr(exc))
+    return await retry(fn, on=TRANSIENT, seconds=seconds)
+
+
+async def within(aw: Awaitable[T], seconds: float) -> T:
+    """`aw`'s result, or the builtin TimeoutError after `seconds` (the awaitable is cancelled)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):  # no extra task per call, unlike wait_for
+            return await aw
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"timed out after {seconds}s") from None

@@ -1,0 +1,125 @@
+"""One typed settings object for every process: defaults here, `VLMQ_*` env vars, then flags.
+
+`Connection` is what the SDK, the CLI and the worker share (where Kafka, Redis and S3 are,
+how to log in, how long results live); `WorkerSettings` extends it with the worker's own
+knobs. Every field is `VLMQ_<FIELD NAME>` in the environment: `redis_url` is
+`VLMQ_REDIS_URL`. Lists are comma-separated, dicts `key=value,key=value`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from vlmq.schemas import keys
+
+RESULT_TTL_S = 7 * 24 * 3600
+DEFAULT_KAFKA = "127.0.0.1:9092"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+S = TypeVar("S", bound="Settings")
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """A settings object that loads itself: defaults, then the environment, then flags."""
+
+    @classmethod
+    def load(cls: type[S], overrides: dict[str, Any] | None = None) -> S:
+        """Defaults, then `VLMQ_<FIELD>` env vars, then `overrides` (flags; None = unset)."""
+        raw: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            val = os.environ.get(f"VLMQ_{field.name.upper()}")
+            if val is not None:
+                raw[field.name] = _parse_env(field.type, val)
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return msgspec.convert(raw, cls, strict=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings for a log line: secrets never appear in one."""
+        return _redact(msgspec.to_builtins(self))
+
+
+class Connection(Settings, kw_only=True):
+    """Where the services are and how to reach them: the same for SDK, CLI and worker."""
+
+    # Kafka bootstrap servers, `host:port[,host:port...]`.
+    kafka_bootstrap: str = DEFAULT_KAFKA
+    # Redis URL (`redis://[user:password@]host:port/db`, `rediss://` for TLS).
+    redis_url: str = DEFAULT_REDIS
+    # S3 endpoint (MinIO, moto...); None: AWS, credentials from the standard AWS chain.
+    s3_endpoint_url: str | None = None
+    # The topic jobs are produced to and consumed from.
+    jobs_topic: str = keys.JOBS_TOPIC
+    # The dead-letter topic: every failed job's message and error.
+    dlq_topic: str = keys.DLQ_TOPIC
+    # Kafka security, in aiokafka's names; SASL fields matter only with a SASL protocol.
+    kafka_security_protocol: KafkaProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    # CA bundle for SSL/SASL_SSL; None: the system's.
+    kafka_ssl_cafile: str | None = None
+    # Seconds every job record (and batch) lives in Redis after its last write.
+    result_ttl_s: int = RESULT_TTL_S
+
+    def kafka_options(self) -> dict[str, Any]:
+        """aiokafka's TLS/SASL keyword arguments, for producers and consumers alike."""
+        out: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            out |= {
+                "sasl_mechanism": self.kafka_sasl_mechanism,
+                "sasl_plain_username": self.kafka_sasl_username,
+                "sasl_plain_password": self.kafka_sasl_password,
+            }
+        if "SSL" in self.kafka_security_protocol:
+            from aiokafka.helpers import create_ssl_context
+
+            out["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return out
+
+
+_SECRET_WORDS = ("password", "secret", "token", "api_key", "credential")
+
+
+def _redact(value: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(v, dict):  # engine_args may hold an api_key
+            out[k] = _redact(v)
+        elif v and any(word in k.lower() for word in _SECRET_WORDS):
+            out[k] = "***"
+        else:
+            out[k] = redact_url(v) if isinstance(v, str) and "://" in v else v
+    return out
+
+
+def _parse_env(kind: Any, val: str) -> Any:
+    """An env var's text as the field's type wants it; msgspec converts the rest."""
+    origin = getattr(kind, "__origin__", None)
+    if origin is list:
+        return [v.strip() for v in val.split(",") if v.strip()]
+    if origin is dict:
+        return parse_pairs([v for v in val.split(",") if v])
+    return val
+
+
+def parse_pairs(items: list[str]) -> dict[str, str]:
+    """`key=value` strings (flags like --engine-arg) into a dict; a bare key means "true"."""
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        out[k.strip().replace("-", "_")] = v.strip() if sep else "true"
+    return out
+
+
+def redact_url(url: str) -> str:
+    """redis://user:secret@host -> redis://user:***@host."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    cred, _, host = rest.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,65 @@
+"""The bad-input corpus (tests/corpus/build.py, 70 cases) through one real worker: each case
+ends with its documented outcome, every failure has a dead letter, the worker keeps serving,
+and its memory stays bounded (a decompression bomb is refused from its header)."""
+
+from __future__ import annotations
+
+import boto3
+from aiokafka import AIOKafkaProducer
+
+from bench.common import peak_rss_mib
+from tests.corpus.build import CORPUS_SETTINGS, cases
+from tests.helpers import Env, read_topic, start_worker, stop_worker
+from vlmq.producer import Client
+from vlmq.schemas import Job, JobState, Message
+from vlmq.schemas.codec import decode_dead_letter
+
+MAX_RSS_MIB = 1024
+
+
+async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
+    corpus = cases()
+    assert len(corpus) >= 50
+    s3 = boto3.client("s3", endpoint_url=e.s3)
+    for case in corpus:
+        for key, body in case.objects.items():
+            s3.put_object(Bucket=e.bucket, Key=key, Body=body)
+    w = start_worker(e, "w", allowed_buckets=e.bucket, **CORPUS_SETTINGS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=e.kafka, acks="all", enable_idempotence=False, max_request_size=16 * 1024 * 1024
+    )
+    await producer.start()
+    keys = {}
+    for case in corpus:
+        key = f"{e.tag}-{case.name}"
+        keys[case.name] = key
+        value = case.value.replace(b'"job_id": "x"', f'"job_id": "{key}"'.encode())
+        value = value.replace(b"{bucket}", e.bucket.encode())
+        headers = [("content-type", case.content_type)] if case.content_type else []
+        await producer.send_and_wait(e.jobs_topic, value, key=key.encode(), headers=headers)
+    await producer.stop()
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        results = {r.job_id: r for r in await client.wait_many(list(keys.values()), timeout=120)}
+        after = Job(job_id=f"{e.tag}-after", messages=[Message("user", "still there?")])
+        await client.submit(after)
+        assert (await client.wait(after.job_id, timeout=30)).state is JobState.SUCCEEDED
+    wrong = []
+    for case in corpus:
+        r = results[keys[case.name]]
+        got = r.error.code.value if r.state is JobState.FAILED and r.error else r.state.value
+        if got != case.expect:
+            wrong.append(
+                f"{case.name}: expected {case.expect}, got {got} ({r.error.message[:120] if r.error else ''})"
+            )
+    assert not wrong, "\n".join(wrong)
+    failed = {keys[c.name] for c in corpus if c.expect not in ("succeeded", "expired")}
+    dead = {decode_dead_letter(m.value).job_id for m in await read_topic(e, e.dlq_topic, len(failed))}
+    assert dead == failed, (sorted(map(str, failed - dead)), sorted(map(str, dead - failed)))
+    big = next(
+        d
+        for m in await read_topic(e, e.dlq_topic, len(failed))
+        if (d := decode_dead_letter(m.value)).job_id == keys["wire-10mb-prompt"]
+    )
+    assert big.payload_size is not None and big.payload_size > 10_000_000 >= len(big.payload)
+    assert peak_rss_mib(w.pid) < MAX_RSS_MIB
+    assert stop_worker(w) == 0

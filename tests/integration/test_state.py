@@ -1,0 +1,112 @@
+"""The Redis state machine (Lua) against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from vlmq.core.state import StateStore
+from vlmq.schemas import keys
+from vlmq.schemas.job import JobState, Result
+
+
+def _ids(n: int = 1) -> list[str]:
+    return [uuid.uuid4().hex for _ in range(n)]
+
+
+async def test_enqueue_is_idempotent_and_counts_once(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60)
+    (job,), batch = _ids(), uuid.uuid4().hex
+    first = await store.enqueue(job, batch, time.time())
+    assert first.new and first.must_send
+    again = await store.enqueue(job, batch, time.time())
+    assert not again.new and again.must_send  # not acknowledged yet: may be sent again
+    await store.mark_sent([job])
+    assert not (await store.enqueue(job, batch, time.time())).must_send
+    counts = await store.batch_counts(batch)
+    assert (counts.total, counts.queued) == (1, 1)
+    assert 0 < await redis.ttl(keys.job_key(job)) <= 60
+    assert 0 < await redis.ttl(keys.batch_key(batch)) <= 60
+
+
+async def test_claim_finish_first_terminal_write_wins(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60)
+    (job,), batch = _ids(), uuid.uuid4().hex
+    await store.enqueue(job, batch, time.time())
+    claim = await store.claim(job, batch, "w1")
+    assert claim.granted and claim.attempt == 1
+    again = await store.claim(job, batch, "w2")  # a redelivery after w1 died
+    assert again.granted and again.attempt == 2
+    assert await store.finish(Result(job, JobState.SUCCEEDED, text="a", batch_id=batch))
+    assert not await store.finish(Result(job, JobState.FAILED, text="b", batch_id=batch))
+    assert not (await store.claim(job, batch, "w3")).granted
+    got = await store.get(job)
+    assert got is not None and (got.state, got.text) == (JobState.SUCCEEDED, "a")
+    assert await store.terminal_writes(job) == 1
+    counts = await store.batch_counts(batch)
+    assert (counts.total, counts.queued, counts.running, counts.succeeded) == (1, 0, 0, 1)
+    assert [r.job_id async for r in store.iter_batch(batch)] == [job]
+    assert 0 < await redis.ttl(keys.batch_done_key(batch)) <= 60
+
+
+async def test_a_job_never_enqueued_is_counted_when_claimed(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60)
+    (job,), batch = _ids(), uuid.uuid4().hex
+    assert (await store.claim(job, batch, "w")).granted  # e.g. produced by a non-SDK client
+    await store.finish(Result(job, JobState.FAILED, batch_id=batch))
+    counts = await store.batch_counts(batch)
+    assert (counts.total, counts.running, counts.failed) == (1, 0, 1)
+
+
+async def test_cancel_queued_and_running_but_not_ended(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60)
+    queued, running, ended = _ids(3)
+    for j in (queued, running, ended):
+        await store.enqueue(j, None, time.time())
+    await store.claim(running, None, "w")
+    await store.finish(Result(ended, JobState.SUCCEEDED))
+    assert await store.cancel(queued) and await store.cancel(running)
+    assert not await store.cancel(ended) and not await store.cancel("never-seen")
+    assert not (await store.claim(queued, None, "w")).granted
+    states = [r.state if r else None for r in await store.get_many([queued, running, ended])]
+    assert states == [JobState.CANCELLED, JobState.CANCELLED, JobState.SUCCEEDED]
+    assert not await redis.exists(keys.NO_BATCH)  # jobs without a batch never touch it
+
+
+async def test_wait_wakes_on_completion_without_polling(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60, recheck_s=30)  # a wake-up can only come from pub/sub
+    (job,) = _ids()
+    await store.enqueue(job, None, time.time())
+    waiter = asyncio.create_task(store.wait(job, timeout=20))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    t0 = time.monotonic()
+    await store.finish(Result(job, JobState.SUCCEEDED, text="x"))
+    result = await waiter
+    assert result is not None and result.text == "x"
+    assert time.monotonic() - t0 < 2
+
+
+async def test_wait_times_out_and_as_completed_yields_in_end_order(redis: Redis) -> None:
+    store = StateStore(redis, ttl_s=60, recheck_s=0.2)
+    a, b, c = _ids(3)
+    for j in (a, b, c):
+        await store.enqueue(j, None, time.time())
+    assert await store.wait(a, timeout=0.3) is None
+    await store.finish(Result(c, JobState.SUCCEEDED))
+    order: list[str] = []
+
+    async def finish_later() -> None:
+        await asyncio.sleep(0.3)
+        await store.finish(Result(a, JobState.FAILED))
+        await asyncio.sleep(0.3)
+        await store.finish(Result(b, JobState.SUCCEEDED))
+
+    task = asyncio.create_task(finish_later())
+    async for r in store.as_completed([a, b, c], timeout=10):
+        order.append(r.job_id)
+    await task
+    assert order == [c, a, b]

@@ -1,0 +1,124 @@
+"""Bad input: each kind ends `failed` with its own code and a dead-letter record, and the
+worker keeps serving the next job. Real worker process, real servers."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from typing import Any
+
+import boto3
+import msgspec
+from aiokafka import AIOKafkaProducer
+
+from tests.helpers import Env, read_topic, start_worker, stop_worker
+from vlmq.producer import Client
+from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, TextPart
+from vlmq.schemas.codec import decode_dead_letter
+from vlmq.worker.samples import photo
+
+
+def _bomb_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, "PNG")  # 400 Mpx in a few hundred KB
+    return buf.getvalue()
+
+
+def _job(job_id: str, *parts: str | ImageRef, **kw: Any) -> Job:
+    content = [TextPart(p) if isinstance(p, str) else p for p in parts] or [TextPart("hi")]
+    return Job(job_id=job_id, messages=[Message("user", content)], **kw)
+
+
+async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> None:
+    s3 = boto3.client("s3", endpoint_url=e.s3)
+    good = photo(64, 48, seed=1)
+    objects = {
+        "good.jpg": good,
+        "trunc.jpg": good[: len(good) // 2],
+        "text.jpg": b"hello",
+        "empty.jpg": b"",
+        "big.jpg": good + b"\0" * 300_000,
+        "bomb.png": _bomb_png(),
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=e.bucket, Key=key, Body=body)
+    img = {k: ImageRef(f"s3://{e.bucket}/{k}") for k in objects}
+    t = e.tag
+    jobs = {
+        ErrorCode.IMAGE_NOT_FOUND: _job(f"{t}-missing", ImageRef(f"s3://{e.bucket}/nope.jpg")),
+        ErrorCode.URI_NOT_ALLOWED: _job(f"{t}-bucket", ImageRef("s3://other-bucket/x.jpg")),
+        ErrorCode.IMAGE_CORRUPT: _job(f"{t}-trunc", img["trunc.jpg"]),
+        ErrorCode.IMAGE_TOO_LARGE: _job(f"{t}-big", img["big.jpg"]),
+        ErrorCode.TOO_MANY_IMAGES: _job(f"{t}-many", *[img["good.jpg"]] * 5),
+        ErrorCode.PROMPT_TOO_LONG: _job(f"{t}-long", "x" * 5000),
+        ErrorCode.UNKNOWN_MODEL: _job(f"{t}-model", model="llama-9000"),
+        ErrorCode.ENGINE_ERROR: _job(f"{t}-engine", "please EXPLODE"),
+        ErrorCode.IMAGE_CHECKSUM: _job(f"{t}-sha", ImageRef(img["good.jpg"].uri, sha256="0" * 64)),
+    }
+    more = {  # codes that appear more than once
+        f"{t}-text": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-text", img["text.jpg"])),
+        f"{t}-empty": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-empty", img["empty.jpg"])),
+        f"{t}-bomb": (ErrorCode.IMAGE_TOO_LARGE, _job(f"{t}-bomb", img["bomb.png"])),
+        f"{t}-file": (ErrorCode.URI_NOT_ALLOWED, _job(f"{t}-file", ImageRef("file:///etc/passwd"))),
+        f"{t}-https": (ErrorCode.URI_NOT_ALLOWED, _job(f"{t}-https", ImageRef("https://a.b/c.jpg"))),
+        f"{t}-b64": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-b64", ImageRef("data:image/png;base64,@@"))),
+    }
+    expect = {j.job_id: code for code, j in jobs.items()} | {k: c for k, (c, _) in more.items()}
+    raw = {  # what only a broken producer sends: straight to Kafka
+        f"{t}-garbage": (ErrorCode.BAD_MESSAGE, b"\xc1\xc1 not msgpack"),
+        f"{t}-schema": (
+            ErrorCode.INVALID_JOB,
+            json.dumps(
+                {
+                    "job_id": f"{t}-schema",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "sampling": {"max_tokens": -1},
+                }
+            ).encode(),
+        ),
+        f"{t}-version": (
+            ErrorCode.UNSUPPORTED_VERSION,
+            json.dumps({"job_id": f"{t}-version", "v": 99, "messages": []}).encode(),
+        ),
+    }
+    expect |= {k: c for k, (c, _) in raw.items()}
+    ok_sha = hashlib.sha256(good).hexdigest()
+    valid = [
+        _job(f"{t}-ok", ImageRef(img["good.jpg"].uri, sha256=ok_sha)),
+        _job(f"{t}-inline", ImageRef("data:image/jpeg;base64," + base64.b64encode(good).decode())),
+    ]
+
+    w = start_worker(
+        e,
+        "w",
+        engine_args="fail_on=EXPLODE,max_model_len=1000",
+        max_images_per_job=4,
+        max_image_bytes=200_000,
+        allowed_buckets=e.bucket,
+        max_prompt_chars=100_000,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=e.kafka, acks="all", enable_idempotence=False)
+    await producer.start()
+    for key, (_, value) in raw.items():
+        await producer.send_and_wait(e.jobs_topic, value, key=key.encode())
+    await producer.stop()
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit_many([*jobs.values(), *(j for _, j in more.values()), *valid])
+        results = {
+            r.job_id: r for r in await client.wait_many([*expect, *(j.job_id for j in valid)], timeout=60)
+        }
+    for job_id, code in expect.items():
+        r = results[job_id]
+        assert r.state is JobState.FAILED and r.error is not None, job_id
+        assert r.error.code is code, (job_id, r.error)
+    assert all(results[j.job_id].state is JobState.SUCCEEDED for j in valid)
+    dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, len(expect))]
+    assert {d.job_id: d.error.code for d in dead} == expect
+    garbage = next(d for d in dead if d.job_id == f"{t}-garbage")
+    assert garbage.payload == raw[f"{t}-garbage"][1] and garbage.topic == e.jobs_topic
+    assert stop_worker(w) == 0  # alive all along, drains cleanly
+    assert msgspec.json.decode(msgspec.json.encode(dead[0].error))["code"] in {c.value for c in ErrorCode}
