@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -32,14 +33,18 @@ from tenacity.stop import stop_base
 T = TypeVar("T")
 log = structlog.get_logger("vlmq.retry")
 
-# Infrastructure faults that pass: a Redis or Kafka restart, a dropped connection.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    BusyLoadingError,
-    KafkaError,
-    OSError,
-)
+
+class InfrastructureError(Exception):
+    """Redis or Kafka stayed unreachable through the whole outage budget. The one error
+    (with a dead engine) that stops a worker: no job could be served without them."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Infrastructure faults that pass: a Redis or Kafka restart, a dropped connection, a
+    leader election. Not: a script error, a refused permission, a message Kafka rejects."""
+    if isinstance(exc, KafkaError):
+        return bool(exc.retriable)
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | BusyLoadingError | OSError)
 
 
 def _warn(state: RetryCallState) -> None:
@@ -55,7 +60,7 @@ def _warn(state: RetryCallState) -> None:
 async def retry(
     fn: Callable[[], Awaitable[T]],
     *,
-    on: type[BaseException] | tuple[type[BaseException], ...],
+    on: type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool],
     seconds: float | None = None,
     attempts: int | None = None,
     initial: float = 0.05,
@@ -71,8 +76,9 @@ async def retry(
         stops.append(stop_after_delay(seconds))
     if attempts is not None:
         stops.append(stop_after_attempt(attempts))
+    condition = retry_if_exception_type(on) if isinstance(on, (type, tuple)) else retry_if_exception(on)
     retrying = AsyncRetrying(
-        retry=retry_if_exception_type(on),
+        retry=condition,
         wait=wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=jitter),
         stop=stop_any(*stops) if stops else stop_never,
         before_sleep=_warn,
@@ -86,12 +92,20 @@ async def retry(
 
 
 async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float) -> T:
-    """Call a Redis or Kafka operation until it succeeds, for up to `seconds` of outage."""
+    """Call a Redis or Kafka operation until it succeeds, for up to `seconds` of outage;
+    then raise InfrastructureError. Errors that are not transient propagate at once."""
     try:  # the hot path: tenacity's bookkeeping only once something failed
         return await fn()
-    except TRANSIENT as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         log.warning("retrying", error=repr(exc))
-    return await retry(fn, on=TRANSIENT, seconds=seconds)
+    try:
+        return await retry(fn, on=is_transient, seconds=seconds)
+    except Exception as exc:
+        if is_transient(exc):
+            raise InfrastructureError(f"unavailable for {seconds:.0f}s: {exc!r}") from exc
+        raise
 
 
 async def within(aw: Awaitable[T], seconds: float) -> T:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import msgspec
 
@@ -116,10 +117,12 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
 
 
 def redact_url(url: str) -> str:
-    """redis://user:secret@host -> redis://user:***@host."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    cred, _, host = rest.rpartition("@")
-    user = cred.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """A URL for a log line: no password in the userinfo, no query value (presigned URLs,
+    `?password=`): redis://user:secret@host/0?password=x -> redis://user:***@host/0?password=***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, _, host = netloc.rpartition("@")
+        netloc = f"{cred.split(':', 1)[0]}:***@{host}"
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -10,8 +10,9 @@ restart drops subscriptions), so nobody polls in a tight loop and nobody waits f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -19,11 +20,13 @@ import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core.settings import RESULT_TTL_S
 from vlmq.schemas import keys
 from vlmq.schemas.codec import decode_result, encode_result
-from vlmq.schemas.job import JobState, Result, Timings
+from vlmq.schemas.job import Error, JobState, Result, Timings
 
 
 def _lua(name: str) -> str:
@@ -35,12 +38,20 @@ def _s(v: Any) -> str:
 
 
 class Claim(msgspec.Struct, frozen=True):
-    state: JobState
-    attempt: int
+    """A claim's answer: `running` with this attempt's number, the job's terminal state, or
+    a conflict (the message names another batch than the record written at enqueue)."""
+
+    state: JobState | None
+    attempt: int = 0
+    recorded_batch: str | None = None  # set on a conflict
 
     @property
     def granted(self) -> bool:
         return self.state is JobState.RUNNING
+
+    @property
+    def conflict(self) -> bool:
+        return self.state is None
 
 
 class Enqueued(msgspec.Struct, frozen=True):
@@ -117,11 +128,18 @@ class StateStore:
     """
 
     def __init__(
-        self, redis: Redis, *, ttl_s: int = RESULT_TTL_S, recheck_s: float = 5.0, coalesce: bool = False
+        self,
+        redis: Redis,
+        *,
+        ttl_s: int = RESULT_TTL_S,
+        recheck_s: float = 5.0,
+        outage_s: float = 60.0,
+        coalesce: bool = False,
     ):
         self.redis = redis
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
+        self.outage_s = outage_s  # how long waiters ride out a Redis restart
         self._enqueue = redis.register_script(_lua("enqueue"))
         self._claim = redis.register_script(_lua("claim"))
         self._finish = redis.register_script(_lua("finish"))
@@ -160,10 +178,10 @@ class StateStore:
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-        st, attempt = await self._script(
-            self._claim, keys_, [batch_id or "", worker, time.time(), self.ttl_s]
-        )
-        return Claim(JobState(_s(st)), int(attempt))
+        st, detail = await self._script(self._claim, keys_, [batch_id or "", worker, time.time(), self.ttl_s])
+        if _s(st) == "conflict":
+            return Claim(None, recorded_batch=_s(detail))
+        return Claim(JobState(_s(st)), int(detail))
 
     async def finish(self, result: Result) -> bool:
         """Write the terminal state. True if this call ended the job, False if it had ended."""
@@ -182,19 +200,34 @@ class StateStore:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job (running ones are aborted by their worker)."""
-        st, batch_id = await self.redis.hmget(keys.job_key(job_id), ["state", "batch_id"])
-        if st is None:
-            return False
-        result = Result(
-            job_id=job_id,
-            state=JobState.CANCELLED,
-            batch_id=_s(batch_id) if batch_id else None,
-            timings=Timings(finished_at=time.time()),
-        )
-        ended = await self.finish(result)
+        ended = await self.end_recorded(job_id, JobState.CANCELLED, must_exist=True)
         if ended:
             await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
         return ended
+
+    async def end_recorded(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        error: Error | None = None,
+        worker: str | None = None,
+        must_exist: bool = False,
+    ) -> bool:
+        """End a job in `state`, in the batch its record names (never one a message claims).
+        A job without a record is ended without a batch, unless `must_exist`."""
+        st, batch_id = await self.redis.hmget(keys.job_key(job_id), ["state", "batch_id"])
+        if st is None and must_exist:
+            return False
+        result = Result(
+            job_id=job_id,
+            state=state,
+            error=error,
+            worker=worker,
+            batch_id=_s(batch_id) if batch_id else None,
+            timings=Timings(finished_at=time.time()),
+        )
+        return await self.finish(result)
 
     async def get(self, job_id: str) -> Result | None:
         return (await self.get_many([job_id]))[0]
@@ -213,35 +246,48 @@ class StateStore:
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Result | None:
         """The job's terminal Result, or None if it did not end within `timeout` seconds."""
-        async for result in self.as_completed([job_id], timeout=timeout):
-            return result
+        # aclosing: leaving the loop early must unsubscribe now, not when the GC runs.
+        async with contextlib.aclosing(self.as_completed([job_id], timeout=timeout)) as results:
+            async for result in results:
+                return result
         return None
 
     async def as_completed(
         self, job_ids: Iterable[str], *, timeout: float | None = None
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """Yield each job's terminal Result as it ends (already ended ones first). After the
         first read, only the jobs a completion message named are read again, and all pending
-        ones once per re-check interval (a message can be missed: Redis pub/sub has no replay)."""
+        ones once per re-check interval (a message can be missed: Redis pub/sub has no replay).
+
+        A Redis restart or a dropped connection is ridden out for up to `outage_s`: the
+        waiter reconnects, subscribes again and re-reads every pending job; after that the
+        connection error is raised."""
         pending = set(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub: PubSub = self.redis.pubsub()
-        try:
-            job_of = {keys.done_channel(j): j for j in pending}
-            channels = list(job_of)
-            for i in range(0, len(channels), 1000):
-                await pubsub.subscribe(*channels[i : i + 1000])
-            to_read = set(pending)
-            while pending:
-                for result in await self._ended(to_read & pending):
-                    pending.discard(result.job_id)
-                    yield result
-                news = await self._await_news(pubsub, deadline) if pending else None
-                if news is None:
+        job_of = {keys.done_channel(j): j for j in pending}
+        down_since: float | None = None
+        while pending:
+            pubsub: PubSub = self.redis.pubsub()
+            try:
+                await _subscribe(pubsub, list(job_of))
+                down_since, to_read = None, set(pending)
+                while pending:
+                    for result in await self._ended(to_read & pending):
+                        pending.discard(result.job_id)
+                        yield result
+                    news = await self._await_news(pubsub, deadline) if pending else None
+                    if news is None:
+                        return
+                    to_read = {job_of[c] for c in news if c in job_of} or pending
+            except (RedisConnectionError, RedisTimeoutError):
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.outage_s:
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
                     return
-                to_read = {job_of[c] for c in news if c in job_of} or pending
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                await asyncio.sleep(0.5)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     async def _ended(self, pending: set[str]) -> list[Result]:
         ids = list(pending)
@@ -286,6 +332,11 @@ class StateStore:
                 if result is not None:
                     yield result
             start += len(ids)
+
+
+async def _subscribe(pubsub: PubSub, channels: list[str]) -> None:
+    for i in range(0, len(channels), 1000):  # bounded command size
+        await pubsub.subscribe(*channels[i : i + 1000])
 
 
 def _enqueued(reply: str) -> Enqueued:

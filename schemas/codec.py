@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import VERSION, DeadLetter, Job, Result
+from vlmq.schemas.job import JOB_ID_PATTERN, VERSION, DeadLetter, Job, Result
 
 MSGPACK = b"application/msgpack"
 JSON = b"application/json"
@@ -23,6 +24,8 @@ _job_js = msgspec.json.Decoder(Job)
 _result_js = msgspec.json.Decoder(Result)
 _result_mp = msgspec.msgpack.Decoder(Result)
 _dead_mp = msgspec.msgpack.Decoder(DeadLetter)
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+MAX_ID_CHARS = 160
 
 
 class _Envelope(msgspec.Struct):
@@ -60,12 +63,16 @@ def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
     except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a str
         kind = "JSON" if is_json else "msgpack"
         raise VlmqError(ErrorCode.BAD_MESSAGE, f"not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise VlmqError(ErrorCode.BAD_MESSAGE, "nested too deeply to decode") from None
+    except Exception as exc:  # whatever a decoder may raise, it is this message's fault
+        raise VlmqError(ErrorCode.BAD_MESSAGE, f"cannot decode: {type(exc).__name__}") from None
 
 
 def _raise_version(value: bytes, is_json: bool) -> None:
     try:
         env = msgspec.convert((msgspec.json.decode if is_json else msgspec.msgpack.decode)(value), _Envelope)
-    except ValueError:  # msgspec's errors and UnicodeDecodeError all derive from it
+    except (ValueError, RecursionError):  # msgspec's errors and UnicodeDecodeError derive from ValueError
         return
     if env.v > VERSION:
         raise VlmqError(
@@ -75,13 +82,31 @@ def _raise_version(value: bytes, is_json: bool) -> None:
 
 
 def peek_job_id(value: bytes | None, key: bytes | None) -> str | None:
-    """Best effort job id of an undecodable message: the Kafka key, else a `job_id` field."""
+    """Best effort job id of an undecodable message, for its dead letter only: the Kafka
+    key, else a `job_id` field."""
     if key:
-        return key.decode("utf-8", "replace")
+        return key.decode("utf-8", "replace")[:MAX_ID_CHARS]
+    body_id = _body_job_id(value)
+    return body_id[:MAX_ID_CHARS] if body_id is not None else None
+
+
+def invalid_job_id(value: bytes | None, key: bytes | None) -> str | None:
+    """The job an invalid message speaks for, when that is certain: the body's `job_id` is
+    a valid id and the Kafka key, if any, is the same. Otherwise None, and the message must
+    not touch any job's state (anyone could have keyed garbage with another's job id)."""
+    body_id = _body_job_id(value)
+    if body_id is None or not _JOB_ID.match(body_id):
+        return None
+    if key is not None and key != body_id.encode():
+        return None
+    return body_id
+
+
+def _body_job_id(value: bytes | None) -> str | None:
     for dec in (msgspec.msgpack.decode, msgspec.json.decode):
         try:
             obj = dec(value or b"")
-        except (msgspec.DecodeError, ValueError):
+        except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
             continue
         if isinstance(obj, dict) and isinstance(obj.get("job_id"), str):
             return str(obj["job_id"])

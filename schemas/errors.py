@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 
 
 class ErrorCode(str, enum.Enum):
@@ -27,12 +28,21 @@ class ErrorCode(str, enum.Enum):
     # Generation.
     ENGINE_ERROR = "engine_error"
     TIMEOUT = "timeout"
-    INTERNAL = "internal"
+    # The worker.
+    INTERNAL = "internal"  # an unexpected error while handling this job (the type is in the message)
+    POISON = "poison"  # delivered more than max_attempts times: workers died on it each time
 
 
 RETRYABLE: frozenset[ErrorCode] = frozenset(
     {ErrorCode.IMAGE_FETCH_FAILED, ErrorCode.ENGINE_ERROR, ErrorCode.TIMEOUT, ErrorCode.INTERNAL}
 )
+
+
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """An unexpected exception for a job's error message: its type and text, without Python
+    reprs of objects (`<_io.BytesIO object at 0x...>`), at most `limit` characters."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", f"{type(exc).__name__}: {exc}".rstrip(": "))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class VlmqError(Exception):

@@ -12,6 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
+from msgspec import json as _msgspec_json
 
 from vlmq.schemas.errors import ErrorCode
 
@@ -23,8 +24,34 @@ MAX_TEXT_CHARS = 1_000_000  # per text part; a 10 MB prompt is never a valid job
 MAX_OUTPUT_TOKENS = 32_768
 URI_SCHEMES = ("s3://", "file://", "data:", "https://", "http://")
 
-JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:\-]{1,160}$", description="Idempotency key")]
+MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema for structured output, encoded
+MAX_SCHEMA_DEPTH = 64  # dicts and lists; one object level of a JSON schema is two (properties)
+INT64_MAX = 2**63 - 1
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,160}$"
+JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, description="Idempotency key")]
 Pixels = Annotated[int, Meta(ge=1, le=100_000_000)]
+# Unix seconds; NaN and infinities fail the bounds (a NaN deadline would never pass).
+UnixTime = Annotated[float, Meta(ge=0.0, le=1e11)]
+ShortText = Annotated[str, Meta(max_length=1_000)]
+
+
+_json = _msgspec_json.Encoder()
+
+
+def _check_depth(value: Any, limit: int) -> None:
+    """Nesting deeper than `limit` is refused without recursion (a deep schema is a bomb)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return
+    raise ValueError(f"nested deeper than {limit} levels")
 
 
 class TextPart(Struct, tag="text", tag_field="type", frozen=True):
@@ -65,14 +92,20 @@ class Sampling(Struct, omit_defaults=True, frozen=True):
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_OUTPUT_TOKENS)] = 256
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=1)] | None = None
-    seed: int | None = None
-    stop: Annotated[list[str], Meta(max_length=16)] = []
+    top_k: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    seed: Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
+    stop: Annotated[list[ShortText], Meta(max_length=16)] = []
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
 
 
 class JsonSchemaFormat(Struct, tag="json_schema", tag_field="type", frozen=True):
-    schema: dict[str, Any]
+    schema: Annotated[dict[str, Any], Meta(description="JSON Schema; at most 64 KiB and 64 levels deep")]
+
+    def __post_init__(self) -> None:
+        _check_depth(self.schema, MAX_SCHEMA_DEPTH)
+        size = len(_json.encode(self.schema))
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"schema is {size} bytes encoded > {MAX_SCHEMA_BYTES}")
 
 
 class RegexFormat(Struct, tag="regex", tag_field="type", frozen=True):
@@ -86,7 +119,7 @@ class RegexFormat(Struct, tag="regex", tag_field="type", frozen=True):
 
 
 class ChoiceFormat(Struct, tag="choice", tag_field="type", frozen=True):
-    choices: Annotated[list[str], Meta(min_length=1, max_length=1_000)]
+    choices: Annotated[list[ShortText], Meta(min_length=1, max_length=1_000)]
 
 
 ResponseFormat = JsonSchemaFormat | RegexFormat | ChoiceFormat
@@ -101,16 +134,18 @@ class Job(Struct, omit_defaults=True, frozen=True):
 
     job_id: JobId
     messages: Annotated[list[Message], Meta(min_length=1, max_length=256)]
-    model: str | None = None
+    model: Annotated[str, Meta(max_length=512)] | None = None
     sampling: Sampling = Sampling()
     response_format: ResponseFormat | None = None
     priority: Annotated[int, Meta(ge=-1_000_000, le=1_000_000)] = 0
-    deadline: float | None = None
+    deadline: UnixTime | None = None
     batch_id: JobId | None = None
-    metadata: dict[str, str] = {}
+    metadata: Annotated[
+        dict[Annotated[str, Meta(max_length=128)], Annotated[str, Meta(max_length=4096)]], Meta(max_length=64)
+    ] = {}
     result_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]{1,249}$")] | None = None
-    submitted_at: float | None = None
-    v: Annotated[int, Meta(ge=1)] = VERSION
+    submitted_at: UnixTime | None = None
+    v: Annotated[int, Meta(ge=1, le=1_000_000)] = VERSION
 
     def __post_init__(self) -> None:
         if self.v > VERSION:

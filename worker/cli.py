@@ -54,6 +54,13 @@ def worker(
         Opt("--allow-file-root", help="Folder file:// images may come from [VLMQ_ALLOWED_FILE_ROOTS]"),
     ] = None,
     result_ttl_s: Annotated[int | None, Opt(help="Redis TTL of job records [VLMQ_RESULT_TTL_S]")] = None,
+    max_attempts: Annotated[
+        int | None, Opt(help="Deliveries of a job before it fails as poison [VLMQ_MAX_ATTEMPTS]")
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        Opt(help="Address of /metrics, /healthz, /readyz; 0.0.0.0 in containers [VLMQ_METRICS_HOST]"),
+    ] = None,
     metrics_port: Annotated[
         int | None, Opt(help="/metrics, /healthz, /readyz port; 0 = off [VLMQ_METRICS_PORT]")
     ] = None,
@@ -87,6 +94,13 @@ def worker(
         raise typer.Exit(2) from None
 
     from vlmq.worker.engines import EngineConfigError
+    from vlmq.worker.preprocess import unknown_formats
+
+    if unknown := unknown_formats(settings.image_formats):
+        typer.echo(
+            f"error: VLMQ_IMAGE_FORMATS names formats Pillow cannot open here: {', '.join(unknown)}", err=True
+        )
+        raise typer.Exit(2)
 
     try:
         code = asyncio.run(serve(settings))

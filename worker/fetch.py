@@ -138,23 +138,27 @@ class Fetcher:
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI is not valid base64") from None
 
     def _read_file(self, uri: str) -> bytes:
+        # Errors name the URI as sent: never where it resolved to (/proc/..., symlink targets).
         path = Path(unquote(urlparse(uri).path)).resolve()
         roots = [Path(r).resolve() for r in self.settings.allowed_file_roots]
+        shown = _short(uri)
         if not any(path.is_relative_to(r) for r in roots):
             raise VlmqError(
-                ErrorCode.URI_NOT_ALLOWED, f"{path} is outside allowed_file_roots (VLMQ_ALLOWED_FILE_ROOTS)"
+                ErrorCode.URI_NOT_ALLOWED, f"{shown} is outside allowed_file_roots (VLMQ_ALLOWED_FILE_ROOTS)"
             )
         try:
             size = path.stat().st_size
             if size > self.settings.max_image_bytes:
-                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{path} is {size} bytes")
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{shown} is {size} bytes")
             return path.read_bytes()
         except FileNotFoundError:
-            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{path} does not exist") from None
+            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{shown} does not exist") from None
         except PermissionError:
-            raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"{path} is not readable") from None
+            raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"{shown} is not readable") from None
         except IsADirectoryError:
-            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{path} is a folder") from None
+            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{shown} is a folder") from None
+        except OSError as exc:  # a device, a FIFO, an I/O error: not an image file
+            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{shown} cannot be read ({exc.strerror})") from None
 
 
 def _short(uri: str) -> str:

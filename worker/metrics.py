@@ -23,10 +23,14 @@ LAG = Gauge("vlmq_consumer_lag", "Messages behind the log end, per partition", [
 ENGINE_RUNNING = Gauge("vlmq_engine_running", "Sequences the engine is running (batch occupancy)")
 IMAGE_BYTES = Counter("vlmq_image_bytes_total", "Image bytes fetched")
 COMMITS = Counter("vlmq_commits_total", "Offset commits")
+HELPER_RESTARTS = Counter("vlmq_helper_restarts_total", "Helper tasks restarted after a crash", ["helper"])
 
 
-async def serve(port: int, healthy: Callable[[], bool], ready: Callable[[], bool]) -> web.AppRunner:
-    """Start the HTTP server on `port`; the caller cleans it up with `runner.cleanup()`."""
+async def serve(
+    host: str, port: int, healthy: Callable[[], bool], not_ready: Callable[[], list[str]]
+) -> web.AppRunner:
+    """Start the HTTP server on host:port; the caller cleans it up with `runner.cleanup()`.
+    /readyz answers 503 with what is not ready (e.g. "redis", "commits", "engine")."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -35,11 +39,14 @@ async def serve(port: int, healthy: Callable[[], bool], ready: Callable[[], bool
         return web.Response(status=200 if healthy() else 503, text="ok" if healthy() else "unhealthy")
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.Response(status=200 if ready() else 503, text="ready" if ready() else "not ready")
+        reasons = not_ready()
+        return web.Response(
+            status=503 if reasons else 200, text=f"not ready: {', '.join(reasons)}" if reasons else "ready"
+        )
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
+    await web.TCPSite(runner, host, port).start()
     return runner

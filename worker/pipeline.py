@@ -14,8 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from vlmq.core.retry import within
-from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
     Error,
     ImageRef,
@@ -36,6 +38,8 @@ from vlmq.worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+log = structlog.get_logger("vlmq.pipeline")
+
 
 class Pipeline:
     def __init__(self, settings: WorkerSettings, fetcher: Fetcher, engine: Engine) -> None:
@@ -55,9 +59,14 @@ class Pipeline:
             images = await self._images(job, timings)
             out = await self._generate(job, images, timings)
         except VlmqError as exc:
-            return self.result(
-                job, JobState.FAILED, attempt, timings, error=Error(exc.code, exc.message, exc.retryable)
-            )
+            error = Error(exc.code, exc.message, exc.retryable)
+            return self.result(job, JobState.FAILED, attempt, timings, error=error)
+        except EngineDead:
+            raise
+        except Exception as exc:  # a bug or a library's surprise: this job fails, the worker serves on
+            log.exception("job failed unexpectedly", job_id=job.job_id)
+            error = Error(ErrorCode.INTERNAL, describe(exc), True)
+            return self.result(job, JobState.FAILED, attempt, timings, error=error)
         return self._succeeded(job, out, attempt, timings)
 
     def check(self, job: Job) -> None:
@@ -72,12 +81,22 @@ class Pipeline:
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
             )
+        topic = job.result_topic
+        if topic is not None and not self.result_topic_allowed(topic):
+            raise VlmqError(ErrorCode.INVALID_JOB, f"result_topic {topic!r} is not allowed on this worker")
         chars = sum(len(p.text) for m in job.messages for p in m.parts if isinstance(p, TextPart))
         if chars > self.settings.max_prompt_chars:
             raise VlmqError(
                 ErrorCode.PROMPT_TOO_LONG,
                 f"{chars} prompt characters > max_prompt_chars {self.settings.max_prompt_chars}",
             )
+
+    def result_topic_allowed(self, topic: str) -> bool:
+        """Whether results may go to `topic`: never into the jobs or the dead-letter topic."""
+        s = self.settings
+        if s.allowed_result_topics:
+            return topic in s.allowed_result_topics
+        return topic not in (s.jobs_topic, s.dlq_topic)  # never into the queue or the DLQ
 
     async def _images(self, job: Job, timings: Timings) -> list[Image]:
         refs = job.images
@@ -97,12 +116,16 @@ class Pipeline:
         return list(images)
 
     def _decode(self, data: bytes, ref: ImageRef) -> Image:
+        # A job may ask for fewer pixels than the worker's budget, never for more.
+        max_pixels = min(ref.max_pixels or self.settings.max_pixels, self.settings.max_pixels)
+        min_pixels = min(ref.min_pixels or self.settings.min_pixels, max_pixels)
         return load_image(
             data,
             factor=self.engine.image_factor,
-            min_pixels=ref.min_pixels or self.settings.min_pixels,
-            max_pixels=ref.max_pixels or self.settings.max_pixels,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
             max_image_pixels=self.settings.max_image_pixels,
+            formats=tuple(self.settings.image_formats),
         )
 
     async def _generate(self, job: Job, images: list[Image], timings: Timings) -> EngineOutput:

@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -37,6 +37,12 @@ def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) 
     return h_bar, w_bar
 
 
+def unknown_formats(formats: list[str]) -> list[str]:
+    """The names in `formats` that no Pillow plugin here opens."""
+    Image.init()
+    return [f for f in formats if f.upper() not in Image.OPEN]
+
+
 def load_image(
     data: bytes,
     *,
@@ -44,26 +50,32 @@ def load_image(
     min_pixels: int,
     max_pixels: int,
     max_image_pixels: int,
+    formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
-    """Bytes -> RGB image resized to the budget, or VlmqError(IMAGE_CORRUPT/IMAGE_TOO_LARGE)."""
+    """Bytes -> RGB image resized to the budget, or VlmqError(IMAGE_CORRUPT/IMAGE_TOO_LARGE).
+
+    Only `formats` (Pillow's names; None: every format Pillow knows) are opened. Whatever a
+    decoder raises, from any plugin, is this image's fault: `image_corrupt`."""
     if not data:
         raise VlmqError(ErrorCode.IMAGE_CORRUPT, "empty image (0 bytes)")
+    too_large = f"more pixels than max_image_pixels {max_image_pixels}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             w, h = img.size
             if w * h > max_image_pixels:  # from the header, before any pixel is decoded
-                raise VlmqError(
-                    ErrorCode.IMAGE_TOO_LARGE, f"{w}x{h} pixels > max_image_pixels {max_image_pixels}"
-                )
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{w}x{h}: {too_large}")
             return _to_rgb_resized(img, factor, min_pixels, max_pixels)
     except VlmqError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, str(exc)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"cannot decode image: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, too_large) from None
+    except UnidentifiedImageError:
+        allowed = ", ".join(formats) if formats else "any Pillow format"
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"not an image of an allowed format ({allowed})") from None
+    except Exception as exc:  # truncated data, bad headers, a plugin's own exception types
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"cannot decode image: {describe(exc, 300)}") from None
 
 
 def _to_rgb_resized(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:

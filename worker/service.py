@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -22,7 +23,7 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from vlmq.core.retry import through_outage, within
+from vlmq.core.retry import InfrastructureError, through_outage, within
 from vlmq.core.state import StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
@@ -30,9 +31,10 @@ from vlmq.schemas.codec import (
     decode_job,
     encode_dead_letter,
     encode_result_msg,
+    invalid_job_id,
     peek_job_id,
 )
-from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
     MAX_DEAD_LETTER_PAYLOAD,
     DeadLetter,
@@ -40,16 +42,18 @@ from vlmq.schemas.job import (
     Job,
     JobState,
     Result,
-    Timings,
 )
 from vlmq.worker import metrics
-from vlmq.worker.engines import Engine, make_engine
+from vlmq.worker.engines import Engine, EngineDead, make_engine
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.ledger import OffsetLedger
 from vlmq.worker.pipeline import Pipeline
 from vlmq.worker.settings import WorkerSettings
 
 log = structlog.get_logger("vlmq.worker")
+# What stops a worker: nothing could be served without Redis, Kafka or the engine.
+FATAL = (InfrastructureError, EngineDead)
+PROBE_S = 5.0  # how often readiness checks Redis
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 
 
@@ -127,6 +131,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
         self._started = False
+        self._down: set[str] = set()  # helpers (and services) not working right now
         self.max_in_flight_seen = 0
         self.assignments = 0  # 1 for a worker that never saw a rebalance
 
@@ -136,9 +141,15 @@ class Worker:
         """Begin a graceful drain (what SIGTERM does)."""
         self._stop.set()
 
-    @property
-    def ready(self) -> bool:
-        return self._started and not self._stop.is_set() and self.engine.healthy()
+    def not_ready(self) -> list[str]:
+        """Why the worker is not serving; empty when it is: started, not draining, engine
+        alive, every helper running, Kafka fetches and the latest Redis PING answered."""
+        reasons = sorted(self._down)
+        if not self.engine.healthy():
+            reasons.append("engine")
+        if not self._started or self._stop.is_set():
+            reasons.append("not serving")
+        return reasons
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code (0 after a clean drain)."""
@@ -161,12 +172,18 @@ class Worker:
             await self.consumer.start()
             stack.push_async_callback(self.consumer.stop)
             if s.metrics_port:
-                runner = await metrics.serve(s.metrics_port, self.engine.healthy, lambda: self.ready)
+                runner = await metrics.serve(
+                    s.metrics_host, s.metrics_port, self.engine.healthy, self.not_ready
+                )
                 stack.push_async_callback(runner.cleanup)
             return await self._serve()
 
     async def _serve(self) -> int:
-        helpers = [asyncio.create_task(self._commit_loop()), asyncio.create_task(self._cancels())]
+        helpers = [
+            asyncio.create_task(self._supervised("commits", self._commit_loop)),
+            asyncio.create_task(self._supervised("cancel listener", self._cancels)),
+            asyncio.create_task(self._supervised("redis probe", self._probe_redis)),
+        ]
         self._started = True
         log.info("worker ready", engine=self.engine.name, model=self.engine.model)
         try:
@@ -209,8 +226,10 @@ class Worker:
                 batch = await consumer.getmany(timeout_ms=200, max_records=free)
             except KafkaError as exc:
                 log.warning("fetch failed; retrying", error=repr(exc))
+                self._down.add("kafka")
                 await asyncio.sleep(0.5)
                 continue
+            self._down.discard("kafka")
             self._start(batch)
 
     def _start(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
@@ -242,40 +261,62 @@ class Worker:
             await self._process(msg)
         except asyncio.CancelledError:
             return  # shutdown or revocation: not done, the offset stays uncommitted
-        except Exception as exc:  # infrastructure gave out past the outage budget
-            log.exception("job handling failed; stopping the worker")
+        except FATAL as exc:  # Redis/Kafka gone past the outage budget, or the engine died
+            log.exception("infrastructure lost; stopping the worker")
             self._fatal = exc
             self._stop.set()
             return
+        except Exception:  # not even its dead letter could be written: logged, then skipped
+            log.exception("message dropped: its failure could not be recorded")
         self.ledger.done(tp, msg.offset)
 
     async def _process(self, msg: ConsumerRecord) -> None:
+        """Serve one message. Whatever goes wrong with it ends as its job's failure or a dead
+        letter; only FATAL errors (infrastructure, a dead engine) escape."""
         try:
             job = decode_job(msg.value, content_type_of(msg.headers))
         except VlmqError as exc:
-            await self._undecodable(msg, exc)
+            await self._contained(self._reject(msg, Error(exc.code, exc.message, exc.retryable)), msg, None)
             return
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
+        await self._contained(self._serve_job(job, msg), msg, job)
+
+    async def _contained(self, step: Coroutine[Any, Any, None], msg: ConsumerRecord, job: Job | None) -> None:
+        """Run one message's work; an unexpected error fails its job as `internal`."""
+        try:
+            await step
+        except (asyncio.CancelledError, *FATAL):
+            raise
+        except Exception as exc:  # a bug, or a library's surprise: this job's failure, not ours
+            log.exception("job failed unexpectedly")
+            error = Error(ErrorCode.INTERNAL, describe(exc), True)
+            await self._fail_recorded(msg, error, job.job_id if job else invalid_job_id(msg.value, msg.key))
+
+    async def _serve_job(self, job: Job, msg: ConsumerRecord) -> None:
         claim = await through_outage(
             lambda: self.store.claim(job.job_id, job.batch_id, self.settings.worker_id), OUTAGE_S
         )
+        if claim.conflict:
+            error = Error(ErrorCode.INVALID_JOB, f"batch_id {job.batch_id!r} is not the job's batch")
+            await self._dead_letter(msg, error, job.job_id)  # the message is not trusted: no state
+            return
         if not claim.granted:
             metrics.SKIPPED.inc()
-            log.debug("skipped: already ended", state=claim.state.value)
+            log.debug("skipped: already ended", state=claim.state.value if claim.state else None)
             return
-        result: Result | None
+        result = self._refused(job, claim.attempt) or await self._run_cancellable(job, claim.attempt)
+        if result is not None:  # None: cancelled by the user, who wrote the terminal state
+            await self._publish(job, result, msg)
+
+    def _refused(self, job: Job, attempt: int) -> Result | None:
+        """The job's end when it must not run: delivered too often, or past its deadline."""
+        if attempt > self.settings.max_attempts:
+            message = f"delivered {attempt} times without ending (max_attempts {self.settings.max_attempts})"
+            return self.pipeline.result(job, JobState.FAILED, attempt, error=Error(ErrorCode.POISON, message))
         if job.deadline is not None and time.time() > job.deadline:
-            result = self.pipeline.result(
-                job,
-                JobState.EXPIRED,
-                claim.attempt,
-                error=Error(ErrorCode.TIMEOUT, "deadline passed before the job started"),
-            )
-        else:
-            result = await self._run_cancellable(job, claim.attempt)
-            if result is None:
-                return  # cancelled by the user: the cancel already wrote the terminal state
-        await self._publish(job, result, msg)
+            error = Error(ErrorCode.TIMEOUT, "deadline passed before the job started")
+            return self.pipeline.result(job, JobState.EXPIRED, attempt, error=error)
+        return None
 
     async def _run_cancellable(self, job: Job, attempt: int) -> Result | None:
         run = asyncio.ensure_future(self.pipeline.run(job, attempt))
@@ -298,13 +339,10 @@ class Worker:
             metrics.SKIPPED.inc()
             return
         metrics.JOBS.labels(result.state.value).inc()
-        if result.state is JobState.FAILED and result.error:
-            # Here, where every job's failure is written (invalid JSON output included).
-            metrics.ERRORS.labels(result.error.code.value).inc()
         log.info(
             "job ended", state=result.state.value, error=result.error.code.value if result.error else None
         )
-        if job.result_topic:
+        if job.result_topic and self.pipeline.result_topic_allowed(job.result_topic):
             value, headers = encode_result_msg(result)
             await through_outage(
                 lambda: self.producer.send_and_wait(
@@ -315,24 +353,31 @@ class Worker:
         if result.state is JobState.FAILED and result.error:
             await self._dead_letter(msg, result.error, job.job_id)
 
-    async def _undecodable(self, msg: ConsumerRecord, exc: VlmqError) -> None:
-        job_id = peek_job_id(msg.value, msg.key)
-        log.warning("undecodable message", code=exc.code.value, error=exc.message, job_id=job_id)
-        error = Error(exc.code, exc.message, exc.retryable)
-        metrics.ERRORS.labels(exc.code.value).inc()
-        if job_id and len(job_id) <= 160:
-            result = Result(
-                job_id=job_id,
-                state=JobState.FAILED,
-                error=error,
-                worker=self.settings.worker_id,
-                timings=Timings(finished_at=time.time()),
-            )
-            wrote = await through_outage(lambda: self.store.finish(result), OUTAGE_S)
-            if not wrote:
-                return
-            metrics.JOBS.labels("failed").inc()
-        await self._dead_letter(msg, error, job_id)
+    async def _reject(self, msg: ConsumerRecord, error: Error) -> None:
+        """A message that is not a valid Job. Its job fails only when the message says for
+        certain which job it is (see `invalid_job_id`); otherwise it is a dead letter only."""
+        log.warning("invalid message", code=error.code.value, error=error.message)
+        await self._fail_recorded(msg, error, invalid_job_id(msg.value, msg.key))
+
+    async def _fail_recorded(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
+        """Fail `job_id` (in the batch its record names) if given, and dead-letter the message.
+        If even the failure cannot be written, the dead letter still is."""
+        if job_id is not None:
+            try:
+                wrote = await through_outage(
+                    lambda: self.store.end_recorded(
+                        job_id, JobState.FAILED, error=error, worker=self.settings.worker_id
+                    ),
+                    OUTAGE_S,
+                )
+                if not wrote:
+                    return  # it had ended already: its dead letter, if any, exists
+                metrics.JOBS.labels("failed").inc()
+            except FATAL:
+                raise
+            except Exception:
+                log.exception("could not write the job's failure; dead letter only")
+        await self._dead_letter(msg, error, job_id or peek_job_id(msg.value, msg.key))
 
     async def _dead_letter(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
         payload = msg.value or b""
@@ -348,6 +393,7 @@ class Worker:
             at=time.time(),
         )
         value, headers = encode_dead_letter(dead)
+        metrics.ERRORS.labels(error.code.value).inc()  # every failure has exactly one dead letter
         key = job_id.encode() if job_id else None
         await through_outage(
             lambda: self.producer.send_and_wait(self.settings.dlq_topic, value, key=key, headers=headers),
@@ -357,18 +403,45 @@ class Worker:
 
     # -- cancel, commit, revoke, drain ---------------------------------------------------
 
+    async def _supervised(self, name: str, helper: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Keep a helper running: a crash is logged and counted, readiness says so, and the
+        helper starts again a second later."""
+        while True:
+            try:
+                await helper()
+                return
+            except Exception:
+                log.exception("helper crashed; restarting", helper=name)
+                metrics.HELPER_RESTARTS.labels(name).inc()
+                self._down.add(name)
+                await asyncio.sleep(1)
+                self._down.discard(name)
+
+    async def _probe_redis(self) -> None:
+        """Readiness follows Redis: a PING every few seconds."""
+        while True:
+            try:
+                await within(self.store.redis.ping(), 2.0)
+                self._down.discard("redis")
+            except (TimeoutError, OSError, RedisError):
+                self._down.add("redis")
+            await asyncio.sleep(PROBE_S)
+
     async def _cancels(self) -> None:
         """Abort in-flight jobs cancelled by a client (the cancel wrote `cancelled` already)."""
         while True:
+            pubsub = self.store.redis.pubsub()
             try:
-                pubsub = self.store.redis.pubsub()
                 await pubsub.subscribe(keys.CANCEL_CHANNEL)
                 async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self._cancel(message["data"].decode())
+                    if message["type"] == "message" and isinstance(message["data"], bytes):
+                        # Anyone may publish here: a payload that is not a job id finds no job.
+                        self._cancel(message["data"].decode("utf-8", "replace"))
             except (OSError, RedisError) as exc:
                 log.warning("cancel listener reconnecting", error=repr(exc))
                 await asyncio.sleep(1)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     def _cancel(self, job_id: str) -> None:
         run = self._jobs.get(job_id)

@@ -39,6 +39,9 @@ class WorkerSettings(Connection, kw_only=True):
     max_in_flight: int = 64
     # Seconds one job may spend in the engine before it fails with `timeout`.
     job_timeout_s: float = 600.0
+    # Deliveries of one job before it fails as `poison` without running (a job that kills
+    # its worker each time would otherwise go round the fleet forever).
+    max_attempts: int = 3
     # Seconds between offset commits (only finished prefixes are committed).
     commit_interval_s: float = 1.0
     # Seconds a revoked partition's jobs may finish before they are handed back.
@@ -68,11 +71,21 @@ class WorkerSettings(Connection, kw_only=True):
     allowed_buckets: list[str] = msgspec.field(default_factory=list)
     # Folders file:// images may come from; empty: file:// is refused.
     allowed_file_roots: list[str] = msgspec.field(default_factory=list)
+    # Image formats Pillow may open (its format names; JPEG includes iPhone MPO files);
+    # anything else is `image_corrupt`, so a rarely used decoder is never reached.
+    image_formats: list[str] = msgspec.field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+    )
     # Threads that decode and resize images.
     decode_threads: int = msgspec.field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    # -- results
+    # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
+    allowed_result_topics: list[str] = msgspec.field(default_factory=list)
     # -- operations
     # Port of /metrics, /healthz, /readyz; 0: none.
     metrics_port: int = 9400
+    # Address they listen on: 127.0.0.1 keeps them off the network (containers: 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
     # auto (console at a terminal, else JSON) | json | console.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"

@@ -1,9 +1,15 @@
 -- A worker takes a job: queued (or never seen, or running on a worker that died) -> running.
 -- Returns {state, attempt}. A terminal job is returned as it is and must be skipped.
+-- Returns {'conflict', recorded batch_id} when the record written at enqueue names another
+-- batch than the message: the message is not trusted, and nothing is written.
 -- KEYS: job, batch (a placeholder when none)    ARGV: batch_id ("" when none), worker, now, ttl_s
 local st = redis.call('HGET', KEYS[1], 'state')
 if st and st ~= 'queued' and st ~= 'running' then
   return {st, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}
+end
+if st then
+  local recorded = redis.call('HGET', KEYS[1], 'batch_id') or ''
+  if recorded ~= ARGV[1] then return {'conflict', recorded} end
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])

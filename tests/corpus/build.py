@@ -31,12 +31,18 @@ BUCKET = "{bucket}"  # replaced by the test's bucket
 
 @dataclass
 class Case:
+    """`value` is the message; in it `"job_id": "x"` becomes the case's job id and `{bucket}`
+    / `{dlq}` the test's bucket and dead-letter topic. `msgpack`: a message encoded by the
+    test instead (for what JSON cannot carry, such as NaN)."""
+
     name: str
     what: str
     expect: str  # an ErrorCode value, or "succeeded" / "expired"
     value: bytes = b""
     objects: dict[str, bytes] = field(default_factory=dict)
     content_type: bytes | None = None
+    stateless: bool = False  # it cannot say for certain which job it is: dead letter only
+    msgpack: dict[str, Any] | None = None
 
 
 def _job(job_id: str, content: Any, **extra: Any) -> bytes:
@@ -47,6 +53,13 @@ def _job(job_id: str, content: Any, **extra: Any) -> bytes:
 
 def _img_job(job_id: str, *uris: str) -> bytes:
     return _job(job_id, [*({"type": "image", "uri": u} for u in uris), {"type": "text", "text": "Describe."}])
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"p": schema}}
+    return schema
 
 
 def _save(img: Image.Image, fmt: str, **kw: Any) -> bytes:
@@ -123,6 +136,8 @@ def image_cases() -> list[tuple[str, str, str, bytes]]:
         ("img-bmp", "BMP", "succeeded", _save(base, "BMP")),
         ("img-tiff", "TIFF", "succeeded", _save(base, "TIFF")),
         ("img-wrong-ext", "PNG bytes named .jpg", "succeeded", png),
+        ("img-tga", "TGA (Pillow reads it; not in image_formats)", "image_corrupt", _save(base, "TGA")),
+        ("img-ico", "ICO (not in image_formats)", "image_corrupt", _save(base, "ICO")),
         ("img-exif-rotated", "JPEG with EXIF orientation 6", "succeeded", _save(base, "JPEG", exif=exif)),
         (
             "img-1x1",
@@ -143,14 +158,21 @@ def cases() -> list[Case]:
     ok_img = f"s3://{BUCKET}/good.jpg"
     good = photo(64, 48, seed=1)
     out = [
-        Case("wire-not-msgpack", "bytes that are neither msgpack nor JSON", "bad_message", b"\xc1\xc1\xc1"),
-        Case("wire-empty", "an empty value", "bad_message", b""),
+        Case(
+            "wire-not-msgpack",
+            "bytes that are neither msgpack nor JSON",
+            "bad_message",
+            b"\xc1\xc1\xc1",
+            stateless=True,
+        ),
+        Case("wire-empty", "an empty value", "bad_message", b"", stateless=True),
         Case(
             "wire-bad-json",
             "broken JSON",
             "bad_message",
             b'{"job_id": "x", "messages": [',
             content_type=b"application/json",
+            stateless=True,
         ),
         Case(
             "wire-content-type",
@@ -166,15 +188,19 @@ def cases() -> list[Case]:
             "job_id missing",
             "invalid_job",
             json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(),
+            stateless=True,
         ),
         Case(
             "wire-id-type",
             "job_id is a number",
             "invalid_job",
             json.dumps({"job_id": 7, "messages": []}).encode(),
+            stateless=True,
         ),
-        Case("wire-id-chars", "job_id with spaces", "invalid_job", _job("has space", "hi")),
-        Case("wire-id-long", "job_id of 200 characters", "invalid_job", _job("x" * 200, "hi")),
+        Case("wire-id-chars", "job_id with spaces", "invalid_job", _job("has space", "hi"), stateless=True),
+        Case(
+            "wire-id-long", "job_id of 200 characters", "invalid_job", _job("x" * 200, "hi"), stateless=True
+        ),
         Case("wire-no-messages", "messages missing", "invalid_job", json.dumps({"job_id": "x"}).encode()),
         Case(
             "wire-empty-messages",
@@ -238,6 +264,74 @@ def cases() -> list[Case]:
             "wire-metadata", "metadata value not a string", "invalid_job", _job("x", "hi", metadata={"a": 1})
         ),
         Case("wire-priority", "priority out of range", "invalid_job", _job("x", "hi", priority=10**9)),
+        Case(
+            "wire-deep-nesting",
+            "a JSON schema nested 5,000 levels (a RecursionError in any decoder)",
+            "bad_message",
+            b'{"job_id": "x", "messages": [{"role": "user", "content": "hi"}], "response_format": '
+            b'{"type": "json_schema", "schema": ' + b'{"p": ' * 5000 + b"{}" + b"}" * 5000 + b"}}",
+            stateless=True,
+        ),
+        Case(
+            "wire-schema-depth",
+            "a JSON schema 40 objects deep (80 levels, over 64)",
+            "invalid_job",
+            _job("x", "hi", response_format={"type": "json_schema", "schema": _nested(40)}),
+        ),
+        Case(
+            "wire-schema-size",
+            "a JSON schema of 100 KB (over 64 KiB)",
+            "invalid_job",
+            _job(
+                "x", "hi", response_format={"type": "json_schema", "schema": {"description": "d" * 100_000}}
+            ),
+        ),
+        Case(
+            "wire-nan-deadline",
+            "deadline NaN (msgpack; it would never pass)",
+            "invalid_job",
+            msgpack={"messages": [{"role": "user", "content": "hi"}], "deadline": float("nan")},
+        ),
+        Case(
+            "wire-seed-huge",
+            "seed 2**70 (over int64)",
+            "invalid_job",
+            _job("x", "hi", sampling={"seed": 2**70}),
+        ),
+        Case(
+            "wire-metadata-many",
+            "metadata with 100 entries (over 64)",
+            "invalid_job",
+            _job("x", "hi", metadata={f"k{i}": "v" for i in range(100)}),
+        ),
+        Case(
+            "wire-stop-long",
+            "a stop string of 5,000 characters",
+            "invalid_job",
+            _job("x", "hi", sampling={"stop": ["s" * 5000]}),
+        ),
+        Case(
+            "wire-id-not-key",
+            "invalid, and its job_id is not its Kafka key (whose job? nobody's)",
+            "invalid_job",
+            _job("someone-else", "hi", sampling={"max_tokens": 0}),
+            stateless=True,
+        ),
+        Case(
+            "job-result-topic-dlq",
+            "result_topic names the dead-letter topic",
+            "invalid_job",
+            _job("x", "hi", result_topic="{dlq}"),
+        ),
+        Case(
+            "job-pixel-hint",
+            "image asks for max_pixels 100,000,000 (clamped to the worker's)",
+            "succeeded",
+            _job(
+                "x", [{"type": "image", "uri": ok_img, "min_pixels": 90_000_000, "max_pixels": 100_000_000}]
+            ),
+            objects={"good.jpg": good},
+        ),
         Case(
             "wire-result-topic",
             "result_topic with invalid characters",
@@ -332,8 +426,12 @@ def cases() -> list[Case]:
 
 def markdown() -> str:
     rows = ["| case | input | outcome |", "|---|---|---|"]
-    rows += [f"| `{c.name}` | {c.what} | `{c.expect}` |" for c in cases()]
+    rows += [f"| `{c.name}` | {c.what} | {outcome(c)} |" for c in cases()]
     return "\n".join(rows)
+
+
+def outcome(case: Case) -> str:
+    return f"`{case.expect}`, dead letter only" if case.stateless else f"`{case.expect}`"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""The bad-input corpus (tests/corpus/build.py, 70 cases) through one real worker: each case
-ends with its documented outcome, every failure has a dead letter, the worker keeps serving,
-and its memory stays bounded (a decompression bomb is refused from its header)."""
+"""The bad-input corpus (tests/corpus/build.py, 82 cases) through one real worker: each case
+ends with its documented outcome, every failure has a dead letter, a message that cannot say
+for certain which job it is writes no state at all, the worker keeps serving, and its memory
+stays bounded (a decompression bomb is refused from its header, a pixel hint is clamped)."""
 
 from __future__ import annotations
 
 import boto3
+import msgspec
 from aiokafka import AIOKafkaProducer
 
 from bench.common import peak_rss_mib
-from tests.corpus.build import CORPUS_SETTINGS, cases
+from tests.corpus.build import CORPUS_SETTINGS, Case, cases
 from tests.helpers import Env, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message
@@ -33,18 +35,20 @@ async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
     for case in corpus:
         key = f"{e.tag}-{case.name}"
         keys[case.name] = key
-        value = case.value.replace(b'"job_id": "x"', f'"job_id": "{key}"'.encode())
-        value = value.replace(b"{bucket}", e.bucket.encode())
-        headers = [("content-type", case.content_type)] if case.content_type else []
-        await producer.send_and_wait(e.jobs_topic, value, key=key.encode(), headers=headers)
+        await producer.send_and_wait(
+            e.jobs_topic, _value(case, key, e), key=key.encode(), headers=_headers(case)
+        )
     await producer.stop()
+    stateful = [c for c in corpus if not c.stateless]
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
-        results = {r.job_id: r for r in await client.wait_many(list(keys.values()), timeout=120)}
+        results = {r.job_id: r for r in await client.wait_many([keys[c.name] for c in stateful], timeout=120)}
         after = Job(job_id=f"{e.tag}-after", messages=[Message("user", "still there?")])
         await client.submit(after)
         assert (await client.wait(after.job_id, timeout=30)).state is JobState.SUCCEEDED
+        untouched = await client.store.get_many([keys[c.name] for c in corpus if c.stateless])
+    assert untouched == [None] * len(untouched), "a message that names no job for certain wrote state"
     wrong = []
-    for case in corpus:
+    for case in stateful:
         r = results[keys[case.name]]
         got = r.error.code.value if r.state is JobState.FAILED and r.error else r.state.value
         if got != case.expect:
@@ -52,14 +56,22 @@ async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
                 f"{case.name}: expected {case.expect}, got {got} ({r.error.message[:120] if r.error else ''})"
             )
     assert not wrong, "\n".join(wrong)
-    failed = {keys[c.name] for c in corpus if c.expect not in ("succeeded", "expired")}
-    dead = {decode_dead_letter(m.value).job_id for m in await read_topic(e, e.dlq_topic, len(failed))}
-    assert dead == failed, (sorted(map(str, failed - dead)), sorted(map(str, dead - failed)))
-    big = next(
-        d
-        for m in await read_topic(e, e.dlq_topic, len(failed))
-        if (d := decode_dead_letter(m.value)).job_id == keys["wire-10mb-prompt"]
-    )
+    failed = {keys[c.name]: c.expect for c in corpus if c.expect not in ("succeeded", "expired")}
+    letters = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, len(failed))]
+    dead = {d.job_id: d.error.code.value for d in letters}
+    assert dead == failed, sorted(set(failed.items()) ^ set(dead.items()))
+    big = next(d for d in letters if d.job_id == keys["wire-10mb-prompt"])
     assert big.payload_size is not None and big.payload_size > 10_000_000 >= len(big.payload)
     assert peak_rss_mib(w.pid) < MAX_RSS_MIB
     assert stop_worker(w) == 0
+
+
+def _value(case: Case, key: str, e: Env) -> bytes:
+    if case.msgpack is not None:
+        return msgspec.msgpack.encode({"job_id": key, **case.msgpack})
+    value = case.value.replace(b'"job_id": "x"', f'"job_id": "{key}"'.encode())
+    return value.replace(b"{bucket}", e.bucket.encode()).replace(b"{dlq}", e.dlq_topic.encode())
+
+
+def _headers(case: Case) -> list[tuple[str, bytes]]:
+    return [("content-type", case.content_type)] if case.content_type else []

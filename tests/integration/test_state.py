@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 from redis.asyncio import Redis
 
 from vlmq.core.state import StateStore
+from vlmq.deploy.stack import free_port, redis_bin, redis_ok, wait_until
 from vlmq.schemas import keys
 from vlmq.schemas.job import JobState, Result
 
@@ -110,3 +113,36 @@ async def test_wait_times_out_and_as_completed_yields_in_end_order(redis: Redis)
         order.append(r.job_id)
     await task
     assert order == [c, a, b]
+
+
+def _redis_server(port: int, data: Path) -> subprocess.Popen[bytes]:
+    cmd = [redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
+    proc = subprocess.Popen([*cmd, "--appendonly", "yes"], stdout=subprocess.DEVNULL)
+    wait_until(lambda: redis_ok(f"redis://127.0.0.1:{port}/0"), "redis-server")
+    return proc
+
+
+async def test_a_waiter_rides_out_a_redis_restart_and_leaves_no_subscription(tmp_path: Path) -> None:
+    port = free_port()
+    server = _redis_server(port, tmp_path)
+    redis = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        store = StateStore(redis, recheck_s=0.5, outage_s=30)
+        (j,) = _ids()
+        await store.enqueue(j, None, time.time())
+        waiter = asyncio.create_task(store.wait(j, timeout=60))
+        await asyncio.sleep(0.3)  # subscribed
+        server.kill()
+        server.wait()
+        await asyncio.sleep(1.0)  # the waiter sees the connection drop and retries
+        server = _redis_server(port, tmp_path)  # the AOF brings the queued record back
+        await store.claim(j, None, "w")
+        await store.finish(Result(job_id=j, state=JobState.SUCCEEDED, text="after the restart"))
+        result = await asyncio.wait_for(waiter, 30)
+        assert result is not None and result.text == "after the restart"
+        clients = await redis.client_list()
+        assert all(int(c.get("sub", 0)) == 0 for c in clients), clients  # wait() unsubscribed
+    finally:
+        await redis.aclose()
+        server.kill()
+        server.wait()

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
 from tests.helpers import Env, committed_offsets
+from vlmq.deploy.stack import free_port, http_status
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message
 from vlmq.worker.engines.fake import FakeEngine
@@ -27,7 +28,7 @@ def _settings(e: Env) -> WorkerSettings:
         dlq_topic=e.dlq_topic,
         group_id=e.group,
         worker_id="inproc",
-        metrics_port=0,
+        metrics_port=free_port(),
         commit_interval_s=0.05,
         session_timeout_ms=6000,
     )
@@ -76,6 +77,11 @@ async def test_injected_clients_are_used_and_commits_never_pass_unfinished_work(
         assert {r.worker for r in results} == {"inproc"}
         names = [c.get("name") for c in await client.redis.client_list()]
         assert "vlmq-inproc" in names  # the worker talks to Redis through the injected client
+    readyz = f"http://127.0.0.1:{worker.settings.metrics_port}/readyz"
+    assert await asyncio.to_thread(http_status, readyz) == 200
+    worker._down.add("redis")  # what the Redis probe does when PING fails
+    assert await asyncio.to_thread(http_status, readyz) == 503
+    worker._down.discard("redis")
     worker.stop()
     assert await asyncio.wait_for(run, 60) == 0
     await watcher.close()

@@ -61,6 +61,8 @@ def test_logs_never_show_secrets() -> None:
     for secret in ("hunter2", "kafka-secret", "sk-live-123", ":p@"):
         assert secret not in text
     assert "redis://vlmq:***@redis:6379/0" in text
+    s = WorkerSettings(redis_url="rediss://redis:6380/0?password=hunter3&ssl_cert_reqs=none")
+    assert "hunter3" not in msgspec.json.encode(s.redacted()).decode()
 
 
 @pytest.mark.parametrize("cls", [Connection, WorkerSettings])

@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import heapq
 import itertools
+import os
+import signal
 import time
 from typing import Any
 
@@ -31,6 +33,10 @@ def fingerprint(messages: list[Message], images: list[Any]) -> str:
         h.update(f"{img.size}".encode())
         h.update(img.resize((8, 8)).tobytes())
     return h.hexdigest()
+
+
+def _says(request: EngineRequest, text: str) -> bool:
+    return any(text in p.text for m in request.messages for p in m.parts if isinstance(p, TextPart))
 
 
 def answer(request: EngineRequest) -> str:
@@ -83,6 +89,7 @@ class FakeEngine:
         max_model_len: int = 32_768,
         image_factor: int = 28,
         fail_on: str | None = None,
+        crash_on: str | None = None,
     ) -> None:
         self.model = model
         self.step_s = step_ms / 1000
@@ -91,6 +98,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.image_factor = image_factor
         self.fail_on = fail_on  # a prompt containing this raises ENGINE_ERROR (tests)
+        self.crash_on = crash_on  # a prompt containing this kills the process, as an OOM would
         self._waiting: list[tuple[int, int, _Seq]] = []
         self._running: dict[str, _Seq] = {}
         self._order = itertools.count()
@@ -136,10 +144,10 @@ class FakeEngine:
                 f"{prompt} prompt tokens + max_tokens {request.sampling.max_tokens}"
                 f" exceed max_model_len {self.max_model_len}",
             )
-        if self.fail_on and any(
-            self.fail_on in p.text for m in request.messages for p in m.parts if isinstance(p, TextPart)
-        ):
+        if self.fail_on and _says(request, self.fail_on):
             raise VlmqError(ErrorCode.ENGINE_ERROR, "fake engine failure (fail_on matched)")
+        if self.crash_on and _says(request, self.crash_on):
+            os.kill(os.getpid(), signal.SIGKILL)
         tokens = min(self.completion_tokens, request.sampling.max_tokens)
         if self._loop_task is None:  # zero latency: answer at once (plumbing benchmarks)
             return self._output(request, prompt, image_tokens, tokens, 0.0)

@@ -1,0 +1,129 @@
+"""Poison-proofing, each through a real worker process against real servers: a job that
+kills its worker ends `poison`; a message cannot move a job to another batch; an invalid job
+in a batch is counted there; a Redis error caused by one job's keys fails that job, not the
+worker; junk on the cancel channel does not stop cancellation."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from tests.helpers import Env, read_topic, start_worker, stop_worker, wait_for, wait_running
+from vlmq.core.state import StateStore
+from vlmq.producer import Client
+from vlmq.schemas import ErrorCode, Job, JobState, Message, Sampling
+from vlmq.schemas import keys as rkeys
+from vlmq.schemas.codec import decode_dead_letter, encode_job
+
+
+def _job(job_id: str, prompt: str = "hi", **kw: Any) -> Job:
+    return Job(job_id=job_id, messages=[Message("user", prompt)], **kw)
+
+
+async def _produce(e: Env, *messages: tuple[str, bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=e.kafka, acks="all", enable_idempotence=False)
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(e.jobs_topic, value, key=key.encode())
+    finally:
+        await producer.stop()
+
+
+async def test_a_job_that_kills_its_worker_ends_poison_after_max_attempts(e: Env) -> None:
+    crash = _job(f"{e.tag}-crash", "please CRASH now")
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit(crash)
+        for attempt in (1, 2):  # each delivery kills the worker mid-job; a new one takes over
+            w = start_worker(e, f"w{attempt}", engine_args="crash_on=CRASH", max_attempts=2)
+            wait_for(lambda w=w: w.poll() is not None, f"worker {attempt} to die on the job", timeout=60)
+            assert w.returncode == -9
+        w = start_worker(e, "w3", engine_args="crash_on=CRASH", max_attempts=2)
+        (got,) = await client.wait_many([crash.job_id], timeout=90)
+        assert got.state is JobState.FAILED and got.error is not None
+        assert got.error.code is ErrorCode.POISON and got.attempt == 3, got
+        after = _job(f"{e.tag}-after")
+        await client.submit(after)
+        assert (await client.wait(after.job_id, timeout=30)).state is JobState.SUCCEEDED
+    dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, 1)]
+    assert [(d.job_id, d.error.code) for d in dead] == [(crash.job_id, ErrorCode.POISON)]
+    assert stop_worker(w) == 0
+
+
+async def test_a_message_cannot_move_a_job_to_another_batch(e: Env, redis: Redis) -> None:
+    store = StateStore(redis)
+    job = _job(f"{e.tag}-j", batch_id=f"{e.tag}-b1")
+    await store.enqueue(job.job_id, job.batch_id, time.time())
+    forged = _job(job.job_id, batch_id=f"{e.tag}-b2")  # same job, someone else's batch
+    w = start_worker(e)
+    await _produce(e, (job.job_id, encode_job(forged)[0]))
+    dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, 1)]
+    assert [(d.job_id, d.error.code) for d in dead] == [(job.job_id, ErrorCode.INVALID_JOB)]
+    record = await store.get(job.job_id)
+    assert record is not None and record.state is JobState.QUEUED
+    assert not await redis.exists(rkeys.batch_key(f"{e.tag}-b2"))
+    await _produce(e, (job.job_id, encode_job(job)[0]))  # the genuine message still runs
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        assert (await client.wait(job.job_id, timeout=30)).state is JobState.SUCCEEDED
+        counts = await client.batch(f"{e.tag}-b1")
+    assert (counts.total, counts.succeeded, counts.queued, counts.running) == (1, 1, 0, 0)
+    assert stop_worker(w) == 0
+
+
+async def test_an_invalid_job_in_a_batch_ends_there(e: Env, redis: Redis) -> None:
+    store = StateStore(redis)
+    batch = f"{e.tag}-b"
+    job_id = f"{e.tag}-bad"
+    await store.enqueue(job_id, batch, time.time())
+    invalid: dict[str, Any] = {
+        "job_id": job_id,
+        "batch_id": batch,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    invalid["sampling"] = {"max_tokens": 0}  # what a non-SDK producer might send
+    w = start_worker(e)
+    await _produce(e, (job_id, json.dumps(invalid).encode()))
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        (r,) = await client.wait_many([job_id], timeout=30)
+        counts = await client.batch(batch)
+    assert r.state is JobState.FAILED and r.error is not None and r.error.code is ErrorCode.INVALID_JOB
+    assert r.batch_id == batch
+    assert (counts.total, counts.failed, counts.queued) == (1, 1, 0)  # `bulk watch` ends
+    assert stop_worker(w) == 0
+
+
+async def test_a_redis_error_from_one_jobs_keys_fails_that_job_not_the_worker(e: Env, redis: Redis) -> None:
+    # Batch "X" has a done list at "...:X:done"; a batch named "X:done" then finds a list
+    # where its counters go. Redis refuses the script (WRONGTYPE), for that job only.
+    first = _job(f"{e.tag}-first", batch_id=f"{e.tag}-X")
+    clash = _job(f"{e.tag}-clash", batch_id=f"{e.tag}-X:done")
+    after = _job(f"{e.tag}-after")
+    w = start_worker(e)
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit(first)
+        assert (await client.wait(first.job_id, timeout=30)).state is JobState.SUCCEEDED
+        await _produce(e, (clash.job_id, encode_job(clash)[0]))  # past the SDK's enqueue
+        dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, 1)]
+        assert [(d.job_id, d.error.code) for d in dead] == [(clash.job_id, ErrorCode.INTERNAL)]
+        assert "WRONGTYPE" in dead[0].error.message
+        await client.submit(after)
+        assert (await client.wait(after.job_id, timeout=30)).state is JobState.SUCCEEDED
+    assert w.poll() is None and stop_worker(w) == 0
+
+
+async def test_junk_on_the_cancel_channel_does_not_stop_cancellation(e: Env, redis: Redis) -> None:
+    w = start_worker(e, engine_args="step_ms=50,completion_tokens=100000")
+    long = _job(f"{e.tag}-long", sampling=Sampling(max_tokens=30000))
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit(long)
+        await wait_running(client, long.job_id)
+        await redis.publish(rkeys.CANCEL_CHANNEL, b"\xff\xfe not utf-8")
+        await redis.publish(rkeys.CANCEL_CHANNEL, b"")
+        assert await client.cancel(long.job_id)
+        r = await client.store.wait(long.job_id, timeout=10)
+    assert r is not None and r.state is JobState.CANCELLED
+    assert w.poll() is None and stop_worker(w) == 0
