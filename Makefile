@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-dev
 ENGINES_VENV ?= .venv-engines
 ENGINES_STAMP := $(ENGINES_VENV)/.installed
 
-.PHONY: demo test unit integration engines engines-test lint typecheck deploy-check lock clean
+.PHONY: demo test unit pythons integration engines engines-test lint typecheck deploy-check lock clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,10 +48,14 @@ deploy-check: $(STAMP)
 
 # Fast feedback first: lint, types and the unit tests (no servers, seconds), then the
 # integration tests (real tansu, redis-server, moto_server), then the real CPU engines.
-test: lint typecheck unit deploy-check integration engines-test
+test: lint typecheck unit pythons deploy-check integration engines-test
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# requires-python is >=3.11,<3.14: the unit tests run on 3.12 and 3.13 too.
+pythons:
+	bash tests/pythons/run.sh 3.12 3.13
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
@@ -68,4 +72,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(ENGINES_VENV) .vlmq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ENGINES_VENV) .venv-py3.* .vlmq .pytest_cache .mypy_cache .ruff_cache

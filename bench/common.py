@@ -63,7 +63,7 @@ def write_result(
         "ratio": round(value / baseline, 3) if baseline else None,
         "hardware": hardware(),
         "settings": settings,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,13 @@
 """The one way vlmq retries and times out: `retry`, `through_outage` and `within`.
 
 Retries are tenacity's (exponential backoff with jitter, then the last error re-raised);
-timeouts raise the builtin `TimeoutError` on every supported Python (on 3.10,
-`asyncio.TimeoutError` is another class, which once let a timeout escape a handler).
+timeouts are `asyncio.timeout`'s builtin `TimeoutError` (no task per call, unlike
+`wait_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
@@ -109,11 +108,6 @@ async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float) -> T:
 
 
 async def within(aw: Awaitable[T], seconds: float) -> T:
-    """`aw`'s result, or the builtin TimeoutError after `seconds` (the awaitable is cancelled)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):  # no extra task per call, unlike wait_for
-            return await aw
-    try:
-        return await asyncio.wait_for(aw, seconds)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"timed out after {seconds}s") from None
+    """`aw`'s result, or TimeoutError after `seconds` (the awaitable is cancelled)."""
+    async with asyncio.timeout(seconds):  # no extra task per call, unlike wait_for
+        return await aw

@@ -97,7 +97,7 @@ class OpenAIEngine:
                 data = await resp.json(content_type=None)
                 if resp.status >= 400:
                     raise http_error(resp.status, _message(data))
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:  # aiohttp's, on 3.10 too
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             raise _Retryable(repr(exc)) from None
         choice = data["choices"][0]
         usage = data.get("usage") or {}
