@@ -4,7 +4,8 @@ encoded bytes, same broker, same run.
 The SDK does more per job: it validates the job (encode, then decode against the
 contract), records it in Redis as queued (idempotency: one pipelined Lua call per job),
 produces with acks=all, and marks what Kafka acknowledged (so a resumed submit never sends
-twice). The raw producer only sends bytes.
+twice). The raw producer only sends bytes. Also timed: `vlmq bulk submit --manifest` end
+to end (a process of its own, reading a JSONL file of the same jobs), as a user runs it.
 
     python bench/submit.py --jobs 50000
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -68,7 +72,10 @@ async def main() -> None:
             report = await client.submit_many(jobs[10:], chunk=args.chunk)
             value = (args.jobs - 10) / (time.perf_counter() - t0)
         assert report.sent == args.jobs - 10, report
-        print(f"raw aiokafka: {base:,.0f} jobs/s; submit_many: {value:,.0f} jobs/s")
+        cli = await asyncio.to_thread(bulk_cli, env, args.jobs, args.chunk)
+        print(
+            f"raw aiokafka: {base:,.0f} jobs/s; submit_many: {value:,.0f} jobs/s; vlmq bulk submit: {cli:,.0f}"
+        )
         write_result(
             "submit",
             "jobs/s",
@@ -81,9 +88,30 @@ async def main() -> None:
                 "partitions": 8,
                 "job": "caption, one s3:// image, msgpack",
             },
+            bulk_cli_jobs_per_s=round(cli, 1),
+            bulk_cli_ratio=round(cli / base, 3),
         )
     finally:
         stack.down()
+
+
+def bulk_cli(env: dict[str, str], n: int, chunk: int) -> float:
+    """Jobs/s of `vlmq bulk submit --manifest` for n one-image jobs, process start included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "manifest.jsonl"
+        manifest.write_text(
+            "".join(f'{{"key": "k{i}", "image": "s3://photos/{i:07d}.jpg"}}\n' for i in range(n))
+        )
+        topic = f"cli-{uuid.uuid4().hex[:6]}"
+        cmd = [sys.executable, "-m", "vlmq.cli", "bulk", "submit", topic, "--manifest", str(manifest)]
+        t0 = time.perf_counter()
+        subprocess.run(
+            [*cmd, "--chunk", str(chunk)],
+            env={**os.environ, **env, "VLMQ_JOBS_TOPIC": topic},
+            check=True,
+            capture_output=True,
+        )
+        return n / (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,22 @@ Pillow, aiobotocore and engines load when `vlmq worker` runs.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vlmq.cli.demo import demo
+from vlmq.cli.errors import Exit, UserError, explain
 from vlmq.deploy.cli import app as stack_app
 from vlmq.producer.cli import app as client_app
 from vlmq.worker.cli import app as worker_app
 
 console = Console(stderr=True)
+DEBUG = False
 
 app = typer.Typer(
     help="vlmq: vision-language models behind a message queue (Kafka in, Redis out).",
@@ -39,16 +43,41 @@ app.command("demo")(demo)
 
 @schema_app.command("export")
 def schema_export(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the JSON Schema files.")] = Path(
-        "docs/schema"
-    ),
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the JSON Schema files (a checkout's docs/schema)."),
+    ] = None,
 ) -> None:
     """Write the JSON Schema of jobs, results and dead letters (for non-Python clients)."""
     from vlmq.schemas.export import export
+
+    if out_dir is None:
+        out_dir = Path("docs/schema")
+        if not out_dir.is_dir():  # outside a vlmq checkout: never litter the current folder
+            raise UserError("give the folder to write to: vlmq schema export --out DIR", Exit.USAGE)
 
     for path in export(out_dir):
         console.print(f"wrote {path}")
 
 
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="VLMQ_DEBUG", help="Show tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    global DEBUG
+    DEBUG = debug
+
+
 def main() -> None:
-    app()
+    """The `vlmq` entry point: typer's app inside the one error boundary (cli/errors.py)."""
+    try:
+        app()
+    except Exception as exc:
+        explained = explain(exc)
+        if explained is None or DEBUG:
+            raise
+        message, code = explained
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(int(code))

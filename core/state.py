@@ -144,6 +144,7 @@ class StateStore:
         self._claim = redis.register_script(_lua("claim"))
         self._finish = redis.register_script(_lua("finish"))
         self._sent = redis.register_script(_lua("sent"))
+        self._unqueue = redis.register_script(_lua("unqueue"))
         self._batch = _Coalescer(redis) if coalesce else None
 
     async def _script(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
@@ -175,6 +176,16 @@ class StateStore:
         """Note that Kafka acknowledged these jobs (one script call)."""
         if job_ids:
             await self._sent([keys.job_key(j) for j in job_ids])
+
+    async def unqueue(self, items: Sequence[tuple[str, str | None]]) -> int:
+        """Remove the records of (job_id, batch_id) that are queued and were never sent:
+        a submit whose Kafka write failed leaves nothing behind. Returns how many."""
+        if not items:
+            return 0
+        keys_ = [
+            k for job_id, batch_id in items for k in (keys.job_key(job_id), self._batch_keys(batch_id)[0])
+        ]
+        return int(await self._unqueue(keys_, [batch_id or "" for _, batch_id in items]))
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]

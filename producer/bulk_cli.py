@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from vlmq.core.state import BatchCounts
 from vlmq.producer import bulk
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.client import Client
+from vlmq.producer.errors import NothingToSubmit
 from vlmq.schemas.job import Job
 
 console = Console(stderr=True)
@@ -49,6 +51,9 @@ def _source(
         raise typer.Exit(2)
     if s3_prefix:
         import boto3
+
+        if not s3_prefix.startswith("s3://") or not s3_prefix[5:].split("/", 1)[0]:
+            raise typer.BadParameter(f"takes s3://bucket/prefix, not {s3_prefix!r}", param_hint="--s3")
 
         s3 = boto3.client("s3", endpoint_url=_s3_endpoint())
         return bulk.from_s3_prefix(s3, s3_prefix, batch_id, preset, suffixes)
@@ -92,37 +97,33 @@ def submit(
     sent, skipped, bad = asyncio.run(submit_items(items, chunk))
     if bad:
         _report_bad(bad, rejected)
+    if sent + skipped == 0:
+        where = s3_prefix or manifest or openai
+        kinds = f" ending in {', '.join(suffixes)}" if s3_prefix else ""
+        raise NothingToSubmit(f"no jobs in {where}{kinds}: nothing was submitted")
     console.print(f"batch [bold]{batch_id}[/]: {sent} sent, {skipped} already sent, {len(bad)} rejected")
 
 
 async def submit_items(items: Iterator[bulk.Item], chunk: int) -> tuple[int, int, list[bulk.BadLine]]:
-    """Submit jobs with a progress bar; returns (sent, already sent, rejected lines)."""
+    """Submit jobs with a progress bar; returns (sent, already sent, rejected lines). One
+    `submit_many` over the whole stream, so each chunk's acks overlap the next chunk."""
     bad: list[bulk.BadLine] = []
-    sent = skipped = 0
-    with Progress(
-        TextColumn("submitting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+
+    def jobs() -> Iterator[Job]:
+        for item in items:
+            if isinstance(item, bulk.BadLine):
+                bad.append(item)
+            else:
+                yield item
+
+    columns = (TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("submit", total=None)
         async with Client() as client:
-            buf: list[Job] = []
-            for item in items:
-                if isinstance(item, bulk.BadLine):
-                    bad.append(item)
-                    continue
-                buf.append(item)
-                if len(buf) >= chunk:
-                    r = await client.submit_many(buf, chunk=chunk)
-                    sent, skipped, buf = sent + r.sent, skipped + r.skipped, []
-                    progress.update(task, completed=sent + skipped)
-            if buf:
-                r = await client.submit_many(buf, chunk=chunk)
-                sent, skipped = sent + r.sent, skipped + r.skipped
-    return sent, skipped, bad
+            report = await client.submit_many(
+                jobs(), chunk=chunk, progress=lambda r: progress.update(task, completed=r.sent + r.skipped)
+            )
+    return report.sent, report.skipped, bad
 
 
 def _report_bad(bad: list[bulk.BadLine], rejected: Path | None) -> None:
@@ -194,6 +195,7 @@ async def watch_batch(batch_id: str, timeout: float | None = None, total: int | 
         TextColumn("{task.description}"),
     )
     async with Client() as client:
+        rate = _Rate()
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("", total=total, batch=batch_id)
             while True:
@@ -202,13 +204,29 @@ async def watch_batch(batch_id: str, timeout: float | None = None, total: int | 
                     task,
                     completed=c.finished,
                     total=max(c.total, total or 0) or None,
-                    description=_describe(c),
+                    description=f"{rate.add(c.finished)} {_describe(c)}",
                 )
                 if c.total and c.finished >= max(c.total, total or 0):
                     return True
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 await asyncio.sleep(0.25)
+
+
+class _Rate:
+    """Jobs ended per second over the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, finished: int) -> str:
+        now = time.monotonic()
+        self.samples.append((now, finished))
+        while now - self.samples[0][0] > self.window_s:
+            self.samples.popleft()
+        (t0, f0), (t1, f1) = self.samples[0], self.samples[-1]
+        return f"{(f1 - f0) / (t1 - t0):.1f} jobs/s" if t1 > t0 else "- jobs/s"
 
 
 @app.command("export")
@@ -230,6 +248,7 @@ def export_cmd(
 
 async def _export(batch_id: str, out: Path, openai: bool, errors: Path | None) -> tuple[int, int]:
     async with Client() as client:
+        await client.batch(batch_id)  # BatchNotFound before any file is written
         with out.open("wb") as f_out:
             if errors is None:
                 return await bulk.export(client.iter_results(batch_id), f_out, openai=openai)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -14,7 +14,7 @@ from rich.console import Console
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.bulk_cli import app as bulk_app
 from vlmq.producer.client import Client
-from vlmq.producer.errors import VlmqClientError
+from vlmq.producer.errors import Unavailable, ValidationError
 from vlmq.schemas.job import Result
 
 T = TypeVar("T")
@@ -27,18 +27,6 @@ app.add_typer(bulk_app, name="bulk")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a client coroutine; turn SDK errors into one readable line and exit code 1."""
-    try:
-        return asyncio.run(coro)
-    except VlmqClientError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        console.print(f"[red]cannot connect:[/] {exc}. Is the stack up? Try `vlmq stack up`.")
-        raise typer.Exit(2) from None
-
-
 # -- single jobs ----------------------------------------------------------------------------
 
 
@@ -47,7 +35,8 @@ def _client_call(fn: Callable[[Client], Awaitable[T]]) -> T:
         async with Client() as client:
             return await fn(client)
 
-    return _run(go())
+    # Errors reach the root's error boundary (vlmq.cli), which prints one line per kind.
+    return asyncio.run(go())
 
 
 def _show(result: Result, as_json: bool) -> None:
@@ -80,9 +69,13 @@ def submit(
     from vlmq.producer import builders
     from vlmq.schemas.job import ChoiceFormat, ImageRef, Job, Sampling
 
+    try:
+        refs = [ImageRef(u) for u in image]
+    except ValueError as exc:
+        raise ValidationError(f"{exc}") from None
     job = Job(
         job_id=job_id or builders.new_job_id(),
-        messages=[builders.user(*[ImageRef(u) for u in image], prompt)],
+        messages=[builders.user(*refs, prompt)],
         sampling=Sampling(max_tokens=max_tokens),
         response_format=ChoiceFormat(labels.split(",")) if labels else None,
     )
@@ -93,7 +86,11 @@ def submit(
             return handle
         return await client.wait(handle.job_id, wait)
 
-    got = _client_call(go)
+    try:
+        got = _client_call(go)
+    except Unavailable as exc:
+        exc.args = (f"{exc} (job {job.job_id} was not submitted)",)
+        raise
     if isinstance(got, Result):
         _show(got, as_json)
     elif as_json:

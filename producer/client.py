@@ -12,22 +12,29 @@ crash or a timeout is always safe. Kafka writes use acks=all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from vlmq.core.settings import Connection
+from vlmq.core.settings import Connection, redact_url
 from vlmq.core.state import BatchCounts, StateStore
 from vlmq.producer.errors import (
+    BatchNotFound,
     JobCancelled,
     JobExpired,
     JobFailed,
     JobNotFound,
     Timeout,
+    Unavailable,
     ValidationError,
 )
 from vlmq.schemas import keys
@@ -45,8 +52,10 @@ class Handle(msgspec.Struct, frozen=True):
 class _Sent(msgspec.Struct):
     """A chunk handed to the producer, its acknowledgements not yet awaited."""
 
+    jobs: list[Job] = msgspec.field(default_factory=list)
     acks: list[asyncio.Future[Any]] = msgspec.field(default_factory=list)
     ids: list[str] = msgspec.field(default_factory=list)
+    new: list[str] = msgspec.field(default_factory=list)  # records this chunk created
 
 
 class SubmitReport(msgspec.Struct):
@@ -109,6 +118,28 @@ class Client:
             self._producer = None
         await self.redis.aclose()
 
+    @contextlib.contextmanager
+    def _reaching_redis(self) -> Iterator[None]:
+        """Redis connection failures as `Unavailable`, naming the address (no password)."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            hint = (
+                "check the user and password in VLMQ_REDIS_URL"
+                if isinstance(exc, AuthenticationError)
+                else ""
+            )
+            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
+
+    @contextlib.contextmanager
+    def _reaching_kafka(self) -> Iterator[None]:
+        try:
+            yield
+        except KafkaError as exc:
+            if not isinstance(exc, KafkaConnectionError | KafkaTimeoutError | NoBrokersAvailable):
+                raise
+            raise Unavailable("Kafka", self.settings.kafka_bootstrap, exc) from exc
+
     async def _kafka(self) -> AIOKafkaProducer:
         if self._producer is None:
             # No idempotent producer: tansu's memory storage rejects it, and the job id
@@ -121,44 +152,59 @@ class Client:
                 max_batch_size=1 << 20,
                 **(self.settings.kafka_options() | self._kafka_options),
             )
-            await producer.start()
+            try:
+                with self._reaching_kafka():
+                    await producer.start()
+            except BaseException:
+                await producer.stop()  # a half-started producer leaks its connections
+                raise
             self._producer = producer
         return self._producer
 
     # -- submit -----------------------------------------------------------------------
 
     async def submit(self, job: Job) -> Handle:
-        """Send one job (waits for the broker's ack). Safe to repeat with the same job id."""
+        """Send one job (waits for the broker's ack). Safe to repeat with the same job id.
+        Raises Unavailable when Redis or Kafka does not answer; a job whose record was made
+        but that Kafka did not take has its record removed again."""
         job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
         value, headers = validated(job, self.content_type)
-        got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
+        producer = await self._kafka()  # Kafka first: an unreachable broker leaves no record
+        with self._reaching_redis():
+            got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
         if not got.must_send:
             return Handle(job.job_id, False, got.state)
-        producer = await self._kafka()
-        await producer.send_and_wait(
-            self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
-        )
-        await self.store.mark_sent([job.job_id])
+        try:
+            with self._reaching_kafka():
+                await producer.send_and_wait(
+                    self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
+                )
+        except BaseException:
+            if got.new:
+                await self._unqueue([job], [job.job_id])
+            raise
+        with self._reaching_redis():
+            await self.store.mark_sent([job.job_id])
         return Handle(job.job_id, True, JobState.QUEUED)
 
-    async def submit_many(self, jobs: Iterable[Job], *, chunk: int = 2000) -> SubmitReport:
+    async def submit_many(
+        self,
+        jobs: Iterable[Job],
+        *,
+        chunk: int = 2000,
+        progress: Callable[[SubmitReport], None] | None = None,
+    ) -> SubmitReport:
         """Send many jobs: per chunk one Redis call and one batched produce. A chunk's
         acknowledgements are awaited while the next chunk is prepared, so memory stays
-        bounded by two chunks whatever the number of jobs."""
+        bounded by two chunks whatever the number of jobs. `progress` is called with the
+        running totals after each chunk is acknowledged."""
         report = SubmitReport()
         in_flight: _Sent | None = None
-        buf: list[Job] = []
-        for job in jobs:
-            buf.append(job)
-            if len(buf) >= chunk:
-                sending = await self._send_chunk(buf, report)
-                await self._settle(in_flight, report)
-                in_flight, buf = sending, []
-        if buf:
+        for buf in _chunks(jobs, chunk):
             sending = await self._send_chunk(buf, report)
-            await self._settle(in_flight, report)
+            await self._settle(in_flight, report, progress)
             in_flight = sending
-        await self._settle(in_flight, report)
+        await self._settle(in_flight, report, progress)
         return report
 
     async def _send_chunk(self, jobs: Sequence[Job], report: SubmitReport) -> _Sent:
@@ -166,31 +212,54 @@ class Client:
         now = time.time()
         jobs = [msgspec.structs.replace(j, submitted_at=j.submitted_at or now) for j in jobs]
         encoded = [validated(j, self.content_type) for j in jobs]
-        states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
         producer = await self._kafka()
-        sent = _Sent()
+        with self._reaching_redis():
+            states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
+        sent = _Sent(jobs=list(jobs))
         for job, (value, headers), got in zip(jobs, encoded, states, strict=True):
             if not got.must_send:
                 report.skipped += 1
                 continue
-            sent.acks.append(
-                await producer.send(self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers)
-            )
+            with self._reaching_kafka():
+                sent.acks.append(
+                    await producer.send(
+                        self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
+                    )
+                )
             sent.ids.append(job.job_id)
+            if got.new:
+                sent.new.append(job.job_id)
         return sent
 
-    async def _settle(self, sent: _Sent | None, report: SubmitReport) -> None:
+    async def _settle(
+        self, sent: _Sent | None, report: SubmitReport, progress: Callable[[SubmitReport], None] | None
+    ) -> None:
         if sent is None:
             return
-        await asyncio.gather(*sent.acks)
-        await self.store.mark_sent(sent.ids)
-        report.sent += len(sent.ids)
+        acked = await asyncio.gather(*sent.acks, return_exceptions=True)
+        failed = {j for j, a in zip(sent.ids, acked, strict=True) if isinstance(a, BaseException)}
+        with self._reaching_redis():
+            await self.store.mark_sent([j for j in sent.ids if j not in failed])
+        report.sent += len(sent.ids) - len(failed)
+        if failed:  # what Kafka did not take must not look queued: its new records go again
+            await self._unqueue(sent.jobs, [j for j in sent.new if j in failed])
+            error = next(a for a in acked if isinstance(a, BaseException))
+            with self._reaching_kafka():
+                raise error
+        if progress is not None:
+            progress(report)
+
+    async def _unqueue(self, jobs: Sequence[Job], job_ids: Sequence[str]) -> None:
+        batch_of = {j.job_id: j.batch_id for j in jobs}
+        with self._reaching_redis():
+            await self.store.unqueue([(j, batch_of.get(j)) for j in job_ids])
 
     # -- follow -----------------------------------------------------------------------
 
     async def status(self, job_id: str) -> Result:
         """The job's record now (any state). Raises JobNotFound."""
-        result = await self.store.get(job_id)
+        with self._reaching_redis():
+            result = await self.store.get(job_id)
         if result is None:
             raise JobNotFound(job_id)
         return result
@@ -200,17 +269,19 @@ class Client:
         or has not ended (Timeout with timeout 0)."""
         result = await self.status(job_id)
         if not result.state.terminal:
-            raise Timeout(job_id, 0)
+            raise Timeout(job_id, 0, result.state.value)
         return _raise_for_state(result)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Result:
         """Block until the job ends (pub/sub, no polling storm). Raises Timeout, JobFailed,
-        JobCancelled, JobExpired, JobNotFound."""
-        if not await self.redis.exists(keys.job_key(job_id)):
-            raise JobNotFound(job_id)
-        result = await self.store.wait(job_id, timeout)
-        if result is None:
-            raise Timeout(job_id, timeout)
+        JobCancelled, JobExpired, JobNotFound, Unavailable."""
+        with self._reaching_redis():
+            if not await self.redis.exists(keys.job_key(job_id)):
+                raise JobNotFound(job_id)
+            result = await self.store.wait(job_id, timeout)
+            if result is None:
+                now = await self.store.get(job_id)
+                raise Timeout(job_id, timeout, now.state.value if now else None)
         return _raise_for_state(result)
 
     async def as_completed(
@@ -219,9 +290,11 @@ class Client:
         """Each job's terminal Result as it ends, whatever the state (no exceptions)."""
         ids = list(job_ids)
         expected, seen = len(set(ids)), 0
-        async for result in self.store.as_completed(ids, timeout=timeout):
-            seen += 1
-            yield result
+        with self._reaching_redis():
+            async with contextlib.aclosing(self.store.as_completed(ids, timeout=timeout)) as results:
+                async for result in results:
+                    seen += 1
+                    yield result
         if seen < expected:
             raise Timeout(f"{expected - seen} of {expected} jobs", timeout)
 
@@ -233,14 +306,33 @@ class Client:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job. False when it had already ended or is unknown."""
-        return await self.store.cancel(job_id)
+        with self._reaching_redis():
+            return await self.store.cancel(job_id)
 
     async def batch(self, batch_id: str) -> BatchCounts:
-        return await self.store.batch_counts(batch_id)
+        """A batch's counts per state. Raises BatchNotFound for a batch nobody submitted to."""
+        with self._reaching_redis():
+            counts = await self.store.batch_counts(batch_id)
+        if counts.total == 0:
+            raise BatchNotFound(batch_id)
+        return counts
 
-    def iter_results(self, batch_id: str) -> AsyncIterator[Result]:
+    async def iter_results(self, batch_id: str) -> AsyncIterator[Result]:
         """Every ended job of a batch, streamed in the order they ended."""
-        return self.store.iter_batch(batch_id)
+        with self._reaching_redis():
+            async for result in self.store.iter_batch(batch_id):
+                yield result
+
+
+def _chunks(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    buf: list[Job] = []
+    for job in jobs:
+        buf.append(job)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
 
 
 def _raise_for_state(result: Result) -> Result:

@@ -6,23 +6,65 @@ from vlmq.schemas.job import Result
 
 
 class VlmqClientError(Exception):
-    """Base of every SDK error."""
+    """Base of every SDK error. `str()` is one line that says what to do next."""
+
+    def __str__(self) -> str:  # KeyError's own str() is the repr of its argument
+        return str(self.args[0]) if self.args else type(self).__name__
 
 
 class ValidationError(VlmqClientError, ValueError):
     """The job breaks the wire contract; the message names the field."""
 
 
+class Unavailable(VlmqClientError, ConnectionError):
+    """Redis or Kafka did not answer. `service` and `address` say which and where."""
+
+    def __init__(self, service: str, address: str, cause: BaseException, hint: str = "") -> None:
+        self.service, self.address = service, address
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        hint = (
+            hint or f'is it up? For a local stack: eval "$(vlmq stack up)"; else set VLMQ_{_SETTING[service]}'
+        )
+        super().__init__(f"cannot reach {service} at {address} ({reason[:200]}): {hint}")
+
+
+_SETTING = {"Redis": "REDIS_URL", "Kafka": "KAFKA_BOOTSTRAP", "S3": "S3_ENDPOINT_URL"}
+
+
 class Timeout(VlmqClientError, TimeoutError):
     """The job did not end within the time asked for (it may still end later)."""
 
-    def __init__(self, job_id: str, timeout: float | None) -> None:
-        super().__init__(f"job {job_id} did not end within {timeout}s; it keeps running")
+    def __init__(self, job_id: str, timeout: float | None, state: str | None = None) -> None:
+        if state == "queued":
+            why = "it is still queued: no worker has taken it yet (is one running? `vlmq worker`)"
+        else:
+            why = "it keeps running"
+        super().__init__(f"job {job_id} did not end within {timeout}s; {why}")
         self.job_id = job_id
 
 
-class JobNotFound(VlmqClientError, KeyError):
+class NotFound(VlmqClientError):
+    """What was asked for does not exist (a job, a batch, images under a prefix)."""
+
+
+class JobNotFound(NotFound, KeyError):
     """No record of this job: never submitted, or expired from Redis (TTL)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"job {job_id!r} not found: never submitted, or its record expired (VLMQ_RESULT_TTL_S)"
+        )
+        self.job_id = job_id
+
+
+class BatchNotFound(NotFound, KeyError):
+    """No job was ever recorded under this batch id (or its records expired)."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(
+            f"batch {batch_id!r} not found: no job was submitted under it, or its records expired"
+        )
+        self.batch_id = batch_id
 
 
 class JobEnded(VlmqClientError):
@@ -44,3 +86,7 @@ class JobCancelled(JobEnded):
 
 class JobExpired(JobFailed):
     """The job's deadline passed before it started."""
+
+
+class NothingToSubmit(NotFound):
+    """A bulk source yielded no job (an empty or misspelled prefix, an empty file)."""

@@ -8,7 +8,8 @@ Only settings are imported here; the worker's heavy dependencies load when it st
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import difflib
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -75,6 +76,7 @@ def worker(
     vlmq worker --engine lmdeploy --model /models/internvl2_5-8b --tp 1 --session-len 8192
     """
     overrides = {k: v for k, v in locals().items() if k not in ("ctx", "engine_arg")}
+    _refuse_misspelled(ctx)
     try:
         extra = engine_flags(ctx.args)
     except ValueError as exc:
@@ -102,9 +104,30 @@ def worker(
         )
         raise typer.Exit(2)
 
+    from vlmq.core.retry import InfrastructureError
+    from vlmq.worker.engines import check_installed
+
     try:
+        check_installed(settings.engine)
         code = asyncio.run(serve(settings))
     except EngineConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(exc), 2)
+    except InfrastructureError as exc:  # Kafka or Redis not there at start
+        _fail(str(exc), 3)
     raise typer.Exit(code)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _refuse_misspelled(ctx: typer.Context) -> None:
+    """A flag the worker does not know goes to the engine, unless it looks like a typo of
+    one the worker knows (`--metric-port`): then say so instead of an engine error."""
+    known = [o[2:] for p in ctx.command.params for o in p.opts if o.startswith("--")]
+    for arg in ctx.args:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85) if name else []
+        if close:
+            _fail(f"no such option --{name}: did you mean --{close[0]}? (other --flags go to the engine)", 2)

@@ -23,7 +23,8 @@ from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from vlmq.core.retry import InfrastructureError, through_outage, within
+from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
+from vlmq.core.settings import redact_url
 from vlmq.core.state import StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
@@ -54,6 +55,7 @@ log = structlog.get_logger("vlmq.worker")
 # What stops a worker: nothing could be served without Redis, Kafka or the engine.
 FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
+START_S = 10.0  # how long a starting worker waits for Redis
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 
 
@@ -159,24 +161,42 @@ class Worker:
         self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
+            # Redis and the producer first: a wrong address fails in seconds, not after the
+            # engine loaded for minutes. The consumer last: joining the group starts the clock.
+            await self._reach_redis()
+            self.producer = self._make_producer(s)
+            stack.push_async_callback(self.producer.stop)  # also when start() fails: no leaked sockets
+            await self._reach_kafka(self.producer.start)
             await self.engine.start()
             stack.push_async_callback(self.engine.close)
             self.fetcher = await stack.enter_async_context(Fetcher(s))
             self.pipeline = Pipeline(s, self.fetcher, self.engine)
             stack.callback(self.pipeline.close)
-            self.producer = self._make_producer(s)
-            await self.producer.start()
-            stack.push_async_callback(self.producer.stop)
             self.consumer = self._make_consumer(s)
             self.consumer.subscribe([s.jobs_topic], listener=_Rebalance(self))
-            await self.consumer.start()
             stack.push_async_callback(self.consumer.stop)
+            await self._reach_kafka(self.consumer.start)
             if s.metrics_port:
                 runner = await metrics.serve(
                     s.metrics_host, s.metrics_port, self.engine.healthy, self.not_ready
                 )
                 stack.push_async_callback(runner.cleanup)
             return await self._serve()
+
+    async def _reach_redis(self) -> None:
+        """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
+        try:
+            await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
+        except Exception as exc:
+            url = redact_url(self.settings.redis_url)
+            raise InfrastructureError(_unreachable("Redis", url, exc, "VLMQ_REDIS_URL")) from exc
+
+    async def _reach_kafka(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await start()
+        except KafkaError as exc:
+            where = self.settings.kafka_bootstrap
+            raise InfrastructureError(_unreachable("Kafka", where, exc, "VLMQ_KAFKA_BOOTSTRAP")) from exc
 
     async def _serve(self) -> int:
         helpers = [
@@ -503,6 +523,11 @@ class Worker:
             for t in late:  # handed back: uncommitted, another worker takes them
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+
+
+def _unreachable(service: str, where: str, exc: BaseException, setting: str) -> str:
+    local = 'eval "$(vlmq stack up)"'
+    return f"cannot reach {service} at {where} ({exc}): is it up? Local: {local}; else set {setting}"
 
 
 async def serve(settings: WorkerSettings) -> int:

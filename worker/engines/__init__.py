@@ -13,6 +13,7 @@ __all__ = [
     "EngineDead",
     "EngineOutput",
     "EngineRequest",
+    "check_installed",
     "make_engine",
 ]
 
@@ -36,6 +37,22 @@ _CLASSES = {
     "openai": "openai:OpenAIEngine",
 }
 ENGINES = tuple(_CLASSES)
+# What each engine imports when it starts, and the extra that installs it.
+_NEEDS = {"vllm": ("vllm",), "lmdeploy": ("lmdeploy",), "hf": ("torch", "transformers", "xgrammar")}
+_EXTRAS = {"vllm": "vllm", "lmdeploy": "lmdeploy", "hf": "hf"}
+
+
+def check_installed(name: str) -> None:
+    """EngineConfigError now, naming the extra to install, rather than an ImportError from
+    inside the engine when it starts."""
+    import importlib.util
+
+    for module in _NEEDS.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            extra = _EXTRAS.get(name, "worker")
+            raise EngineConfigError(
+                f"engine {name!r} needs {module}, which is not installed: pip install 'vlmq[{extra}]'"
+            )
 
 
 def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
@@ -49,6 +66,7 @@ def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
         raise EngineConfigError(f"engine {name!r} needs --model (a path or HF id)")
     module, cls = _CLASSES[name].split(":")
     engine_cls = getattr(importlib.import_module(f"vlmq.worker.engines.{module}"), cls)
+
     try:
         engine: Engine = engine_cls(model or "fake", **{k: _coerce(v) for k, v in args.items()})
     except TypeError as exc:  # an unexpected keyword: an option this engine does not have

@@ -1,0 +1,191 @@
+"""Every everyday mistake gets one line, the right exit code and no traceback: the real
+`vlmq` command against a stopped stack (ports nobody listens on) and against the real one.
+Exit codes: 1 failed, 2 usage, 3 unreachable, 4 not found, 5 denied (cli/errors.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.helpers import Env
+from vlmq.deploy.stack import free_port
+from vlmq.producer import Client
+
+STACK_HINT = 'eval "$(vlmq stack up)"'
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmq.cli", *args],
+        env={**os.environ, "COLUMNS": "300", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+    )
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    return proc
+
+
+def _dead() -> dict[str, str]:
+    """Addresses where nothing listens: the stack is down."""
+    return {
+        "VLMQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "VLMQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "service"),
+    [
+        (("status", "j1"), "Redis"),
+        (("cancel", "j1"), "Redis"),
+        (("wait", "j1", "--timeout", "1"), "Redis"),
+        (("bulk", "watch", "b1"), "Redis"),
+        (("bulk", "status", "b1"), "Redis"),
+        (("submit", "s3://b/k.jpg"), "Kafka"),
+        (("bulk", "submit", "b1", "--s3", "s3://photos/x/"), "S3"),
+    ],
+)
+def test_a_stopped_stack_is_one_line_naming_what_and_where(args: tuple[str, ...], service: str) -> None:
+    env = _dead()
+    proc = run(*args, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert f"cannot reach {service} at" in proc.stderr
+    where = {
+        "Redis": env["VLMQ_REDIS_URL"],
+        "Kafka": env["VLMQ_KAFKA_BOOTSTRAP"],
+        "S3": env["VLMQ_S3_ENDPOINT_URL"],
+    }
+    assert where[service] in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr  # one line (wrapped at most)
+
+
+def test_debug_shows_the_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmq.cli", "--debug", "status", "j1"],
+        env={**os.environ, **_dead()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_the_worker_with_kafka_down_says_so_and_leaks_nothing(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "error: cannot reach Kafka at" in proc.stderr and STACK_HINT in proc.stderr
+    assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr
+
+
+def test_the_worker_with_redis_down_says_so(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 3 and "error: cannot reach Redis at" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("engine", "extra"), [("vllm", "vllm"), ("lmdeploy", "lmdeploy"), ("hf", "hf")])
+def test_a_missing_engine_says_which_extra_to_install(engine: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(engine if engine != "hf" else "transformers") is not None:
+        pytest.skip(f"{engine} is installed in this venv")
+    proc = run("worker", "--engine", engine, "--model", "/models/m", "--metrics-port", "0", env=_dead())
+    assert proc.returncode == 2, proc.stderr
+    assert f"pip install 'vlmq[{extra}]'" in proc.stderr
+
+
+def test_a_misspelled_worker_flag_gets_a_did_you_mean() -> None:
+    proc = run("worker", "--metric-port", "9400", env=_dead())
+    assert proc.returncode == 2
+    assert "no such option --metric-port: did you mean --metrics-port?" in proc.stderr
+
+
+def test_unknown_job_and_batch_are_not_found(e: Env) -> None:
+    env = e.worker_env()
+    for args, what in [
+        (("status", "no-such-job"), "job 'no-such-job' not found"),
+        (("wait", "no-such-job", "--timeout", "1"), "job 'no-such-job' not found"),
+        (("bulk", "status", f"{e.tag}-nope"), f"batch '{e.tag}-nope' not found"),
+        (("bulk", "watch", f"{e.tag}-nope"), f"batch '{e.tag}-nope' not found"),
+    ]:
+        proc = run(*args, env=env)
+        assert proc.returncode == 4 and what in proc.stderr, (args, proc.stderr)
+    out = e.tmp / "out.jsonl"
+    proc = run("bulk", "export", f"{e.tag}-nope", "-o", str(out), env=env)
+    assert proc.returncode == 4 and not out.exists(), proc.stderr  # no empty file for a missing batch
+
+
+def test_bad_s3_sources_are_refused_with_the_reason(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_JOBS_TOPIC": e.jobs_topic}
+    proc = run("bulk", "submit", "b1", "--s3", f"s3://{e.tag}-no-such-bucket/photos/", env=env)
+    assert proc.returncode == 4 and f"bucket '{e.tag}-no-such-bucket' does not exist" in proc.stderr, (
+        proc.stderr
+    )
+    proc = run("bulk", "submit", "b1", "--s3", f"s3://{e.bucket}/empty/", env=env)
+    assert proc.returncode == 4 and "nothing was submitted" in proc.stderr, proc.stderr
+    proc = run("bulk", "submit", "b1", "--s3", f"{e.bucket}/photos/", env=env)
+    assert proc.returncode == 2 and "s3://bucket/prefix" in proc.stderr, proc.stderr
+
+
+def test_a_bad_image_uri_is_a_usage_error() -> None:
+    proc = run("submit", "not-a-uri", env=_dead())
+    assert proc.returncode == 2 and "unknown URI scheme" in proc.stderr, proc.stderr
+
+
+async def test_submit_with_kafka_down_leaves_no_record_and_names_the_job(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    proc = run("submit", f"s3://{e.bucket}/a.jpg", "--job-id", f"{e.tag}-k", env=env)
+    assert proc.returncode == 3 and f"job {e.tag}-k was not submitted" in proc.stderr, proc.stderr
+    async with Client(e.kafka, e.redis) as client:
+        assert await client.store.get(f"{e.tag}-k") is None  # no orphan `queued` record
+
+
+def test_waiting_without_a_worker_says_the_job_is_queued(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_JOBS_TOPIC": e.jobs_topic}
+    boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="a.jpg", Body=b"x")
+    proc = run("submit", f"s3://{e.bucket}/a.jpg", "--wait", "1", env=env)
+    assert proc.returncode == 1 and "still queued: no worker has taken it" in proc.stderr, proc.stderr
+
+
+def test_schema_export_outside_a_checkout_asks_where(tmp_path: Path) -> None:
+    proc = run("schema", "export", cwd=tmp_path)
+    assert proc.returncode == 2 and "--out DIR" in proc.stderr
+    assert not (tmp_path / "docs").exists()
+    assert run("schema", "export", "--out", str(tmp_path / "s"), cwd=tmp_path).returncode == 0
+
+
+def test_the_demo_without_its_services_is_one_line(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "VLMQ_TANSU_BIN": str(tmp_path / "missing-tansu")}  # nothing on PATH
+    proc = run("demo", "--state-dir", str(tmp_path / "demo"), env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") <= 3 and "error:" in proc.stderr, proc.stderr
