@@ -196,6 +196,7 @@ async def watch_batch(batch_id: str, timeout: float | None = None, total: int | 
     )
     async with Client() as client:
         rate = _Rate()
+        await client.batch(batch_id)  # BatchNotFound before any progress bar is drawn
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("", total=total, batch=batch_id)
             while True:

@@ -18,7 +18,6 @@ from vlmq.producer.errors import Unavailable, ValidationError
 from vlmq.schemas.job import Result
 
 T = TypeVar("T")
-console = Console(stderr=True)
 out = Console()
 
 app = typer.Typer()

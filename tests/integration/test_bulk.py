@@ -170,7 +170,8 @@ def test_openai_batch_file_bad_lines_reported_rest_submitted_and_exported(e: Env
         assert row["line"] == n and why in row["reason"], (n, why, row)
 
     start_worker(e, "w", engine_args="step_ms=2")
-    vlmq(e, "bulk", "watch", e.tag, "--timeout", "60")
+    watched = vlmq(e, "bulk", "watch", e.tag, "--timeout", "60")
+    assert "jobs/s" in watched.stderr and "9/9" in watched.stderr  # the rate it promises
     res, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     vlmq(e, "bulk", "export", e.tag, "--out", str(res), "--format", "openai", "--errors", str(err))
     outputs = {json.loads(x)["custom_id"]: json.loads(x) for x in res.read_text().splitlines()}

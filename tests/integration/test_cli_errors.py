@@ -85,8 +85,17 @@ def test_debug_shows_the_traceback() -> None:
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_the_worker_with_kafka_down_says_so_and_leaks_nothing(e: Env) -> None:
-    env = {**e.worker_env(), "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+@pytest.mark.parametrize(
+    ("setting", "dead", "service"),
+    [
+        ("VLMQ_KAFKA_BOOTSTRAP", "127.0.0.1:{port}", "Kafka"),
+        ("VLMQ_REDIS_URL", "redis://127.0.0.1:{port}/0", "Redis"),
+    ],
+)
+def test_a_worker_facing_a_stopped_service_says_so_and_leaks_nothing(
+    e: Env, setting: str, dead: str, service: str
+) -> None:
+    env = {**e.worker_env(), setting: dead.format(port=free_port())}
     proc = subprocess.run(
         [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
         env=env,
@@ -96,21 +105,8 @@ def test_the_worker_with_kafka_down_says_so_and_leaks_nothing(e: Env) -> None:
         check=False,
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "error: cannot reach Kafka at" in proc.stderr and STACK_HINT in proc.stderr
+    assert f"error: cannot reach {service} at" in proc.stderr and STACK_HINT in proc.stderr
     assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr
-
-
-def test_the_worker_with_redis_down_says_so(e: Env) -> None:
-    env = {**e.worker_env(), "VLMQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 3 and "error: cannot reach Redis at" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("engine", "extra"), [("vllm", "vllm"), ("lmdeploy", "lmdeploy"), ("hf", "hf")])
