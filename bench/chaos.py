@@ -79,6 +79,7 @@ class Chaos:
             "VLMQ_S3_TIMEOUT_S": "2",
             "VLMQ_FETCH_RETRY_S": "120",
             "VLMQ_MAX_IN_FLIGHT": "64",
+            "VLMQ_LEASE_S": "10",  # a killed worker's jobs wait this long for their next owner
             "VLMQ_ENGINE_ARGS": "step_ms=5,max_num_seqs=32,completion_tokens=8",
         }
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the worker

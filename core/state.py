@@ -38,16 +38,18 @@ def _s(v: Any) -> str:
 
 
 class Claim(msgspec.Struct, frozen=True):
-    """A claim's answer: `running` with this attempt's number, the job's terminal state, or
-    a conflict (the message names another batch than the record written at enqueue)."""
+    """A claim's answer: `running` with this attempt's number; the job's terminal state; a
+    lease another worker holds (`leased_until`: ask again then); or a conflict (the message
+    names another batch than the record written at enqueue)."""
 
     state: JobState | None
     attempt: int = 0
     recorded_batch: str | None = None  # set on a conflict
+    leased_until: float | None = None  # set while another worker's lease holds
 
     @property
     def granted(self) -> bool:
-        return self.state is JobState.RUNNING
+        return self.state is JobState.RUNNING and self.leased_until is None
 
     @property
     def conflict(self) -> bool:
@@ -145,6 +147,7 @@ class StateStore:
         self._finish = redis.register_script(_lua("finish"))
         self._sent = redis.register_script(_lua("sent"))
         self._unqueue = redis.register_script(_lua("unqueue"))
+        self._lease = redis.register_script(_lua("lease"))
         self._batch = _Coalescer(redis) if coalesce else None
 
     async def _script(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
@@ -187,12 +190,23 @@ class StateStore:
         ]
         return int(await self._unqueue(keys_, [batch_id or "" for _, batch_id in items]))
 
-    async def claim(self, job_id: str, batch_id: str | None, worker: str) -> Claim:
+    async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = 30.0) -> Claim:
+        """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-        st, detail = await self._script(self._claim, keys_, [batch_id or "", worker, time.time(), self.ttl_s])
+        args = [batch_id or "", worker, time.time(), self.ttl_s, lease_s]
+        st, detail = await self._script(self._claim, keys_, args)
         if _s(st) == "conflict":
             return Claim(None, recorded_batch=_s(detail))
+        if _s(st) == "leased":
+            return Claim(JobState.RUNNING, leased_until=float(detail))
         return Claim(JobState(_s(st)), int(detail))
+
+    async def lease(self, job_ids: Sequence[str], worker: str, lease_s: float) -> int:
+        """Renew this worker's leases on running jobs for `lease_s` more seconds; 0 gives
+        them up, so another worker may take the jobs at once. Returns how many changed."""
+        if not job_ids:
+            return 0
+        return int(await self._lease([keys.job_key(j) for j in job_ids], [worker, time.time(), lease_s]))
 
     async def finish(self, result: Result) -> bool:
         """Write the terminal state. True if this call ended the job, False if it had ended."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -25,7 +26,7 @@ from redis.exceptions import RedisError
 
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url
-from vlmq.core.state import StateStore
+from vlmq.core.state import Claim, StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
     content_type_of,
@@ -203,6 +204,7 @@ class Worker:
             asyncio.create_task(self._supervised("commits", self._commit_loop)),
             asyncio.create_task(self._supervised("cancel listener", self._cancels)),
             asyncio.create_task(self._supervised("redis probe", self._probe_redis)),
+            asyncio.create_task(self._supervised("leases", self._renew_leases)),
         ]
         self._started = True
         log.info("worker ready", engine=self.engine.name, model=self.engine.model)
@@ -313,9 +315,7 @@ class Worker:
             await self._fail_recorded(msg, error, job.job_id if job else invalid_job_id(msg.value, msg.key))
 
     async def _serve_job(self, job: Job, msg: ConsumerRecord) -> None:
-        claim = await through_outage(
-            lambda: self.store.claim(job.job_id, job.batch_id, self.settings.worker_id), OUTAGE_S
-        )
+        claim = await self._claim(job)
         if claim.conflict:
             error = Error(ErrorCode.INVALID_JOB, f"batch_id {job.batch_id!r} is not the job's batch")
             await self._dead_letter(msg, error, job.job_id)  # the message is not trusted: no state
@@ -327,6 +327,21 @@ class Worker:
         result = self._refused(job, claim.attempt) or await self._run_cancellable(job, claim.attempt)
         if result is not None:  # None: cancelled by the user, who wrote the terminal state
             await self._publish(job, result, msg)
+
+    async def _claim(self, job: Job) -> Claim:
+        """Claim the job; while someone runs it (here, or a worker whose lease holds), wait:
+        it ends (the claim then says so and the job is skipped) or its lease runs out."""
+        s = self.settings
+        while True:
+            if (mine := self._jobs.get(job.job_id)) is not None:  # a second delivery, here
+                await asyncio.wait([mine])
+            claim = await through_outage(
+                lambda: self.store.claim(job.job_id, job.batch_id, s.worker_id, s.lease_s), OUTAGE_S
+            )
+            if claim.leased_until is None:
+                return claim
+            log.debug("running elsewhere; waiting for its end or its lease", until=claim.leased_until)
+            await asyncio.sleep(min(max(claim.leased_until - time.time(), 0.05), s.lease_s) + random.random())
 
     def _refused(self, job: Job, attempt: int) -> Result | None:
         """The job's end when it must not run: delivered too often, or past its deadline."""
@@ -347,6 +362,7 @@ class Worker:
             if run.cancelled() and job.job_id in self._user_cancelled:
                 return None
             run.cancel()
+            await self._give_up_lease(job.job_id)  # handed back: its next owner need not wait
             raise
         finally:
             self._jobs.pop(job.job_id, None)
@@ -436,6 +452,22 @@ class Worker:
                 self._down.add(name)
                 await asyncio.sleep(1)
                 self._down.discard(name)
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of the jobs running here alive (a lapsed one lets another worker
+        take the job, whose second terminal write would then be refused)."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.lease_s / 3)
+            try:
+                await self.store.lease(list(self._jobs), s.worker_id, s.lease_s)
+            except (OSError, RedisError) as exc:
+                log.warning("lease renewal failed; retrying", error=repr(exc))
+
+    async def _give_up_lease(self, job_id: str) -> None:
+        # Best effort (the lease runs out anyway), bounded by the client's socket timeout.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.store.lease([job_id], self.settings.worker_id, 0))
 
     async def _probe_redis(self) -> None:
         """Readiness follows Redis: a PING every few seconds."""

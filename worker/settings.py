@@ -42,6 +42,9 @@ class WorkerSettings(Connection, kw_only=True):
     # Deliveries of one job before it fails as `poison` without running (a job that kills
     # its worker each time would otherwise go round the fleet forever).
     max_attempts: int = 3
+    # Seconds a claim holds a running job; renewed every third of it while the job runs. A
+    # second delivery waits for the holder; a dead worker's jobs are taken over after this.
+    lease_s: float = 30.0
     # Seconds between offset commits (only finished prefixes are committed).
     commit_interval_s: float = 1.0
     # Seconds a revoked partition's jobs may finish before they are handed back.

@@ -5,6 +5,7 @@ worker; junk on the cancel channel does not stop cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -127,3 +128,44 @@ async def test_junk_on_the_cancel_channel_does_not_stop_cancellation(e: Env, red
         r = await client.store.wait(long.job_id, timeout=10)
     assert r is not None and r.state is JobState.CANCELLED
     assert w.poll() is None and stop_worker(w) == 0
+
+
+async def test_kill_9_of_a_worker_with_50_running_jobs_ends_each_once(e: Env, redis: Redis) -> None:
+    slow = "step_ms=100,completion_tokens=60,max_num_seqs=64"  # about 6 s a job
+    settings: dict[str, Any] = {"engine_args": slow, "lease_s": 6, "max_in_flight": 64}
+    jobs = [_job(f"{e.tag}-{i}", f"job {i}", sampling=Sampling(max_tokens=60)) for i in range(50)]
+    doomed = start_worker(e, "doomed", **settings)
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit_many(jobs)
+        for j in jobs:
+            await wait_running(client, j.job_id)
+        doomed.kill()  # kill -9: 50 jobs running, their leases held for up to 6 s
+        doomed.wait()
+        heir = start_worker(e, "heir", **settings)
+        t0 = time.monotonic()
+        results = await client.wait_many([j.job_id for j in jobs], timeout=120)
+        took = time.monotonic() - t0
+    store = StateStore(redis)
+    writes = [await redis.hget(rkeys.job_key(j.job_id), "terminal_writes") for j in jobs]
+    assert all(r.state is JobState.SUCCEEDED for r in results)
+    assert writes == [b"1"] * 50  # each ended exactly once
+    assert {r.worker for r in results} == {"heir"} and {r.attempt for r in results} == {2}
+    assert took < 6 + 6 + 30, took  # session timeout + lease + the work itself
+    records = await store.get_many([j.job_id for j in jobs])
+    assert all(r is not None and r.state is JobState.SUCCEEDED for r in records)  # nothing left running
+    assert stop_worker(heir) == 0
+
+
+async def test_a_second_delivery_of_a_running_job_never_runs_it_twice(e: Env) -> None:
+    w1 = start_worker(e, "w1", engine_args="step_ms=50,completion_tokens=60")
+    job = _job(f"{e.tag}-dup", sampling=Sampling(max_tokens=60))
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit(job)
+        await wait_running(client, job.job_id)
+        w2 = start_worker(e, "w2", engine_args="step_ms=50,completion_tokens=60")  # shares the group
+        await _produce(e, (job.job_id, encode_job(job)[0]), (job.job_id, encode_job(job)[0]))
+        result = await client.wait(job.job_id, timeout=60)
+        await asyncio.sleep(3)  # the duplicates are seen (and skipped) after the end
+        again = await client.status(job.job_id)
+    assert result.state is JobState.SUCCEEDED and again.attempt == 1  # one claim, one run
+    assert stop_worker(w1) == 0 and stop_worker(w2) == 0

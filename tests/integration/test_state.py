@@ -39,9 +39,10 @@ async def test_claim_finish_first_terminal_write_wins(redis: Redis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
     await store.enqueue(job, batch, time.time())
-    claim = await store.claim(job, batch, "w1")
+    claim = await store.claim(job, batch, "w1", lease_s=0.05)
     assert claim.granted and claim.attempt == 1
-    again = await store.claim(job, batch, "w2")  # a redelivery after w1 died
+    await asyncio.sleep(0.1)
+    again = await store.claim(job, batch, "w2")  # a redelivery after w1 died (its lease ran out)
     assert again.granted and again.attempt == 2
     assert await store.finish(Result(job, JobState.SUCCEEDED, text="a", batch_id=batch))
     assert not await store.finish(Result(job, JobState.FAILED, text="b", batch_id=batch))
@@ -146,3 +147,30 @@ async def test_a_waiter_rides_out_a_redis_restart_and_leaves_no_subscription(tmp
         await redis.aclose()
         server.kill()
         server.wait()
+
+
+async def test_a_lease_keeps_a_running_job_from_a_second_worker(redis: Redis) -> None:
+    store = StateStore(redis)
+    (j,) = _ids()
+    first = await store.claim(j, None, "w1", lease_s=30)
+    assert first.granted and first.attempt == 1
+    held = await store.claim(j, None, "w2", lease_s=30)
+    assert not held.granted and held.leased_until is not None and held.leased_until > time.time() + 25
+    assert await store.lease([j], "w2", 30) == 0  # not w2's to renew
+    assert await store.lease([j], "w1", 0) == 1  # w1 hands it back
+    second = await store.claim(j, None, "w2", lease_s=30)
+    assert second.granted and second.attempt == 2
+    assert not (await store.claim(j, None, "w1", lease_s=30)).granted  # now w2's
+    await store.finish(Result(job_id=j, state=JobState.SUCCEEDED))
+    assert await store.lease([j], "w2", 30) == 0  # ended: nothing to renew
+    ended = await store.claim(j, None, "w3", lease_s=30)
+    assert ended.state is JobState.SUCCEEDED and not ended.granted
+
+
+async def test_a_lapsed_lease_is_taken_over(redis: Redis) -> None:
+    store = StateStore(redis)
+    (j,) = _ids()
+    assert (await store.claim(j, None, "dead", lease_s=0.2)).granted
+    await asyncio.sleep(0.3)
+    taken = await store.claim(j, None, "alive", lease_s=30)
+    assert taken.granted and taken.attempt == 2
