@@ -46,16 +46,25 @@ deploy-check: $(STAMP)
 	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/servicemonitor.schema.json \
 		deploy/k8s/servicemonitor.yaml
 
-# Fast feedback first: lint, types and the unit tests (no servers, seconds), then the
-# integration tests (real tansu, redis-server, moto_server), then the real CPU engines.
-test: lint typecheck unit pythons deploy-check integration engines-test
+# Fast feedback first: lint, types and the unit tests (no servers, seconds); then the other
+# venvs are built side by side (pip only, no test runs meanwhile); then the unit tests on the
+# other Pythons, the integration tests (real tansu, redis-server, moto_server), the engines.
+test: lint typecheck unit
+	$(MAKE) -j3 $(ENGINES_STAMP) $(PY_STAMPS)
+	$(MAKE) pythons deploy-check integration engines-test
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # requires-python is >=3.11,<3.14: the unit tests run on 3.12 and 3.13 too.
-pythons:
-	bash tests/pythons/run.sh 3.12 3.13
+PY_VERSIONS := 3.12 3.13
+PY_STAMPS := $(foreach v,$(PY_VERSIONS),.venv-py$(v)/.installed)
+
+.venv-py%/.installed: pyproject.toml requirements/dev.lock tests/pythons/run.sh
+	bash tests/pythons/run.sh build $*
+
+pythons: $(PY_STAMPS)
+	for v in $(PY_VERSIONS); do bash tests/pythons/run.sh test $$v || exit 1; done
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)

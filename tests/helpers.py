@@ -50,6 +50,7 @@ class Env:
             "VLMQ_LOG_FORMAT": "json",
             "VLMQ_COMMIT_INTERVAL_S": "0.2",
             "VLMQ_SESSION_TIMEOUT_MS": "6000",
+            "VLMQ_LEASE_S": "5",  # a killed worker's jobs move on after 5 s, not 30
         }
         env.update({f"VLMQ_{k.upper()}": str(v) for k, v in settings.items()})
         return env

@@ -57,7 +57,7 @@ class Pipeline:
         try:
             self.check(job)
             images = await self._images(job, timings)
-            out = await self._generate(job, images, timings)
+            out = await self._generate(job, attempt, images, timings)
         except VlmqError as exc:
             error = Error(exc.code, exc.message, exc.retryable)
             return self.result(job, JobState.FAILED, attempt, timings, error=error)
@@ -128,9 +128,9 @@ class Pipeline:
             formats=tuple(self.settings.image_formats),
         )
 
-    async def _generate(self, job: Job, images: list[Image], timings: Timings) -> EngineOutput:
+    async def _generate(self, job: Job, attempt: int, images: list[Image], timings: Timings) -> EngineOutput:
         request = EngineRequest(
-            request_id=job.job_id,
+            request_id=f"{job.job_id}#{attempt}",  # an earlier attempt may still be aborting
             messages=job.messages,
             images=images,
             sampling=job.sampling,
@@ -151,7 +151,7 @@ class Pipeline:
         finally:
             # Timed out, failed or cancelled: never leave the request inside the engine.
             if not finished:
-                await _abort_quietly(self.engine, job.job_id)
+                await _abort_quietly(self.engine, request.request_id)
         timings.engine_s, timings.ttft_s = time.perf_counter() - t0, out.ttft_s
         metrics.STAGE.labels("engine").observe(timings.engine_s)
         return out

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The unit tests under every other Python that pyproject.toml's requires-python declares
-# (3.11, the CI Python, runs every test). Each gets a venv of its own, built once:
-#   bash tests/pythons/run.sh 3.12 3.13
+# (3.11, the CI Python, runs every test). Each gets a venv of its own:
+#   bash tests/pythons/run.sh build 3.12     # make .venv-py3.12 (make does it once)
+#   bash tests/pythons/run.sh test 3.12      # run tests/unit there
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+action=$1
+version=$2
+venv=".venv-py$version"
 
 find_python() {  # a python3 of version $1 (3.12): on PATH, else under pyenv's versions
   if command -v "python$1" >/dev/null 2>&1 && "python$1" -c "" 2>/dev/null; then
@@ -17,16 +21,21 @@ find_python() {  # a python3 of version $1 (3.12): on PATH, else under pyenv's v
   return 1
 }
 
-for version in "$@"; do
-  venv=".venv-py$version"
-  if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ] || [ requirements/dev.lock -nt "$venv/.installed" ]; then
+case "$action" in
+  build)
     rm -rf "$venv"
     "$(find_python "$version")" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -c requirements/dev.lock -e '.[worker]' \
       pytest pytest-asyncio pytest-timeout hypothesis pyyaml
     touch "$venv/.installed"
-  fi
-  echo "== unit tests on $("$venv/bin/python" --version)"
-  "$venv/bin/python" -m pytest tests/unit -q -p no:cacheprovider
-done
+    ;;
+  test)
+    echo "== unit tests on $("$venv/bin/python" --version)"
+    "$venv/bin/python" -m pytest tests/unit -q -p no:cacheprovider
+    ;;
+  *)
+    echo "usage: $0 build|test VERSION" >&2
+    exit 2
+    ;;
+esac
