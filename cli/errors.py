@@ -49,6 +49,9 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
         return f"invalid job: {exc}", Exit.USAGE
     if isinstance(exc, VlmqClientError):
         return str(exc), Exit.FAILED
+    if isinstance(exc, OSError) and exc.filename is not None:  # a file the user named
+        code = Exit.DENIED if isinstance(exc, PermissionError) else Exit.USAGE
+        return f"cannot use {exc.filename}: {exc.strerror}", code
     if isinstance(exc, NoPermissionError):
         return (
             f"Redis refused the command for this user ({exc}): grant it vlmq's keys (docs/operations.md)",

@@ -74,10 +74,14 @@ def submit(
         str | None, typer.Option("--s3", help="s3://bucket/prefix: one job per image.")
     ] = None,
     manifest: Annotated[
-        Path | None, typer.Option(help="JSONL: {key, image[, prompt, labels]} or {key, messages...}.")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="JSONL: {key, image[, prompt, labels]} or {key, messages...}."
+        ),
     ] = None,
     openai: Annotated[
-        Path | None, typer.Option(help="OpenAI Batch API input file (chat completions).")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="OpenAI Batch API input file (chat completions)."),
     ] = None,
     prompt: Annotated[
         str, typer.Option(help="Prompt for --s3 and short manifest lines.")

@@ -125,8 +125,16 @@ def wait(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a queued or running job."""
-    done = _client_call(lambda c: c.cancel(job_id))
-    out.print(f"{job_id} cancelled" if done else f"{job_id}: nothing to cancel (ended or unknown)")
-    if not done:
-        raise typer.Exit(1)
+    """Cancel a queued or running job; exit 1 if it had ended, 4 if there is no such job."""
+
+    async def go(client: Client) -> Result | None:
+        if await client.cancel(job_id):
+            return None
+        return await client.status(job_id)  # JobNotFound when there is no such job
+
+    ended = _client_call(go)
+    if ended is None:
+        out.print(f"{job_id} cancelled")
+        return
+    out.print(f"{job_id}: nothing to cancel, it had ended ({ended.state.value})")
+    raise typer.Exit(1)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import Env
 from vlmq.deploy.stack import free_port
-from vlmq.producer import Client
+from vlmq.producer import Client, caption
 
 STACK_HINT = 'eval "$(vlmq stack up)"'
 
@@ -185,3 +185,15 @@ def test_the_demo_without_its_services_is_one_line(tmp_path: Path) -> None:
     proc = run("demo", "--state-dir", str(tmp_path / "demo"), env=env)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("\n") <= 3 and "error:" in proc.stderr, proc.stderr
+
+
+async def test_files_and_jobs_that_are_not_there(e: Env) -> None:
+    env = {**e.worker_env(), "VLMQ_JOBS_TOPIC": e.jobs_topic}
+    proc = run("cancel", f"{e.tag}-nope", env=env)
+    assert proc.returncode == 4 and "not found" in proc.stderr, proc.stderr
+    proc = run("bulk", "submit", "b1", "--manifest", str(e.tmp / "missing.jsonl"), env=env)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit(caption(f"s3://{e.bucket}/a.jpg", job_id=f"{e.tag}-1", batch_id=e.tag))
+    proc = run("bulk", "export", e.tag, "-o", str(e.tmp / "no-such-dir" / "out.jsonl"), env=env)
+    assert proc.returncode == 2 and "cannot use" in proc.stderr and "No such file" in proc.stderr, proc.stderr
