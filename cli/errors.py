@@ -13,6 +13,7 @@ import enum
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from redis.exceptions import NoPermissionError
 
+from vlmq.core import s3
 from vlmq.deploy.stack import StackError
 from vlmq.producer.errors import NotFound, Unavailable, ValidationError, VlmqClientError
 
@@ -31,10 +32,6 @@ class UserError(Exception):
     def __init__(self, message: str, code: Exit = Exit.USAGE) -> None:
         super().__init__(message)
         self.code = code
-
-
-_S3_NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404"}
-_S3_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
 def explain(exc: BaseException) -> tuple[str, Exit] | None:
@@ -69,11 +66,11 @@ def _explain_s3(exc: BaseException) -> tuple[str, Exit] | None:
     if isinstance(exc, NoCredentialsError):
         return "no S3 credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile", Exit.DENIED
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        bucket = exc.response.get("Error", {}).get("BucketName", "")
-        if code in _S3_NOT_FOUND:
+        code, kind = s3.error_code(exc), s3.error_kind(exc)
+        if kind == "not_found":
+            bucket = exc.response.get("Error", {}).get("BucketName", "")
             what = f"bucket {bucket!r}" if code == "NoSuchBucket" else "S3 object"
             return f"{what} does not exist: check the s3:// URI (and VLMQ_S3_ENDPOINT_URL)", Exit.NOT_FOUND
-        if code in _S3_DENIED:
+        if kind == "denied":
             return f"S3 refused access ({code}): check the credentials and the bucket policy", Exit.DENIED
     return None

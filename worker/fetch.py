@@ -21,20 +21,11 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from vlmq.core import s3
 from vlmq.core.retry import retry, within
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ImageRef
 from vlmq.worker.settings import WorkerSettings
-
-_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-}
 
 
 class _Transient(Exception):
@@ -116,13 +107,12 @@ class Fetcher:
         try:
             return await within(get(), self.settings.s3_timeout_s * 2)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if code in _NOT_FOUND or status == 404:
+            kind = s3.error_kind(exc)
+            if kind == "not_found":
                 raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{_short(uri)} does not exist") from None
-            if code in _DENIED or status == 403:
+            if kind == "denied":
                 raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"access to {_short(uri)} denied") from None
-            raise _Transient(f"S3 {code or status}") from None
+            raise _Transient(f"S3 {s3.error_code(exc)}") from None
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise _Transient(type(exc).__name__) from None
 
