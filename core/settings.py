@@ -116,6 +116,20 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
     return out
 
 
+# The setting that says where each service is, for the hint in a "cannot reach" line.
+SERVICE_SETTING = {"Redis": "VLMQ_REDIS_URL", "Kafka": "VLMQ_KAFKA_BOOTSTRAP", "S3": "VLMQ_S3_ENDPOINT_URL"}
+
+
+def unreachable(service: str, address: str, cause: BaseException, hint: str = "") -> str:
+    """The one line for a service that does not answer, SDK and worker alike: which,
+    where (no password), why in a few words, and what to do."""
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    hint = (
+        hint or f'is it up? For a local stack: eval "$(vlmq stack up)"; else set {SERVICE_SETTING[service]}'
+    )
+    return f"cannot reach {service} at {address} ({reason[:200]}): {hint}"
+
+
 def redact_url(url: str) -> str:
     """A URL for a log line: no password in the userinfo, no query value (presigned URLs,
     `?password=`): redis://user:secret@host/0?password=x -> redis://user:***@host/0?password=***."""

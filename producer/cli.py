@@ -14,7 +14,7 @@ from rich.console import Console
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.bulk_cli import app as bulk_app
 from vlmq.producer.client import Client
-from vlmq.producer.errors import Unavailable, ValidationError
+from vlmq.producer.errors import ValidationError
 from vlmq.schemas.job import Result
 
 T = TypeVar("T")
@@ -85,11 +85,7 @@ def submit(
             return handle
         return await client.wait(handle.job_id, wait)
 
-    try:
-        got = _client_call(go)
-    except Unavailable as exc:
-        exc.args = (f"{exc} (job {job.job_id} was not submitted)",)
-        raise
+    got = _client_call(go)  # an Unavailable names the job it did not submit
     if isinstance(got, Result):
         _show(got, as_json)
     elif as_json:

@@ -169,7 +169,10 @@ class Client:
         but that Kafka did not take has its record removed again."""
         job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
         value, headers = validated(job, self.content_type)
-        producer = await self._kafka()  # Kafka first: an unreachable broker leaves no record
+        try:
+            producer = await self._kafka()  # Kafka first: an unreachable broker leaves no record
+        except Unavailable as exc:
+            raise exc.not_submitted(job.job_id) from exc.cause
         with self._reaching_redis():
             got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
         if not got.must_send:
@@ -179,9 +182,11 @@ class Client:
                 await producer.send_and_wait(
                     self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
                 )
-        except BaseException:
+        except BaseException as exc:
             if got.new:
                 await self._unqueue([job], [job.job_id])
+            if isinstance(exc, Unavailable):
+                raise exc.not_submitted(job.job_id) from exc.cause
             raise
         with self._reaching_redis():
             await self.store.mark_sent([job.job_id])

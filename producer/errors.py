@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vlmq.core.settings import unreachable
 from vlmq.schemas.job import Result
 
 
@@ -17,18 +18,19 @@ class ValidationError(VlmqClientError, ValueError):
 
 
 class Unavailable(VlmqClientError, ConnectionError):
-    """Redis or Kafka did not answer. `service` and `address` say which and where."""
+    """Redis or Kafka did not answer. `service` and `address` say which and where; `job_id`,
+    when set, is the job a submit did not get to Kafka."""
 
-    def __init__(self, service: str, address: str, cause: BaseException, hint: str = "") -> None:
-        self.service, self.address = service, address
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        hint = (
-            hint or f'is it up? For a local stack: eval "$(vlmq stack up)"; else set VLMQ_{_SETTING[service]}'
-        )
-        super().__init__(f"cannot reach {service} at {address} ({reason[:200]}): {hint}")
+    def __init__(
+        self, service: str, address: str, cause: BaseException, hint: str = "", job_id: str | None = None
+    ) -> None:
+        self.service, self.address, self.cause, self.hint, self.job_id = service, address, cause, hint, job_id
+        line = unreachable(service, address, cause, hint)
+        super().__init__(line + (f" (job {job_id} was not submitted)" if job_id else ""))
 
-
-_SETTING = {"Redis": "REDIS_URL", "Kafka": "KAFKA_BOOTSTRAP", "S3": "S3_ENDPOINT_URL"}
+    def not_submitted(self, job_id: str) -> Unavailable:
+        """The same error, naming the job that was not submitted."""
+        return Unavailable(self.service, self.address, self.cause, self.hint, job_id)
 
 
 class Timeout(VlmqClientError, TimeoutError):

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
-from vlmq.core.settings import redact_url
+from vlmq.core.settings import redact_url, unreachable
 from vlmq.core.state import Claim, StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
@@ -190,14 +190,14 @@ class Worker:
             await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
         except Exception as exc:
             url = redact_url(self.settings.redis_url)
-            raise InfrastructureError(_unreachable("Redis", url, exc, "VLMQ_REDIS_URL")) from exc
+            raise InfrastructureError(unreachable("Redis", url, exc)) from exc
 
     async def _reach_kafka(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
         try:
             await start()
         except KafkaError as exc:
             where = self.settings.kafka_bootstrap
-            raise InfrastructureError(_unreachable("Kafka", where, exc, "VLMQ_KAFKA_BOOTSTRAP")) from exc
+            raise InfrastructureError(unreachable("Kafka", where, exc)) from exc
 
     async def _serve(self) -> int:
         helpers = [
@@ -555,11 +555,6 @@ class Worker:
             for t in late:  # handed back: uncommitted, another worker takes them
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-
-
-def _unreachable(service: str, where: str, exc: BaseException, setting: str) -> str:
-    local = 'eval "$(vlmq stack up)"'
-    return f"cannot reach {service} at {where} ({exc}): is it up? Local: {local}; else set {setting}"
 
 
 async def serve(settings: WorkerSettings) -> int:
