@@ -302,14 +302,15 @@ async def wait_terminal(
             await asyncio.sleep(1)
 
 
-async def verify(env: dict[str, str], messages: list[Message]) -> dict[str, Any]:
+async def verify(env: dict[str, str], messages: list[Message], names: list[str | None]) -> dict[str, Any]:
+    """`names`: `named_job` of each message, decoded once by the caller."""
     redis = Redis.from_url(env["VLMQ_REDIS_URL"])
     store = StateStore(redis)
-    named = {j for m in messages if (j := named_job(m)) is not None}
+    named = {j for j in names if j is not None}
     unnamed_keys = {
         k
-        for m in messages
-        if named_job(m) is None and m.key and (k := m.key.decode("utf-8", "replace")) not in named
+        for m, j in zip(messages, names, strict=True)
+        if j is None and m.key and (k := m.key.decode("utf-8", "replace")) not in named
     }
     ids = sorted(named)
     results, writes = [], []
@@ -404,14 +405,15 @@ async def main() -> int:
         worker = start_worker(env, tag, tmp / "worker.log")
         t1 = time.perf_counter()
         await produce(env, tag, messages)
-        named = sorted({j for m in messages if (j := named_job(m)) is not None})
+        names = [named_job(m) for m in messages]
+        named = sorted({j for j in names if j is not None})
         store = StateStore(Redis.from_url(env["VLMQ_REDIS_URL"]))
         await wait_terminal(store, named, worker, args.timeout_s)
         await store.redis.aclose()
         wall = time.perf_counter() - t1
         exited = worker.poll()
         rss = peak_rss_mib(worker.pid) if exited is None else -1
-        report = await verify(env, messages)
+        report = await verify(env, messages, names)
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(120)
     finally:

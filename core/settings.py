@@ -17,6 +17,7 @@ import msgspec
 from vlmq.schemas import keys
 
 RESULT_TTL_S = 7 * 24 * 3600
+LEASE_S = 30.0  # how long a worker's claim holds a running job without renewal
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]

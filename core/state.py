@@ -23,7 +23,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from vlmq.core.settings import RESULT_TTL_S
+from vlmq.core.settings import LEASE_S, RESULT_TTL_S
 from vlmq.schemas import keys
 from vlmq.schemas.codec import decode_result, encode_result
 from vlmq.schemas.job import Error, JobState, Result, Timings
@@ -190,7 +190,7 @@ class StateStore:
         ]
         return int(await self._unqueue(keys_, [batch_id or "" for _, batch_id in items]))
 
-    async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = 30.0) -> Claim:
+    async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = LEASE_S) -> Claim:
         """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
         keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
         args = [batch_id or "", worker, time.time(), self.ttl_s, lease_s]

@@ -11,7 +11,7 @@ from typing import Literal
 
 import msgspec
 
-from vlmq.core.settings import Connection
+from vlmq.core.settings import LEASE_S, Connection
 
 QWEN_MIN_PIXELS = 256 * 28 * 28
 QWEN_MAX_PIXELS = 1280 * 28 * 28
@@ -44,7 +44,7 @@ class WorkerSettings(Connection, kw_only=True):
     max_attempts: int = 3
     # Seconds a claim holds a running job; renewed every third of it while the job runs. A
     # second delivery waits for the holder; a dead worker's jobs are taken over after this.
-    lease_s: float = 30.0
+    lease_s: float = LEASE_S
     # Seconds between offset commits (only finished prefixes are committed).
     commit_interval_s: float = 1.0
     # Seconds a revoked partition's jobs may finish before they are handed back.

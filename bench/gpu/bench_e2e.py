@@ -154,32 +154,23 @@ def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, A
     }
 
 
+def write_manifest(path: Path, bucket: str, n: int, max_tokens: int) -> Path:
+    """A `vlmq bulk submit --manifest` file: n one-image jobs over s3://bucket/img/00000.jpg..."""
+    image = {"type": "image"}
+    lines = []
+    for i in range(n):
+        content = [image | {"uri": f"s3://{bucket}/img/{i:05d}.jpg"}, {"type": "text", "text": PROMPT}]
+        job = {"key": f"{i:05d}", "messages": [{"role": "user", "content": content}]}
+        lines.append(json.dumps(job | {"sampling": {"max_tokens": max_tokens}}) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
 async def through_vlmq(
     engine: Any, env: dict[str, str], n: int, bucket: str, max_tokens: int, tmp: Path, in_flight: int
 ) -> dict[str, Any]:
     batch = f"gpu-{int(time.time())}"
-    manifest = tmp / "manifest.jsonl"
-    manifest.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "key": f"{i:05d}",
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "image", "uri": f"s3://{bucket}/img/{i:05d}.jpg"},
-                                {"type": "text", "text": PROMPT},
-                            ],
-                        }
-                    ],
-                    "sampling": {"max_tokens": max_tokens},
-                }
-            )
-            + "\n"
-            for i in range(n)
-        )
-    )
+    manifest = write_manifest(tmp / "manifest.jsonl", bucket, n, max_tokens)
     settings = WorkerSettings(
         kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
         redis_url=env["VLMQ_REDIS_URL"],

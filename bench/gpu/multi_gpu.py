@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import boto3
 from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
-from bench.gpu.bench_e2e import PROMPT, make_images
+from bench.gpu.bench_e2e import make_images, write_manifest
 from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 from vlmq.schemas import keys
@@ -73,28 +72,7 @@ def start_worker(
 
 
 def submit(env: dict[str, str], batch: str, n: int, tmp: Path) -> None:
-    manifest = tmp / f"{batch}.jsonl"
-    manifest.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "key": f"{i:05d}",
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "image", "uri": f"s3://bench/img/{i:05d}.jpg"},
-                                {"type": "text", "text": PROMPT},
-                            ],
-                        }
-                    ],
-                    "sampling": {"max_tokens": 64},
-                }
-            )
-            + "\n"
-            for i in range(n)
-        )
-    )
+    manifest = write_manifest(tmp / f"{batch}.jsonl", "bench", n, 64)
     subprocess.run(
         [sys.executable, "-m", "vlmq.cli", "bulk", "submit", batch, "--manifest", str(manifest)],
         env={**os.environ, **env, "VLMQ_JOBS_TOPIC": TOPIC},
