@@ -9,6 +9,7 @@ Pillow, aiobotocore and engines load when `vlmq worker` runs.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -68,6 +69,8 @@ def _root(
 ) -> None:
     global DEBUG
     DEBUG = debug
+    if not debug:  # aiokafka logs its own connection errors; the boundary's one line says it all
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def main() -> None:
