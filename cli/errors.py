@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from redis.exceptions import NoPermissionError
 
 from vlmq.core import s3
+from vlmq.core.topology import TopologyError
 from vlmq.deploy.stack import StackError
 from vlmq.producer.errors import NotFound, Unavailable, ValidationError, VlmqClientError
 
@@ -42,6 +43,8 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
         return str(exc), Exit.UNAVAILABLE
     if isinstance(exc, NotFound):
         return str(exc), Exit.NOT_FOUND
+    if isinstance(exc, TopologyError):
+        return str(exc), Exit.USAGE
     if isinstance(exc, ValidationError):
         return f"invalid job: {exc}", Exit.USAGE
     if isinstance(exc, VlmqClientError):

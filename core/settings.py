@@ -21,6 +21,7 @@ LEASE_S = 30.0  # how long a worker's claim holds a running job without renewal
 DEFAULT_KAFKA = "127.0.0.1:9092"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+RedisTopology = Literal["single", "cluster", "sentinel"]
 
 S = TypeVar("S", bound="Settings")
 
@@ -51,6 +52,15 @@ class Connection(Settings, kw_only=True):
     kafka_bootstrap: str = DEFAULT_KAFKA
     # Redis URL (`redis://[user:password@]host:port/db`, `rediss://` for TLS).
     redis_url: str = DEFAULT_REDIS
+    # What `redis_url` points at: one Redis (`single`), a Redis Cluster (`cluster`: any
+    # node's URL; the client finds the rest), or Sentinel (`sentinel`: the URL lists the
+    # sentinels, `redis://host:26379,host:26379/0`, and the master is found by name).
+    redis_topology: RedisTopology = "single"
+    # The master's name for Sentinel.
+    redis_sentinel_master: str = "mymaster"
+    # Replicas that must acknowledge a worker's terminal write (Redis WAIT) before it
+    # commits the Kafka offset; None: 1 with `cluster` or `sentinel`, 0 with `single`.
+    redis_wait_replicas: int | None = None
     # S3 endpoint (MinIO, moto...); None: AWS, credentials from the standard AWS chain.
     s3_endpoint_url: str | None = None
     # The topic jobs are produced to and consumed from.

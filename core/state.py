@@ -12,25 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from importlib import resources
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core.scripts import Call, Coalescer, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
+from vlmq.core.topology import AnyRedis
 from vlmq.schemas import keys
 from vlmq.schemas.codec import decode_result, encode_result
 from vlmq.schemas.job import Error, JobState, Result, Timings
-
-
-def _lua(name: str) -> str:
-    return resources.files("vlmq.core.lua").joinpath(f"{name}.lua").read_text()
 
 
 def _s(v: Any) -> str:
@@ -46,14 +42,21 @@ class Claim(msgspec.Struct, frozen=True):
     attempt: int = 0
     recorded_batch: str | None = None  # set on a conflict
     leased_until: float | None = None  # set while another worker's lease holds
+    cancel_requested: bool = False  # the caller ends it `cancelled` instead of running it
 
     @property
     def granted(self) -> bool:
-        return self.state is JobState.RUNNING and self.leased_until is None
+        return (self.state is JobState.RUNNING and self.leased_until is None) or self.cancel_requested
 
     @property
     def conflict(self) -> bool:
         return self.state is None
+
+
+class CancelReply(msgspec.Struct, frozen=True):
+    requested: bool  # the job was queued or running: a worker will end it `cancelled`
+    ended: JobState | None  # the state it had already ended in
+    found: bool  # False: no record of the job
 
 
 class Enqueued(msgspec.Struct, frozen=True):
@@ -81,137 +84,136 @@ class BatchCounts(msgspec.Struct):
         return self.succeeded + self.failed + self.cancelled + self.expired
 
 
-class _Coalescer:
-    """Sends the script calls of all concurrent callers as one pipeline per loop tick.
-
-    A worker holds hundreds of jobs; each claims and finishes through a Lua script. One
-    round trip (and one pooled connection) each would cap throughput at the pool and the
-    network; batched, a tick's worth of calls costs one round trip. A failed pipeline fails
-    every caller in it, and each caller retries on its own.
-    """
-
-    def __init__(self, redis: Redis, max_batch: int = 1000) -> None:
-        self.redis = redis
-        self.max_batch = max_batch
-        self._pending: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def call(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((script, keys_, args, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await fut
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let every task runnable this tick add its call
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-            pipe = self.redis.pipeline(transaction=False)
-            for script, keys_, args, _ in batch:
-                await script(keys_, args, client=pipe)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # the connection failed: every caller sees it
-                replies = [exc] * len(batch)
-            for (*_, fut), reply in zip(batch, replies, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(reply, BaseException):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
-
-
 class StateStore:
     """Job state in Redis. Keys expire after `ttl_s` (a results store without TTLs fills up).
 
-    `coalesce=True` (the worker) batches concurrent claim/finish calls into pipelines.
+    `coalesce=True` (the worker) batches concurrent claim/finish calls into pipelines, and
+    makes them durable: with `wait_replicas`, a call returns only once that many replicas
+    have its writes (Redis WAIT), so a failover cannot take back what a worker reported.
     """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         *,
         ttl_s: int = RESULT_TTL_S,
         recheck_s: float = 5.0,
         outage_s: float = 60.0,
         coalesce: bool = False,
+        wait_replicas: int = 0,
     ):
         self.redis = redis
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
         self.outage_s = outage_s  # how long waiters ride out a Redis restart
-        self._enqueue = redis.register_script(_lua("enqueue"))
-        self._claim = redis.register_script(_lua("claim"))
-        self._finish = redis.register_script(_lua("finish"))
-        self._sent = redis.register_script(_lua("sent"))
-        self._unqueue = redis.register_script(_lua("unqueue"))
-        self._lease = redis.register_script(_lua("lease"))
-        self._batch = _Coalescer(redis) if coalesce else None
+        self.cluster = isinstance(redis, RedisCluster)
+        self.scripts = Scripts(redis, replicas=wait_replicas)
+        self._batch = Coalescer(lambda calls: self.scripts.run(calls, durable=True)) if coalesce else None
 
-    async def _script(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Any:
+    async def _call(self, call: Call) -> Any:
         if self._batch is not None:
-            return await self._batch.call(script, keys_, args)
-        return await script(keys_, args)
+            return await self._batch.call(call)
+        return await self.scripts.one(call)
 
-    @staticmethod
-    def _batch_keys(batch_id: str | None) -> list[str]:
-        if not batch_id:  # a key under the prefix (ACLs), never touched: the scripts check the id
-            return [keys.NO_BATCH, keys.NO_BATCH]
-        return [keys.batch_key(batch_id), keys.batch_done_key(batch_id)]
+    async def _per_slot(
+        self,
+        script: str,
+        jobs: Sequence[str],
+        each: Callable[[int], tuple[list[str], list[Any]]],
+        head: list[Any],
+    ) -> list[tuple[list[int], Any]]:
+        """One call of a multi-job script per slot on a cluster (one call in all on a single
+        Redis): each (job indexes, reply). `each(i)` gives job i's keys and arguments."""
+        groups: dict[int, list[int]] = {}
+        for i, job_id in enumerate(jobs):
+            groups.setdefault(keys.shard(job_id) if self.cluster else 0, []).append(i)
+        calls = []
+        for idx in groups.values():
+            parts = [each(i) for i in idx]
+            calls.append(
+                Call(
+                    script, [k for ks, _ in parts for k in ks], head + [a for _, args in parts for a in args]
+                )
+            )
+        replies = await self.scripts.run(calls)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return list(zip(groups.values(), replies, strict=True))
 
     async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> Enqueued:
         """Record a job as queued, once. Says whether it is new or how far it already got."""
         return (await self.enqueue_many([(job_id, batch_id, submitted_at)]))[0]
 
     async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[Enqueued]:
-        """`enqueue` for many jobs in one script call (one round trip, one command)."""
-        keys_: list[str] = []
-        args: list[Any] = [self.ttl_s]
-        for job_id, batch_id, at in items:
-            keys_ += [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
-            args += [batch_id or "", at]
-        replies = await self._enqueue(keys_, args) if items else []
-        return [_enqueued(_s(r)) for r in replies]
+        """`enqueue` for many jobs: one script call (per slot on a cluster), one round trip."""
+
+        def each(i: int) -> tuple[list[str], list[Any]]:
+            job_id, batch_id, at = items[i]
+            sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
+            return [keys.submitted_key(job_id), keys.job_key(job_id), sub_batch], [batch_id or "", at]
+
+        out: list[Enqueued | None] = [None] * len(items)
+        for idx, replies in await self._per_slot("enqueue", [j for j, _, _ in items], each, [self.ttl_s]):
+            for i, reply in zip(idx, replies, strict=True):
+                out[i] = _enqueued(_s(reply))
+        return [e for e in out if e is not None]
 
     async def mark_sent(self, job_ids: Sequence[str]) -> None:
-        """Note that Kafka acknowledged these jobs (one script call)."""
-        if job_ids:
-            await self._sent([keys.job_key(j) for j in job_ids])
+        """Note that Kafka acknowledged these jobs (one script call per slot)."""
+        await self._per_slot("sent", job_ids, lambda i: ([keys.submitted_key(job_ids[i])], []), [])
 
     async def unqueue(self, items: Sequence[tuple[str, str | None]]) -> int:
-        """Remove the records of (job_id, batch_id) that are queued and were never sent:
-        a submit whose Kafka write failed leaves nothing behind. Returns how many."""
-        if not items:
-            return 0
-        keys_ = [
-            k for job_id, batch_id in items for k in (keys.job_key(job_id), self._batch_keys(batch_id)[0])
-        ]
-        return int(await self._unqueue(keys_, [batch_id or "" for _, batch_id in items]))
+        """Remove the records of (job_id, batch_id) that no worker took and Kafka never
+        acknowledged: a submit whose Kafka write failed leaves nothing behind. Returns how many."""
+
+        def each(i: int) -> tuple[list[str], list[Any]]:
+            job_id, batch_id = items[i]
+            sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
+            return [keys.submitted_key(job_id), keys.job_key(job_id), sub_batch], [batch_id or ""]
+
+        done = await self._per_slot("unqueue", [j for j, _ in items], each, [])
+        return sum(int(n) for _, n in done)
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = LEASE_S) -> Claim:
         """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
-        keys_ = [keys.job_key(job_id), self._batch_keys(batch_id)[0]]
+        keys_ = [*self._job_keys(job_id, batch_id)[:3], keys.cancel_key(job_id)]
         args = [batch_id or "", worker, time.time(), self.ttl_s, lease_s]
-        st, detail = await self._script(self._claim, keys_, args)
-        if _s(st) == "conflict":
-            return Claim(None, recorded_batch=_s(detail))
-        if _s(st) == "leased":
-            return Claim(JobState.RUNNING, leased_until=float(detail))
+        st, detail = await self._call(Call("claim", keys_, args))
+        match _s(st):
+            case "conflict":
+                return Claim(None, recorded_batch=_s(detail))
+            case "leased":
+                return Claim(JobState.RUNNING, leased_until=float(detail))
+            case "cancel":
+                return Claim(JobState.CANCELLED, int(detail), cancel_requested=True)
         return Claim(JobState(_s(st)), int(detail))
+
+    @staticmethod
+    def _job_keys(job_id: str, batch_id: str | None) -> list[str]:
+        """job, sub, this shard's batch counters and done list (placeholders without a batch:
+        keys in the job's slot that the scripts never touch)."""
+        s = keys.shard(job_id)
+        return [
+            keys.job_key(job_id),
+            keys.submitted_key(job_id),
+            keys.batch_key(s, batch_id or ""),
+            keys.batch_done_key(s, batch_id or ""),
+        ]
 
     async def lease(self, job_ids: Sequence[str], worker: str, lease_s: float) -> int:
         """Renew this worker's leases on running jobs for `lease_s` more seconds; 0 gives
         them up, so another worker may take the jobs at once. Returns how many changed."""
-        if not job_ids:
-            return 0
-        return int(await self._lease([keys.job_key(j) for j in job_ids], [worker, time.time(), lease_s]))
+        head = [worker, time.time(), lease_s]
+        done = await self._per_slot("lease", job_ids, lambda i: ([keys.job_key(job_ids[i])], []), head)
+        return sum(int(n) for _, n in done)
 
-    async def finish(self, result: Result) -> bool:
-        """Write the terminal state. True if this call ended the job, False if it had ended."""
+    async def finish(self, result: Result, *, requested: bool = False) -> bool:
+        """Write the terminal state. True if this call ended the job (or an earlier call with
+        this same record did), False if it had ended. `requested`: end it only if it is
+        queued and its cancel was requested (a worker answering a cancel request)."""
         assert result.state.terminal, result.state
-        keys_ = [keys.job_key(result.job_id), *self._batch_keys(result.batch_id)]
+        keys_ = [*self._job_keys(result.job_id, result.batch_id), keys.cancel_key(result.job_id)]
         args = [
             result.job_id,
             result.state.value,
@@ -219,16 +221,30 @@ class StateStore:
             self.ttl_s,
             keys.done_channel(result.job_id),
             result.batch_id or "",
+            "1" if requested else "",
         ]
-        wrote, _prev = await self._script(self._finish, keys_, args)
+        wrote, _prev = await self._call(Call("finish", keys_, args))
         return bool(wrote)
 
-    async def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job (running ones are aborted by their worker)."""
-        ended = await self.end_recorded(job_id, JobState.CANCELLED, must_exist=True)
-        if ended:
-            await self.redis.publish(keys.CANCEL_CHANNEL, job_id)
-        return ended
+    async def cancel(self, job_id: str) -> CancelReply:
+        """Ask the workers to cancel a queued or running job (one aborts it, or ends it if
+        no worker has it; a producer credential may ask, only a worker writes the state)."""
+        keys_ = [keys.submitted_key(job_id), keys.job_key(job_id), keys.cancel_key(job_id)]
+        reply = _s(await self.scripts.one(Call("cancel", keys_, [self.ttl_s, job_id, keys.CANCEL_CHANNEL])))
+        return CancelReply(
+            reply == "requested",
+            None if reply in ("requested", "missing") else JobState(reply),
+            reply != "missing",
+        )
+
+    async def recorded_batch(self, job_id: str) -> str | None:
+        """The batch the job's records name (the worker's record, else the submit record)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.job_key(job_id), "batch_id")
+        pipe.hget(keys.submitted_key(job_id), "batch_id")
+        job_batch, sub_batch = await pipe.execute()
+        found = job_batch or sub_batch
+        return _s(found) if found else None
 
     async def end_recorded(
         self,
@@ -237,22 +253,25 @@ class StateStore:
         *,
         error: Error | None = None,
         worker: str | None = None,
-        must_exist: bool = False,
+        requested: bool = False,
     ) -> bool:
         """End a job in `state`, in the batch its record names (never one a message claims).
-        A job without a record is ended without a batch, unless `must_exist`."""
-        st, batch_id = await self.redis.hmget(keys.job_key(job_id), ["state", "batch_id"])
-        if st is None and must_exist:
-            return False
+        A job without a record is ended without a batch. `requested`: see `finish`."""
         result = Result(
             job_id=job_id,
             state=state,
             error=error,
             worker=worker,
-            batch_id=_s(batch_id) if batch_id else None,
+            batch_id=await self.recorded_batch(job_id),
             timings=Timings(finished_at=time.time()),
         )
-        return await self.finish(result)
+        return await self.finish(result, requested=requested)
+
+    async def exists(self, job_id: str) -> bool:
+        return bool(
+            await self.redis.exists(keys.job_key(job_id))
+            or await self.redis.exists(keys.submitted_key(job_id))
+        )
 
     async def get(self, job_id: str) -> Result | None:
         return (await self.get_many([job_id]))[0]
@@ -261,8 +280,9 @@ class StateStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job_key(job_id))
+            pipe.hgetall(keys.submitted_key(job_id))
         rows = await pipe.execute()
-        return [_to_result(j, h) for j, h in zip(job_ids, rows, strict=True)]
+        return [_to_result(j, rows[2 * i], rows[2 * i + 1]) for i, j in enumerate(job_ids)]
 
     async def terminal_writes(self, job_id: str) -> int:
         """How often the terminal transition ran for a job: 1 for every ended job, always."""
@@ -342,21 +362,31 @@ class StateStore:
         return set()
 
     async def batch_counts(self, batch_id: str) -> BatchCounts:
-        raw = await self.redis.hgetall(keys.batch_key(batch_id))
-        return msgspec.convert({_s(k): int(v) for k, v in raw.items()}, BatchCounts)
+        """The sum of the batch's partial counters over every shard (one pipeline)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(keys.SHARDS):
+            pipe.hget(keys.batch_submitted_key(shard, batch_id), "total")
+            pipe.hgetall(keys.batch_key(shard, batch_id))
+        rows = await pipe.execute()
+        submitted = sum(int(n or 0) for n in rows[0::2])
+        c: dict[str, int] = {}
+        for row in rows[1::2]:
+            for k, v in row.items():
+                c[_s(k)] = c.get(_s(k), 0) + int(v)
+        total = submitted + c.get("unrecorded", 0)
+        fields = {f: c.get(f, 0) for f in ("running", "succeeded", "failed", "cancelled", "expired")}
+        return BatchCounts(total=total, queued=total - c.get("left", 0), **fields)
 
     async def iter_batch(self, batch_id: str, *, chunk: int = 1000) -> AsyncIterator[Result]:
-        """Every ended job of a batch, in the order they ended; streams in chunks."""
-        key = keys.batch_done_key(batch_id)
-        start = 0
-        while True:
-            ids = [_s(x) for x in await self.redis.lrange(key, start, start + chunk - 1)]
-            if not ids:
-                return
-            for result in await self.get_many(ids):
-                if result is not None:
-                    yield result
-            start += len(ids)
+        """Every ended job of a batch, shard by shard, in the order they ended in each;
+        streams in chunks."""
+        for shard in range(keys.SHARDS):
+            key, start = keys.batch_done_key(shard, batch_id), 0
+            while ids := [_s(x) for x in await self.redis.lrange(key, start, start + chunk - 1)]:
+                for result in await self.get_many(ids):
+                    if result is not None:
+                        yield result
+                start += len(ids)
 
 
 async def _subscribe(pubsub: PubSub, channels: list[str]) -> None:
@@ -371,21 +401,25 @@ def _enqueued(reply: str) -> Enqueued:
     return Enqueued(JobState(state), sent=sent == "1")
 
 
-def _to_result(job_id: str, h: dict[Any, Any]) -> Result | None:
-    if not h:
+def _to_result(job_id: str, job: dict[Any, Any], sub: dict[Any, Any]) -> Result | None:
+    """A job from the worker's record (running or ended), else from the submit record
+    (queued). State and result come only from the worker's: a producer cannot forge them."""
+    if not job and not sub:
         return None
-    row = {_s(k): v for k, v in h.items()}
-    if "record" in row:
-        return decode_result(row["record"])
-    started = row.get("started_at")
+    w = {_s(k): v for k, v in job.items()}
+    p = {_s(k): v for k, v in sub.items()}
+    if "record" in w:
+        return decode_result(w["record"])
+    batch_id = w.get("batch_id") if w else p.get("batch_id")
+    submitted, started = p.get("submitted_at"), w.get("started_at")
     return Result(
         job_id=job_id,
-        state=JobState(_s(row["state"])),
-        attempt=int(row.get("attempt", 0)),
-        worker=_s(row["worker"]) if "worker" in row else None,
-        batch_id=_s(row["batch_id"]) if "batch_id" in row else None,
+        state=JobState(_s(w["state"])) if "state" in w else JobState.QUEUED,
+        attempt=int(w.get("attempt", 0)),
+        worker=_s(w["worker"]) if "worker" in w else None,
+        batch_id=_s(batch_id) if batch_id else None,
         timings=Timings(
-            submitted_at=float(row["submitted_at"]) if "submitted_at" in row else None,
+            submitted_at=float(submitted) if submitted else None,
             started_at=float(started) if started else None,
         ),
     )

@@ -52,6 +52,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port for a cluster node: its bus port (+10000) must be free and below 65536."""
+    for _ in range(1000):
+        port = free_port()
+        if port <= 55535 and _free(port + 10000):
+            return port
+    raise StackError("no free port pair (port, port + 10000) for a Redis Cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Poll `check` with a short backoff until it is true; raise with `what` on timeout."""
     deadline = time.monotonic() + timeout
@@ -210,11 +228,16 @@ class Stack:
         s3: str | None = None,
         ports: dict[str, int] | None = None,
         redis_args: list[str] | None = None,
+        redis_cluster: bool = False,
     ) -> dict[str, str]:
-        """Start what is missing and alive-check the rest. Returns the VLMQ_* settings."""
+        """Start what is missing and alive-check the rest. Returns the VLMQ_* settings.
+        `redis_cluster`: a 3-master + 3-replica Redis Cluster instead of one Redis."""
         ports = ports or {}
         self._up_kafka(kafka, ports.get("kafka"))
-        self._up_redis(redis_url, ports.get("redis"), redis_args or [])
+        if redis_cluster and not redis_url:
+            self._up_redis_cluster(redis_args or [])
+        else:
+            self._up_redis(redis_url, ports.get("redis"), redis_args or [])
         self._up_s3(s3, ports.get("s3"))
         ensure_topics(self.services["kafka"].url, self.partitions)
         return self.env()
@@ -248,25 +271,34 @@ class Stack:
             return
         if self._alive("redis", redis_ok):
             return
-        port = port or free_port()
-        data = self.dir / "redis"
+        self._spawn_redis("redis", port or free_port(), extra)
+
+    def _spawn_redis(self, name: str, port: int, extra: list[str]) -> Service:
+        data = self.dir / name
         data.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            redis_bin(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            *extra,
+        cmd = [redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+        cmd += ["--save", "", "--appendonly", "no", *extra]
+        svc = self._spawn(name, cmd, f"redis://127.0.0.1:{port}/0")
+        wait_until(lambda: redis_ok(svc.url), f"Redis ({name})")
+        return svc
+
+    def _up_redis_cluster(self, extra: list[str]) -> None:
+        """Six redis-servers in cluster mode: masters redis-1..3 own a third of the slots
+        each, redis-4..6 replicate them (automatic failover after 2 s without a master)."""
+        nodes = [f"redis-{i}" for i in range(1, 7)]
+        if all(self._alive(n, redis_ok) for n in nodes):
+            return
+        for n in nodes:
+            self.kill(n)
+        args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *extra]
+        svcs = [
+            self._spawn_redis(n, free_cluster_port(), [*args, "--cluster-config-file", "nodes.conf"])
+            for n in nodes
         ]
-        self._spawn("redis", cmd, f"redis://127.0.0.1:{port}/0")
-        wait_until(lambda: redis_ok(self.services["redis"].url), "Redis")
+        form_cluster([s.url for s in svcs[:3]], [s.url for s in svcs[3:]])
+        hosts = ",".join(s.url.removeprefix("redis://").removesuffix("/0") for s in svcs[:3])
+        self.services["redis"] = Service("redis", f"redis://{hosts}/0")
+        self._save()
 
     def _up_s3(self, url: str | None, port: int | None) -> None:
         if url:
@@ -283,6 +315,8 @@ class Stack:
             "VLMQ_REDIS_URL": self.services["redis"].url,
             "VLMQ_S3_ENDPOINT_URL": self.services["s3"].url,
         }
+        if "redis-1" in self.services:
+            env["VLMQ_REDIS_TOPOLOGY"] = "cluster"
         if self.services["s3"].pid is not None:
             env.update(AWS_ENV)
         return env
@@ -292,7 +326,7 @@ class Stack:
         svc = self.services[name]
         self.kill(name)
         self._spawn(name, svc.cmd, svc.url)
-        check = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}[name]
+        check = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}[name.split("-", 1)[0]]
         wait_until(lambda: check(svc.url), name, timeout=60)
 
     def signal(self, name: str, sig: signal.Signals) -> None:
@@ -319,7 +353,45 @@ class Stack:
 
     def status(self) -> dict[str, tuple[str, bool, int | None]]:
         checks = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}
-        return {n: (s.url, checks[n](s.url), s.pid) for n, s in self.services.items() if n in checks}
+        return {
+            n: (s.url, checks[n.split("-")[0]](s.url), s.pid)
+            for n, s in self.services.items()
+            if n.split("-")[0] in checks and "," not in s.url
+        }
+
+
+def form_cluster(masters: list[str], replicas: list[str], timeout: float = 60.0) -> None:
+    """Make a Redis Cluster of fresh cluster-mode servers: the slots split evenly over
+    `masters`, `replicas[i]` replicating `masters[i]`; returns once every node says ok."""
+    import redis
+
+    def cmd(c: redis.Redis, *args: object) -> str:
+        return str(c.execute_command("CLUSTER", *args))  # type: ignore[no-untyped-call]  # unannotated
+
+    clients = [redis.Redis.from_url(u, decode_responses=True) for u in masters + replicas]
+    step = 16384 // len(masters)
+    for i, m in enumerate(clients[: len(masters)]):
+        last = 16383 if i == len(masters) - 1 else (i + 1) * step - 1
+        cmd(m, "ADDSLOTSRANGE", i * step, last)
+    first = clients[0].connection_pool.connection_kwargs
+    for c in clients[1:]:
+        cmd(c, "MEET", first["host"], first["port"])
+
+    def known(c: redis.Redis) -> int:
+        return len(cmd(c, "NODES").strip().splitlines())
+
+    wait_until(lambda: all(known(c) == len(clients) for c in clients), "Redis Cluster nodes meeting", timeout)
+    for master, replica in zip(clients, clients[len(masters) :], strict=False):
+        cmd(replica, "REPLICATE", cmd(master, "MYID"))
+
+    def ok(c: redis.Redis) -> bool:
+        role = c.info("replication")
+        linked = role["role"] == "master" or role.get("master_link_status") == "up"
+        return "cluster_state:ok" in cmd(c, "INFO") and linked
+
+    wait_until(lambda: all(ok(c) for c in clients), "Redis Cluster (state ok, replicas in sync)", timeout)
+    for c in clients:
+        c.close()
 
 
 def _reap(pid: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -14,8 +15,8 @@ from rich.console import Console
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.bulk_cli import app as bulk_app
 from vlmq.producer.client import Client
-from vlmq.producer.errors import ValidationError
-from vlmq.schemas.job import Result
+from vlmq.producer.errors import JobEnded, Timeout, ValidationError
+from vlmq.schemas.job import JobState, Result
 
 T = TypeVar("T")
 out = Console()
@@ -107,7 +108,6 @@ def wait(
     as_json: JsonFlag = False,
 ) -> None:
     """Wait for a job to end; exit 1 if it did not succeed."""
-    from vlmq.producer.errors import JobEnded
 
     async def go(client: Client) -> Result:
         try:
@@ -121,16 +121,24 @@ def wait(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a queued or running job; exit 1 if it had ended, 4 if there is no such job."""
+    """Cancel a queued or running job; exit 1 if it had ended, 4 if there is no such job.
 
-    async def go(client: Client) -> Result | None:
-        if await client.cancel(job_id):
-            return None
-        return await client.status(job_id)  # JobNotFound when there is no such job
+    A worker carries the cancel out (the one running the job aborts it; a queued job is
+    ended by any worker): this waits up to 10 s to see it happen."""
 
-    ended = _client_call(go)
-    if ended is None:
+    async def go(client: Client) -> tuple[bool, Result]:
+        requested = await client.cancel(job_id)
+        if requested:
+            with contextlib.suppress(Timeout, JobEnded):
+                await client.wait(job_id, timeout=10)
+        return requested, await client.status(job_id)  # JobNotFound when there is no such job
+
+    requested, now = _client_call(go)
+    if now.state is JobState.CANCELLED and requested:
         out.print(f"{job_id} cancelled")
         return
-    out.print(f"{job_id}: nothing to cancel, it had ended ({ended.state.value})")
+    if not now.state.terminal:
+        out.print(f"{job_id}: cancel requested; it stays {now.state.value} until a worker sees the request")
+        return
+    out.print(f"{job_id}: nothing to cancel, it had ended ({now.state.value})")
     raise typer.Exit(1)

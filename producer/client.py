@@ -20,13 +20,13 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
-from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core.settings import Connection, redact_url
 from vlmq.core.state import BatchCounts, StateStore
+from vlmq.core.topology import connect_redis, wrong_topology
 from vlmq.producer.errors import (
     BatchNotFound,
     JobCancelled,
@@ -37,7 +37,6 @@ from vlmq.producer.errors import (
     Unavailable,
     ValidationError,
 )
-from vlmq.schemas import keys
 from vlmq.schemas.codec import MSGPACK, decode_job, encode_job
 from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Job, JobState, Result
@@ -103,7 +102,7 @@ class Client:
         self.content_type = content_type
         self._kafka_options = kafka_options or {}
         self._producer: AIOKafkaProducer | None = None
-        self.redis = Redis.from_url(self.settings.redis_url, **(redis_options or {}))
+        self.redis = connect_redis(self.settings, **(redis_options or {}))
         self.store = StateStore(self.redis, ttl_s=self.settings.result_ttl_s)
 
     async def __aenter__(self) -> Client:
@@ -130,6 +129,8 @@ class Client:
                 else ""
             )
             raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
+        except (ResponseError, RedisClusterException) as exc:
+            raise wrong_topology(exc, self.settings) or exc from exc
 
     @contextlib.contextmanager
     def _reaching_kafka(self) -> Iterator[None]:
@@ -281,7 +282,7 @@ class Client:
         """Block until the job ends (pub/sub, no polling storm). Raises Timeout, JobFailed,
         JobCancelled, JobExpired, JobNotFound, Unavailable."""
         with self._reaching_redis():
-            if not await self.redis.exists(keys.job_key(job_id)):
+            if not await self.store.exists(job_id):
                 raise JobNotFound(job_id)
             result = await self.store.wait(job_id, timeout)
             if result is None:
@@ -310,9 +311,11 @@ class Client:
         return [got[i] for i in ids]
 
     async def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job. False when it had already ended or is unknown."""
+        """Ask for a queued or running job to be cancelled: a worker aborts it, or ends it
+        if none has taken it yet (`wait` then says JobCancelled). False when it had already
+        ended or is unknown (`status` tells which)."""
         with self._reaching_redis():
-            return await self.store.cancel(job_id)
+            return (await self.store.cancel(job_id)).requested
 
     async def batch(self, batch_id: str) -> BatchCounts:
         """A batch's counts per state. Raises BatchNotFound for a batch nobody submitted to."""

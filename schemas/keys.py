@@ -1,19 +1,52 @@
-"""Names of topics and Redis keys. One place, so every client agrees."""
+"""Names of topics and Redis keys. One place, so every client agrees (docs/wire.md).
+
+Every key is `vlmq:{<shard>}:<kind>:<id>`:
+- `{<shard>}` is a Redis Cluster hash tag: two hex digits of crc32(job_id), so all keys of
+  one job (and its batch's partial counters for that shard) live in one slot, and one
+  batch spreads over 256 slots. A single Redis ignores the tag.
+- the id comes last, after a fixed `<kind>`, so no id (`:` included) can name another key.
+- `sub:` keys are the producer's (what was submitted, a cancel request); every other key
+  is the worker's (state, results, counters). A Redis ACL can then give producers write
+  access to `vlmq:{??}:sub:*` only: they cannot forge a terminal state or a result.
+"""
 
 from __future__ import annotations
+
+import zlib
 
 JOBS_TOPIC = "vlmq.jobs"
 DLQ_TOPIC = "vlmq.jobs.dlq"
 RESULTS_TOPIC = "vlmq.results"
 
 PREFIX = "vlmq"
-CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: payload is a job_id
-NO_BATCH = f"{PREFIX}:batch:-"  # placeholder key for jobs without a batch; never written
+SHARDS = 256  # slots one batch spreads over; the tag is this many values wide
+CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: payload is a job_id (a cancel request)
+PRODUCER_KEYS = f"{PREFIX}:{{??}}:sub:*"  # ACL pattern of what a producer may write
+
+
+def shard(job_id: str) -> int:
+    return zlib.crc32(job_id.encode()) % SHARDS
+
+
+def tag(shard_: int) -> str:
+    """The hash tag of a shard, `{0a}`: fixed width, so ACL patterns can match it."""
+    return f"{PREFIX}:{{{shard_:02x}}}"
 
 
 def job_key(job_id: str) -> str:
-    """Hash: state, record (the Result as JSON), attempt, terminal_writes, ..."""
-    return f"{PREFIX}:job:{job_id}"
+    """Worker's hash: state (running or terminal), record (the Result as JSON), attempt,
+    worker, lease_until, batch_id, terminal_writes. Absent while the job is queued."""
+    return f"{tag(shard(job_id))}:job:{job_id}"
+
+
+def submitted_key(job_id: str) -> str:
+    """Producer's hash, written at submit: batch_id, submitted_at, sent (Kafka acked it)."""
+    return f"{tag(shard(job_id))}:sub:job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Producer's cancel request; a worker turns it into the `cancelled` state."""
+    return f"{tag(shard(job_id))}:sub:cancel:{job_id}"
 
 
 def done_channel(job_id: str) -> str:
@@ -21,11 +54,17 @@ def done_channel(job_id: str) -> str:
     return f"{PREFIX}:done:{job_id}"
 
 
-def batch_key(batch_id: str) -> str:
-    """Hash of counters per state, plus `total`."""
-    return f"{PREFIX}:batch:{batch_id}"
+def batch_submitted_key(shard_: int, batch_id: str) -> str:
+    """Producer's hash per shard: `total` jobs submitted into the batch in this shard."""
+    return f"{tag(shard_)}:sub:batch:{batch_id}"
 
 
-def batch_done_key(batch_id: str) -> str:
-    """List of the batch's job ids in the order they ended (each exactly once)."""
-    return f"{PREFIX}:batch:{batch_id}:done"
+def batch_key(shard_: int, batch_id: str) -> str:
+    """Worker's hash per shard: `unrecorded` (jobs a worker saw without a submit record),
+    `left` (jobs no longer queued), `running`, and one counter per terminal state."""
+    return f"{tag(shard_)}:batch:{batch_id}"
+
+
+def batch_done_key(shard_: int, batch_id: str) -> str:
+    """Worker's list per shard: the batch's job ids in the order they ended, once each."""
+    return f"{tag(shard_)}:done:{batch_id}"

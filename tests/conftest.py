@@ -14,9 +14,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from redis.asyncio import Redis
 
 from tests.helpers import Env, make_topics, stop_all
+from vlmq.core.settings import Connection
+from vlmq.core.topology import AnyRedis, connect_redis
 from vlmq.deploy.stack import Stack
 
 LOG_TAIL = 40
@@ -37,13 +38,47 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     st.down()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `topologies` run twice: on one Redis and on a Redis Cluster."""
+    if metafunc.definition.get_closest_marker("topologies") and "topology" in metafunc.fixturenames:
+        metafunc.parametrize("topology", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master + 3-replica Redis Cluster (started once, when a test first asks)."""
+    if url := os.environ.get("VLMQ_TEST_REDIS_CLUSTER_URL"):
+        yield url
+        return
+    st = Stack(tmp_path_factory.mktemp("cluster"))
+    st._up_redis_cluster([])
+    yield st.services["redis"].url
+    st.down()
+
+
 @pytest.fixture
-def env(stack: dict[str, str], tmp_path: Path) -> Env:
+def topology(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The Redis topology of this test; clients made from the environment see it too."""
+    kind: str = getattr(request, "param", "single")
+    monkeypatch.setenv("VLMQ_REDIS_TOPOLOGY", kind)
+    return kind
+
+
+@pytest.fixture
+def redis_url(stack: dict[str, str], topology: str, request: pytest.FixtureRequest) -> str:
+    if topology == "cluster":
+        return str(request.getfixturevalue("redis_cluster"))
+    return stack["VLMQ_REDIS_URL"]
+
+
+@pytest.fixture
+def env(stack: dict[str, str], redis_url: str, topology: str, tmp_path: Path) -> Env:
     """Fresh names for one test: topics, group, bucket, batch."""
     tag = uuid.uuid4().hex[:10]
     e = Env(
         kafka=stack["VLMQ_KAFKA_BOOTSTRAP"],
-        redis=stack["VLMQ_REDIS_URL"],
+        redis=redis_url,
+        topology=topology,
         s3=stack["VLMQ_S3_ENDPOINT_URL"],
         jobs_topic=f"jobs-{tag}",
         dlq_topic=f"dlq-{tag}",
@@ -81,7 +116,7 @@ def e(env: Env) -> Iterator[Env]:
 
 
 @pytest.fixture
-async def redis(stack: dict[str, str]) -> AsyncIterator[Redis]:
-    r = Redis.from_url(stack["VLMQ_REDIS_URL"])
+async def redis(redis_url: str, topology: str) -> AsyncIterator[AnyRedis]:
+    r = connect_redis(Connection.load({"redis_url": redis_url}))
     yield r
     await r.aclose()

@@ -34,6 +34,7 @@ class Env:
     bucket: str
     tag: str
     tmp: Path
+    topology: str = "single"
     partitions: int = 4
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -42,6 +43,7 @@ class Env:
             **os.environ,
             "VLMQ_KAFKA_BOOTSTRAP": self.kafka,
             "VLMQ_REDIS_URL": self.redis,
+            "VLMQ_REDIS_TOPOLOGY": self.topology,
             "VLMQ_S3_ENDPOINT_URL": self.s3,
             "VLMQ_JOBS_TOPIC": self.jobs_topic,
             "VLMQ_DLQ_TOPIC": self.dlq_topic,

@@ -39,6 +39,13 @@ def worker(
     ] = None,
     kafka_bootstrap: Annotated[str | None, Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
     redis_url: Annotated[str | None, Opt(help="[VLMQ_REDIS_URL]")] = None,
+    redis_topology: Annotated[
+        str | None, Opt(help="single | cluster | sentinel [VLMQ_REDIS_TOPOLOGY]")
+    ] = None,
+    redis_wait_replicas: Annotated[
+        int | None,
+        Opt(help="Replicas that must have a result before its Kafka commit [VLMQ_REDIS_WAIT_REPLICAS]"),
+    ] = None,
     s3_endpoint_url: Annotated[str | None, Opt(help="[VLMQ_S3_ENDPOINT_URL]")] = None,
     jobs_topic: Annotated[str | None, Opt(help="[VLMQ_JOBS_TOPIC]")] = None,
     dlq_topic: Annotated[str | None, Opt(help="[VLMQ_DLQ_TOPIC]")] = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -21,12 +22,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
 from vlmq.core.state import Claim, StateStore
+from vlmq.core.topology import AnyRedis, TopologyError, check_topology, connect_redis, wait_replicas
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
     content_type_of,
@@ -38,6 +39,7 @@ from vlmq.schemas.codec import (
 )
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
+    JOB_ID_PATTERN,
     MAX_DEAD_LETTER_PAYLOAD,
     DeadLetter,
     Error,
@@ -58,13 +60,13 @@ FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
 START_S = 10.0  # how long a starting worker waits for Redis
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
+MAX_CANCELLING = 1000  # cancel requests for queued jobs handled at once; more wait for the claim
+JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
-def make_redis(settings: WorkerSettings) -> Redis:
+def make_redis(settings: WorkerSettings) -> AnyRedis:
     """The worker's Redis client: short socket timeouts, retried by `through_outage`."""
-    return Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15
-    )
+    return connect_redis(settings, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15)
 
 
 def make_producer(settings: WorkerSettings) -> AIOKafkaProducer:
@@ -119,7 +121,7 @@ class Worker:
         settings: WorkerSettings,
         engine: Engine | None = None,
         *,
-        redis: Callable[[WorkerSettings], Redis] = make_redis,
+        redis: Callable[[WorkerSettings], AnyRedis] = make_redis,
         producer: Callable[[WorkerSettings], AIOKafkaProducer] = make_producer,
         consumer: Callable[[WorkerSettings], AIOKafkaConsumer] = make_consumer,
     ) -> None:
@@ -130,6 +132,7 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._jobs: dict[str, asyncio.Future[Result]] = {}  # job_id -> its pipeline run
         self._user_cancelled: set[str] = set()
+        self._cancelling: set[asyncio.Task[None]] = set()  # ending queued jobs on request
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -159,7 +162,7 @@ class Worker:
         s = self.settings
         log.info("worker starting", **s.redacted())
         redis = self._make_redis(s)
-        self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
+        self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True, wait_replicas=wait_replicas(s))
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             # Redis and the producer first: a wrong address fails in seconds, not after the
@@ -188,6 +191,9 @@ class Worker:
         """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
         try:
             await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
+            await check_topology(self.store.redis, self.settings)
+        except TopologyError as exc:
+            raise InfrastructureError(str(exc)) from exc
         except Exception as exc:
             url = redact_url(self.settings.redis_url)
             raise InfrastructureError(unreachable("Redis", url, exc)) from exc
@@ -324,9 +330,11 @@ class Worker:
             metrics.SKIPPED.inc()
             log.debug("skipped: already ended", state=claim.state.value if claim.state else None)
             return
-        result = self._refused(job, claim.attempt) or await self._run_cancellable(job, claim.attempt)
-        if result is not None:  # None: cancelled by the user, who wrote the terminal state
-            await self._publish(job, result, msg)
+        if claim.cancel_requested:
+            result = self.pipeline.result(job, JobState.CANCELLED, claim.attempt)
+        else:
+            result = self._refused(job, claim.attempt) or await self._run_cancellable(job, claim.attempt)
+        await self._publish(job, result, msg)
 
     async def _claim(self, job: Job) -> Claim:
         """Claim the job; while someone runs it (here, or a worker whose lease holds), wait:
@@ -353,14 +361,14 @@ class Worker:
             return self.pipeline.result(job, JobState.EXPIRED, attempt, error=error)
         return None
 
-    async def _run_cancellable(self, job: Job, attempt: int) -> Result | None:
+    async def _run_cancellable(self, job: Job, attempt: int) -> Result:
         run = asyncio.ensure_future(self.pipeline.run(job, attempt))
         self._jobs[job.job_id] = run
         try:
             return await run
         except asyncio.CancelledError:
             if run.cancelled() and job.job_id in self._user_cancelled:
-                return None
+                return self.pipeline.result(job, JobState.CANCELLED, attempt)
             run.cancel()
             await self._give_up_lease(job.job_id)  # handed back: its next owner need not wait
             raise
@@ -480,7 +488,8 @@ class Worker:
             await asyncio.sleep(PROBE_S)
 
     async def _cancels(self) -> None:
-        """Abort in-flight jobs cancelled by a client (the cancel wrote `cancelled` already)."""
+        """Carry out cancel requests: abort the job if it runs here, else end it if it is
+        still queued (every worker hears each request; the first write wins)."""
         while True:
             pubsub = self.store.redis.pubsub()
             try:
@@ -501,6 +510,28 @@ class Worker:
             log.info("aborting cancelled job", job_id=job_id)
             self._user_cancelled.add(job_id)
             run.cancel()
+        elif len(self._cancelling) < MAX_CANCELLING:  # a flood of requests cannot pile up tasks
+            task = asyncio.create_task(self._end_queued(job_id))
+            self._cancelling.add(task)
+            task.add_done_callback(self._cancelling.discard)
+
+    async def _end_queued(self, job_id: str) -> None:
+        """End a queued job whose cancel was requested (no-op for any other job)."""
+        if not JOB_ID.match(job_id):
+            return  # anyone may publish on the channel: not a job id, no job
+        try:
+            wrote = await through_outage(
+                lambda: self.store.end_recorded(
+                    job_id, JobState.CANCELLED, worker=self.settings.worker_id, requested=True
+                ),
+                OUTAGE_S,
+            )
+        except Exception:  # the request stays: the job's claim will honour it
+            log.exception("could not end a cancelled queued job", job_id=job_id)
+            return
+        if wrote:
+            metrics.JOBS.labels("cancelled").inc()
+            log.info("job ended", job_id=job_id, state="cancelled", error=None)
 
     async def _commit_loop(self) -> None:
         while True:

@@ -1,19 +1,41 @@
 -- The one terminal transition: succeeded | failed | cancelled | expired. First write wins;
--- every later call is a no-op. Returns {1, previous state} when this call wrote it,
--- {0, terminal state} when the job had already ended.
--- KEYS: job, batch, batch_done (placeholders when the job has no batch)
--- ARGV: job_id, state, record (Result as JSON), ttl_s, done channel, batch_id ("" when none)
-local st = redis.call('HGET', KEYS[1], 'state')
-if st and st ~= 'queued' and st ~= 'running' then return {0, st} end
+-- every later call is a no-op. Returns {1, previous state} when this call wrote it (or
+-- an earlier call with this very record did: a retry after a lost reply), {0, state} when
+-- the job had already ended. With `requested` it ends only a queued job
+-- whose cancel was requested (a worker answering a cancel request): {0, ''} otherwise.
+-- A batch_id other than the one recorded is refused with an error: nothing is written.
+-- KEYS: job, sub, batch, batch_done (this shard's; placeholders when the job has none),
+--       cancel
+-- ARGV: job_id, state, record (Result as JSON), ttl_s, done channel, batch_id ("" when
+--       none), requested ("1" or "")
+local st, recorded = unpack(redis.call('HMGET', KEYS[1], 'state', 'batch_id'))
+if st and st ~= 'running' then
+  if redis.call('HGET', KEYS[1], 'record') == ARGV[3] then return {1, st} end
+  return {0, st}
+end
+local submitted = redis.call('EXISTS', KEYS[2]) == 1
+if ARGV[7] == '1' and (st or not submitted or redis.call('EXISTS', KEYS[5]) == 0) then
+  return {0, st or ''}
+end
+if not st and submitted then recorded = redis.call('HGET', KEYS[2], 'batch_id') end
+if (st or submitted) and (recorded or '') ~= ARGV[6] then
+  return redis.error_reply('batch_id ' .. ARGV[6] .. ' is not the recorded one')
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'record', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'terminal_writes', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if ARGV[6] ~= '' then
-  if st then redis.call('HINCRBY', KEYS[2], st, -1) else redis.call('HINCRBY', KEYS[2], 'total', 1) end
-  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-  redis.call('RPUSH', KEYS[3], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('HSET', KEYS[1], 'batch_id', ARGV[6])
+  if st then
+    redis.call('HINCRBY', KEYS[3], 'running', -1)
+  else
+    if not submitted then redis.call('HINCRBY', KEYS[3], 'unrecorded', 1) end
+    redis.call('HINCRBY', KEYS[3], 'left', 1)
+  end
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+  redis.call('RPUSH', KEYS[4], ARGV[1])
   redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
 end
 redis.call('PUBLISH', ARGV[5], ARGV[2])
 return {1, st or ''}

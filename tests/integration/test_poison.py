@@ -66,7 +66,7 @@ async def test_a_message_cannot_move_a_job_to_another_batch(e: Env, redis: Redis
     assert [(d.job_id, d.error.code) for d in dead] == [(job.job_id, ErrorCode.INVALID_JOB)]
     record = await store.get(job.job_id)
     assert record is not None and record.state is JobState.QUEUED
-    assert not await redis.exists(rkeys.batch_key(f"{e.tag}-b2"))
+    assert not await redis.exists(rkeys.batch_key(rkeys.shard(job.job_id), f"{e.tag}-b2"))
     await _produce(e, (job.job_id, encode_job(job)[0]))  # the genuine message still runs
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         assert (await client.wait(job.job_id, timeout=30)).state is JobState.SUCCEEDED

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.helpers import Env, put_images, read_topic, start_worker
 from vlmq.producer import (
@@ -116,7 +117,8 @@ async def test_as_completed_yields_in_the_order_jobs_end(e: Env) -> None:
 def test_sync_client(e: Env) -> None:
     start_worker(e, "w")
     with SyncClient(e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": 30}) as client:
-        assert client._client.redis.connection_pool.connection_kwargs["socket_timeout"] == 30
+        redis = client._client.redis
+        assert isinstance(redis, Redis) and redis.connection_pool.connection_kwargs["socket_timeout"] == 30
         h = client.submit(_text(f"{e.tag}-sync"))
         assert client.wait(h.job_id, timeout=30).state is JobState.SUCCEEDED
         client.submit_many([_text(f"{e.tag}-s{i}", batch_id=e.tag) for i in range(5)])

@@ -8,19 +8,23 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 from vlmq.core.state import StateStore
+from vlmq.core.topology import AnyRedis
 from vlmq.deploy.stack import free_port, redis_bin, redis_ok, wait_until
 from vlmq.schemas import keys
 from vlmq.schemas.job import JobState, Result
+
+pytestmark = pytest.mark.topologies
 
 
 def _ids(n: int = 1) -> list[str]:
     return [uuid.uuid4().hex for _ in range(n)]
 
 
-async def test_enqueue_is_idempotent_and_counts_once(redis: Redis) -> None:
+async def test_enqueue_is_idempotent_and_counts_once(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
     first = await store.enqueue(job, batch, time.time())
@@ -31,11 +35,11 @@ async def test_enqueue_is_idempotent_and_counts_once(redis: Redis) -> None:
     assert not (await store.enqueue(job, batch, time.time())).must_send
     counts = await store.batch_counts(batch)
     assert (counts.total, counts.queued) == (1, 1)
-    assert 0 < await redis.ttl(keys.job_key(job)) <= 60
-    assert 0 < await redis.ttl(keys.batch_key(batch)) <= 60
+    assert 0 < await redis.ttl(keys.submitted_key(job)) <= 60
+    assert 0 < await redis.ttl(keys.batch_submitted_key(keys.shard(job), batch)) <= 60
 
 
-async def test_claim_finish_first_terminal_write_wins(redis: Redis) -> None:
+async def test_claim_finish_first_terminal_write_wins(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
     await store.enqueue(job, batch, time.time())
@@ -53,10 +57,11 @@ async def test_claim_finish_first_terminal_write_wins(redis: Redis) -> None:
     counts = await store.batch_counts(batch)
     assert (counts.total, counts.queued, counts.running, counts.succeeded) == (1, 0, 0, 1)
     assert [r.job_id async for r in store.iter_batch(batch)] == [job]
-    assert 0 < await redis.ttl(keys.batch_done_key(batch)) <= 60
+    assert 0 < await redis.ttl(keys.batch_done_key(keys.shard(job), batch)) <= 60
+    assert 0 < await redis.ttl(keys.batch_key(keys.shard(job), batch)) <= 60
 
 
-async def test_a_job_never_enqueued_is_counted_when_claimed(redis: Redis) -> None:
+async def test_a_job_never_enqueued_is_counted_when_claimed(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
     assert (await store.claim(job, batch, "w")).granted  # e.g. produced by a non-SDK client
@@ -65,22 +70,33 @@ async def test_a_job_never_enqueued_is_counted_when_claimed(redis: Redis) -> Non
     assert (counts.total, counts.running, counts.failed) == (1, 0, 1)
 
 
-async def test_cancel_queued_and_running_but_not_ended(redis: Redis) -> None:
+async def test_cancel_is_a_request_that_only_a_worker_turns_into_a_state(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60)
-    queued, running, ended = _ids(3)
-    for j in (queued, running, ended):
-        await store.enqueue(j, None, time.time())
-    await store.claim(running, None, "w")
-    await store.finish(Result(ended, JobState.SUCCEEDED))
-    assert await store.cancel(queued) and await store.cancel(running)
-    assert not await store.cancel(ended) and not await store.cancel("never-seen")
-    assert not (await store.claim(queued, None, "w")).granted
-    states = [r.state if r else None for r in await store.get_many([queued, running, ended])]
-    assert states == [JobState.CANCELLED, JobState.CANCELLED, JobState.SUCCEEDED]
-    assert not await redis.exists(keys.NO_BATCH)  # jobs without a batch never touch it
+    batch = uuid.uuid4().hex
+    queued, running, ended, other = _ids(4)
+    for j in (queued, running, ended, other):
+        await store.enqueue(j, batch, time.time())
+    await store.claim(running, batch, "w")
+    await store.finish(Result(ended, JobState.SUCCEEDED, batch_id=batch))
+    assert (await store.cancel(queued)).requested and (await store.cancel(running)).requested
+    assert (await store.cancel(ended)).ended is JobState.SUCCEEDED
+    assert not (await store.cancel("never-seen")).found
+    states = [r.state if r else None for r in await store.get_many([queued, running])]
+    assert states == [JobState.QUEUED, JobState.RUNNING]  # requested, not yet carried out
+    # A worker hearing the request ends the queued one; the running one is its owner's.
+    assert await store.end_recorded(queued, JobState.CANCELLED, requested=True)
+    assert not await store.end_recorded(running, JobState.CANCELLED, requested=True)
+    assert not await store.end_recorded(other, JobState.CANCELLED, requested=True)  # none asked
+    redelivered = await store.claim(running, batch, "w2", lease_s=30)  # e.g. after w died
+    assert redelivered.cancel_requested and redelivered.granted
+    assert await store.finish(Result(running, JobState.CANCELLED, batch_id=batch))
+    counts = await store.batch_counts(batch)
+    assert (counts.total, counts.queued, counts.running, counts.cancelled) == (4, 1, 0, 2)
+    no_batch = StateStore._job_keys(queued, None)[2:]
+    assert not any([await redis.exists(k) for k in no_batch])  # placeholders never written
 
 
-async def test_wait_wakes_on_completion_without_polling(redis: Redis) -> None:
+async def test_wait_wakes_on_completion_without_polling(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60, recheck_s=30)  # a wake-up can only come from pub/sub
     (job,) = _ids()
     await store.enqueue(job, None, time.time())
@@ -94,7 +110,7 @@ async def test_wait_wakes_on_completion_without_polling(redis: Redis) -> None:
     assert time.monotonic() - t0 < 2
 
 
-async def test_wait_times_out_and_as_completed_yields_in_end_order(redis: Redis) -> None:
+async def test_wait_times_out_and_as_completed_yields_in_end_order(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60, recheck_s=0.2)
     a, b, c = _ids(3)
     for j in (a, b, c):
@@ -141,7 +157,7 @@ async def test_a_waiter_rides_out_a_redis_restart_and_leaves_no_subscription(tmp
         await store.finish(Result(job_id=j, state=JobState.SUCCEEDED, text="after the restart"))
         result = await asyncio.wait_for(waiter, 30)
         assert result is not None and result.text == "after the restart"
-        clients = await redis.client_list()
+        clients = await redis.client_list()  # a single Redis: the restart is of one server
         assert all(int(c.get("sub", 0)) == 0 for c in clients), clients  # wait() unsubscribed
     finally:
         await redis.aclose()
@@ -149,7 +165,7 @@ async def test_a_waiter_rides_out_a_redis_restart_and_leaves_no_subscription(tmp
         server.wait()
 
 
-async def test_a_lease_keeps_a_running_job_from_a_second_worker(redis: Redis) -> None:
+async def test_a_lease_keeps_a_running_job_from_a_second_worker(redis: AnyRedis) -> None:
     store = StateStore(redis)
     (j,) = _ids()
     first = await store.claim(j, None, "w1", lease_s=30)
@@ -167,7 +183,7 @@ async def test_a_lease_keeps_a_running_job_from_a_second_worker(redis: Redis) ->
     assert ended.state is JobState.SUCCEEDED and not ended.granted
 
 
-async def test_a_lapsed_lease_is_taken_over(redis: Redis) -> None:
+async def test_a_lapsed_lease_is_taken_over(redis: AnyRedis) -> None:
     store = StateStore(redis)
     (j,) = _ids()
     assert (await store.claim(j, None, "dead", lease_s=0.2)).granted

@@ -24,6 +24,7 @@ from tests.helpers import (
 )
 from vlmq.core.state import StateStore
 from vlmq.producer import Client, caption
+from vlmq.schemas import keys
 from vlmq.schemas.job import Job, JobState, Message, Sampling
 from vlmq.worker.samples import photo
 
@@ -51,7 +52,7 @@ async def _check_exactly_once(e: Env, jobs: list[Job], redis: Redis) -> None:
         assert r.text == expected[i % N_IMAGES]
     pipe = redis.pipeline(transaction=False)
     for j in jobs:
-        pipe.hget(f"vlmq:job:{j.job_id}", "terminal_writes")
+        pipe.hget(keys.job_key(j.job_id), "terminal_writes")
     writes = [int(w) for w in await pipe.execute()]
     assert writes == [1] * len(jobs)
     counts = await store.batch_counts(e.tag)

@@ -1,0 +1,130 @@
+"""Running the Lua scripts of core/lua/: pipelined, on any topology, durable when asked.
+
+`Scripts.run` sends many script calls in one pipeline (redis-py's cluster pipeline splits
+it per node and sends those in parallel), loads a script a server lacks (a new node, a
+promoted replica, a restart) and repeats those calls, and with `durable` ends each node's
+part with `WAIT`: the calls' writes reached `replicas` replicas before anyone is told.
+`Coalescer` gathers the calls of concurrent callers into one `run` per loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, NamedTuple
+
+from redis.asyncio import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
+from vlmq.core.topology import AnyRedis
+
+NAMES = ("enqueue", "sent", "unqueue", "cancel", "claim", "finish", "lease")
+WAIT_MS = 5000  # how long WAIT blocks for the replicas; then the calls are retried
+
+
+class Call(NamedTuple):
+    script: str  # a name in NAMES
+    keys: list[str]
+    args: list[Any]
+
+
+class NotDurable(RedisConnectionError):
+    """Fewer replicas than required acknowledged a write (a replica is down or lagging, or
+    a failover is under way). Transient: the caller retries, and the scripts are idempotent."""
+
+
+Runner = Callable[[Sequence[Call]], Awaitable[list[Any]]]
+
+
+class Scripts:
+    def __init__(self, redis: AnyRedis, *, replicas: int = 0) -> None:
+        self.redis = redis
+        self.replicas = replicas
+        self.source = {n: resources.files("vlmq.core.lua").joinpath(f"{n}.lua").read_text() for n in NAMES}
+        self.sha = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self.source.items()}
+
+    async def run(self, calls: Sequence[Call], *, durable: bool = False) -> list[Any]:
+        """The replies in order; an error reply is its exception, in its place. A dropped
+        connection raises (every call in the pipeline may or may not have run)."""
+        replies = await self._pipeline(calls, durable)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            for name in {calls[i].script for i in missing}:
+                await self.redis.script_load(self.source[name])  # every primary, on a cluster
+            again = await self._pipeline([calls[i] for i in missing], durable)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def one(self, call: Call, *, durable: bool = False) -> Any:
+        reply = (await self.run([call], durable=durable))[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for c in calls:
+            pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args)
+        waits = self._waits(pipe, calls) if durable and self.replicas else 0
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        acks = replies[len(calls) :]
+        if any(isinstance(a, BaseException) or int(a) < self.replicas for a in acks):
+            lost = NotDurable(f"writes acknowledged by {acks} replicas of {self.replicas} required")
+            return [r if isinstance(r, BaseException) else lost for r in replies[: len(calls)]]
+        assert len(acks) == waits
+        return replies[: len(calls)]
+
+    def _waits(self, pipe: Any, calls: Sequence[Call]) -> int:
+        """WAIT at the end of each node's part of the pipeline: one connection per node
+        carries that node's calls in order, and WAIT covers that connection's writes."""
+        if not isinstance(self.redis, RedisCluster):
+            pipe.execute_command("WAIT", self.replicas, WAIT_MS)
+            return 1
+        found = (self.redis.get_node_from_key(c.keys[0]) for c in calls if c.keys)
+        nodes = {n.name: n for n in found if n is not None}
+        for node in nodes.values():
+            pipe.execute_command("WAIT", self.replicas, WAIT_MS, target_nodes=node)
+        return len(nodes)
+
+
+class Coalescer:
+    """Sends the script calls of all concurrent callers as one pipeline per loop tick.
+
+    A worker holds hundreds of jobs; each claims and finishes through a Lua script. One
+    round trip (and one pooled connection) each would cap throughput at the pool and the
+    network; batched, a tick's worth of calls costs one round trip. A failed pipeline fails
+    every caller in it, and each caller retries on its own.
+    """
+
+    def __init__(self, run: Runner, max_batch: int = 1000) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def call(self, call: Call) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((call, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let every task runnable this tick add its call
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                replies = await self.run([c for c, _ in batch])
+            except Exception as exc:  # the connection failed: every caller sees it
+                replies = [exc] * len(batch)
+            for (_, fut), reply in zip(batch, replies, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)

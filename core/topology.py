@@ -1,0 +1,110 @@
+"""One Redis client for the configured topology: a single Redis, a Cluster or Sentinel.
+
+Everyone (SDK, CLI, worker, bulk) gets its client here, so `VLMQ_REDIS_TOPOLOGY` is the one
+setting that points vlmq at a cluster. The key layout (schemas/keys.py) keeps every script
+call inside one slot; the state store groups multi-job calls per slot on a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import AskError, RedisClusterException, ResponseError
+
+from vlmq.core.settings import Connection, redact_url
+
+AnyRedis = Redis | RedisCluster
+
+
+class TopologyError(Exception):
+    """The Redis at the configured URL is not the configured topology."""
+
+
+def connect_redis(conn: Connection, **options: Any) -> AnyRedis:
+    """The client for `conn.redis_topology`; `options` go to redis-py (timeouts...)."""
+    if conn.redis_topology == "cluster":  # several nodes may be named: any one that answers
+        first, hosts = _hosts(conn.redis_url)
+        nodes = [ClusterNode(h, p) for h, p in hosts]
+        return RedisCluster.from_url(first, startup_nodes=nodes, **options)
+    if conn.redis_topology == "sentinel":
+        return _sentinel_master(conn, options)
+    if "," in urlsplit(conn.redis_url).netloc:
+        where = redact_url(conn.redis_url)
+        raise TopologyError(
+            f"VLMQ_REDIS_URL {where} names several hosts: set VLMQ_REDIS_TOPOLOGY=cluster or sentinel"
+        )
+    return Redis.from_url(conn.redis_url, **options)
+
+
+def _sentinel_master(conn: Connection, options: dict[str, Any]) -> Redis:
+    """`redis_url` names the sentinels (`redis://[user:pw@]host:26379[,host:26379]/db`); the
+    master is discovered by `redis_sentinel_master` and re-discovered after a failover."""
+    parts = urlsplit(conn.redis_url)
+    cred, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = cred.partition(":")
+    sentinels = [
+        (h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379) for h in hosts.split(",")
+    ]
+    db = int(parts.path.strip("/") or 0)
+    auth = {"username": user or None, "password": password or None}
+    ssl = {"ssl": True} if parts.scheme == "rediss" else {}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        sentinels, sentinel_kwargs={**auth, **ssl}, **auth, **ssl, **options
+    )
+    master: Redis = sentinel.master_for(conn.redis_sentinel_master, db=db)
+    return master
+
+
+def _hosts(url: str, default_port: int = 6379) -> tuple[str, list[tuple[str, int]]]:
+    """`redis://[cred@]h1:p1,h2:p2/db` -> (the URL with the first host only, [(h1, p1), ...])."""
+    parts = urlsplit(url)
+    cred, at, hostlist = parts.netloc.rpartition("@")
+    hosts = []
+    for h in hostlist.split(","):
+        host, _, port = h.rpartition(":") if ":" in h else (h, "", "")
+        hosts.append((host, int(port or default_port)))
+    first = parts._replace(netloc=f"{cred}{at}{hostlist.split(',')[0]}")
+    return first.geturl(), hosts
+
+
+def wait_replicas(conn: Connection) -> int:
+    """Replicas that must acknowledge a worker's terminal writes before its Kafka commit."""
+    if conn.redis_wait_replicas is not None:
+        return conn.redis_wait_replicas
+    return 0 if conn.redis_topology == "single" else 1
+
+
+async def check_topology(redis: AnyRedis, conn: Connection) -> None:
+    """Raise TopologyError when the server is not the configured topology (at start-up:
+    a single-Redis client of a cluster node would only fail at its first job)."""
+    try:
+        info = await redis.info("cluster")
+    except RedisClusterException as exc:
+        raise wrong_topology(exc, conn) or exc from exc
+    if not isinstance(redis, RedisCluster) and info.get("cluster_enabled"):
+        raise TopologyError(
+            _wrong(redact_url(conn.redis_url), "a Redis Cluster", conn.redis_topology, "cluster")
+        )
+
+
+def wrong_topology(exc: BaseException, conn: Connection) -> TopologyError | None:
+    """The one-line error, naming the setting, for a client of the wrong topology: a
+    single-Redis client gets MOVED/CROSSSLOT from a cluster node; a cluster client cannot
+    start against a Redis without cluster mode. None for any other error."""
+    where, text = redact_url(conn.redis_url), str(exc)
+    if isinstance(exc, AskError) or (isinstance(exc, ResponseError) and text.startswith("CROSSSLOT")):
+        return TopologyError(_wrong(where, "a Redis Cluster", conn.redis_topology, "cluster"))
+    if isinstance(exc, RedisClusterException) and "cluster mode is not enabled" in text.lower():
+        return TopologyError(_wrong(where, "not a cluster", conn.redis_topology, "single"))
+    return None
+
+
+def _wrong(where: str, actual: str, configured: str, wanted: str) -> str:
+    return (
+        f"Redis at {where} is {actual}, but VLMQ_REDIS_TOPOLOGY is {configured!r}: "
+        f"set VLMQ_REDIS_TOPOLOGY={wanted}"
+    )
