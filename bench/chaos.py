@@ -6,9 +6,15 @@ only, so it is stalled rather than restarted), a Redis restart (a private redis-
 appendonly yes and appendfsync always, killed -9 and started again on the same port and
 files), an S3 outage (moto_server stopped, then continued). Afterwards each job must be
 terminal, ended exactly once (the `terminal_writes` counter the Lua script keeps), with the
-fake engine's deterministic answer; and no partition's committed offset may pass its end.
+fake engine's deterministic answer; every batch's counters must equal its jobs' states;
+and no partition's committed offset may pass its end.
+
+With `--redis-cluster`, Redis is a 3-master + 3-replica cluster, and the Redis fault is a
+kill -9 of the master that owns most of the jobs' slots (its replica takes over):
 
     python bench/chaos.py --jobs 10000 --workers 3 --kills 5 --stall-s 20 --s3-outage-s 10
+    python bench/chaos.py --redis-cluster --jobs 20000 --batches 3 --workers 2 --kills 1 \
+        --stall-s 0 --s3-outage-s 0 --name chaos-redis-cluster
 Exit status 1 when anything was lost, duplicated or wrong.
 """
 
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import boto3
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from bench.common import hardware, write_result
+from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
+from vlmq.core.topology import connect_redis
 from vlmq.deploy.stack import Stack
 from vlmq.producer import Client, caption
 from vlmq.schemas import keys
@@ -58,9 +67,21 @@ class Chaos:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.faults: list[str] = []
         self.rnd = random.Random(args.seed)
+        self.batches: list[str] = []
+        self.job_ids: list[str] = []
 
     def up(self) -> None:
-        self.env = self.stack.up(redis_args=["--appendonly", "yes", "--appendfsync", "always"])
+        if self.a.redis_cluster:  # durability comes from the replicas (and WAIT)
+            self.env = self.stack.up(redis_cluster=True)
+        else:
+            self.env = self.stack.up(redis_args=["--appendonly", "yes", "--appendfsync", "always"])
+        self.conn = Connection.load(
+            {
+                "kafka_bootstrap": self.env["VLMQ_KAFKA_BOOTSTRAP"],
+                "redis_url": self.env["VLMQ_REDIS_URL"],
+                "redis_topology": self.env.get("VLMQ_REDIS_TOPOLOGY", "single"),
+            }
+        )
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
 
     def worker(self, name: str) -> None:
@@ -126,8 +147,25 @@ class Chaos:
         await self._pause("s3", self.a.s3_outage_s, f"S3 down {self.a.s3_outage_s}s")
 
     async def _redis(self) -> None:
+        if self.a.redis_cluster:
+            await self._kill_busiest_master()
+            return
         await asyncio.to_thread(self.stack.restart, "redis")
         self.faults.append("redis-server killed -9 and restarted (AOF)")
+
+    async def _kill_busiest_master(self) -> None:
+        """kill -9 the master that owns the most of the jobs' slots; its replica takes over."""
+        redis = connect_redis(self.conn)
+        assert isinstance(redis, RedisCluster)
+        await redis.initialize()
+        owners = Counter(
+            n.name for s in set(map(keys.shard, self.job_ids)) if (n := redis.get_node_from_key(keys.tag(s)))
+        )
+        await redis.aclose()
+        busiest, slots = owners.most_common(1)[0]
+        name = next(n for n, svc in self.stack.services.items() if svc.url == f"redis://{busiest}/0")
+        self.stack.kill(name)
+        self.faults.append(f"Redis master {name} ({busiest}, {slots} of the jobs' 256 shards) killed -9")
 
     def stop(self) -> None:
         for p in self.workers.values():
@@ -163,20 +201,36 @@ async def wait_all(c: Chaos, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            redis = Redis.from_url(c.env["VLMQ_REDIS_URL"])
-            done = (await StateStore(redis).batch_counts(c.tag)).finished
+            redis = connect_redis(c.conn)
+            store = StateStore(redis)
+            done = sum([(await store.batch_counts(b)).finished for b in c.batches])
             await redis.aclose()
             if done >= n:
                 return
         except (RedisError, OSError):
-            pass  # Redis is being restarted
+            pass  # Redis is being restarted, or a master is failing over
         await asyncio.sleep(0.5)
 
 
+async def counter_mismatches(store: StateStore, jobs: list[Job], states: list[JobState | None]) -> int:
+    """Batches whose counters differ from the states of their jobs, read one by one."""
+    bad = 0
+    for batch in sorted({j.batch_id for j in jobs if j.batch_id}):
+        mine = Counter(s.value for j, s in zip(jobs, states, strict=True) if j.batch_id == batch and s)
+        c = await store.batch_counts(batch)
+        got = {"queued": c.queued, "running": c.running, "succeeded": c.succeeded, "failed": c.failed}
+        got |= {"cancelled": c.cancelled, "expired": c.expired}
+        bad += c.total != len([j for j in jobs if j.batch_id == batch]) or any(
+            got[k] != mine.get(k, 0) for k in got
+        )
+    return bad
+
+
 async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[str, Any]:
-    redis = Redis.from_url(c.env["VLMQ_REDIS_URL"])
+    redis = connect_redis(c.conn)
     store = StateStore(redis)
     lost = dup = wrong = 0
+    states: list[JobState | None] = []
     for start in range(0, len(jobs), 2000):
         chunk = jobs[start : start + 2000]
         results = await store.get_many([j.job_id for j in chunk])
@@ -184,6 +238,7 @@ async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[st
         for j in chunk:
             pipe.hget(keys.job_key(j.job_id), "terminal_writes")
         writes = await pipe.execute()
+        states += [r.state if r else None for r in results]
         for k, (r, w) in enumerate(zip(results, writes, strict=True)):
             if r is None or not r.state.terminal:
                 lost += 1
@@ -191,8 +246,15 @@ async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[st
                 dup += 1
             elif r.state is not JobState.SUCCEEDED or r.text != expected[(start + k) % N_IMAGES]:
                 wrong += 1
+    mismatches = await counter_mismatches(store, jobs, states)
     await redis.aclose()
-    return {"lost": lost, "duplicated": dup, "wrong": wrong, **await offsets(c)}
+    return {
+        "lost": lost,
+        "duplicated": dup,
+        "wrong": wrong,
+        "counter_mismatches": mismatches,
+        **await offsets(c),
+    }
 
 
 async def offsets(c: Chaos) -> dict[str, Any]:
@@ -238,6 +300,8 @@ async def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--stall-s", type=float, default=20)
     ap.add_argument("--redis-restart", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--redis-cluster", action="store_true", help="a 3+3 Redis Cluster; kill a master")
+    ap.add_argument("--batches", type=int, default=1)
     ap.add_argument("--s3-outage-s", type=float, default=10)
     ap.add_argument("--gap-s", type=float, default=4, help="most seconds between two faults")
     ap.add_argument("--timeout-s", type=float, default=900)
@@ -254,14 +318,18 @@ async def main() -> int:
         blobs = [photo(96, 72, seed=i) for i in range(N_IMAGES)]
         for i, b in enumerate(blobs):
             s3.put_object(Bucket="chaos", Key=f"{i}.jpg", Body=b)
+        c.batches = [f"{c.tag}-b{b}" for b in range(args.batches)]
         jobs = [
-            caption(f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.tag)
+            caption(
+                f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.batches[i % args.batches]
+            )
             for i in range(args.jobs)
         ]
+        c.job_ids = [j.job_id for j in jobs]
         expected = expected_answers(blobs, jobs)
         for w in range(args.workers):
             c.worker(f"w{w}")
-        async with Client(c.env["VLMQ_KAFKA_BOOTSTRAP"], c.env["VLMQ_REDIS_URL"], topic=c.tag) as client:
+        async with Client(topic=c.tag, settings=c.conn) as client:
             await client.submit_many(jobs)
         stop = asyncio.Event()
         faults = asyncio.create_task(c.inject(stop))
@@ -279,6 +347,7 @@ async def main() -> int:
         report["lost"]
         == report["duplicated"]
         == report["wrong"]
+        == report["counter_mismatches"]
         == report["partitions_committed_past_end"]
         == 0
     )

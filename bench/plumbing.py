@@ -7,6 +7,13 @@ counters and a completion event, offset bookkeeping), and the ratio says what th
 Both read the same pre-produced topic; both are timed from first message to last write.
 
     python bench/plumbing.py --jobs 20000
+
+With `--redis-cluster` the same worker also runs against a local 3-master + 3-replica Redis
+Cluster, in the same run: once as deployed (terminal writes WAIT for 1 replica) and once
+with `redis_wait_replicas=0`, so the cost of the cluster and of WAIT are both shown, with
+the Redis commands per job on each topology. The ratio is then cluster / one Redis.
+
+    python bench/plumbing.py --jobs 20000 --redis-cluster --name plumbing-redis-cluster
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
@@ -26,7 +35,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from bench.common import peak_rss_mib, start_stack, write_result
+from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
+from vlmq.core.topology import connect_redis
+from vlmq.deploy.stack import Stack
 from vlmq.schemas.codec import encode_job
 from vlmq.schemas.job import Job, Message
 
@@ -84,7 +96,8 @@ PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
 
 
 async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int]:
-    """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB)."""
+    """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB). Its group is new,
+    so it reads the topic from the start whatever ran before."""
     wenv = {
         **os.environ,
         **env,
@@ -97,7 +110,11 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *PROFILE, "-m", "vlmq.worker", "--engine", "fake", env=wenv
     )
-    redis = Redis.from_url(env["VLMQ_REDIS_URL"])
+    redis = connect_redis(
+        Connection.load(
+            {"redis_url": env["VLMQ_REDIS_URL"], "redis_topology": env.get("VLMQ_REDIS_TOPOLOGY", "single")}
+        )
+    )
     store = StateStore(redis)
     ids = [f"{topic}-{i}" for i in range(n)]
     try:
@@ -120,35 +137,83 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
     return n / (end - start), peak
 
 
+def commands(urls: list[str]) -> int:
+    """Commands processed so far by these Redis servers (all nodes of a cluster)."""
+    import redis
+
+    return sum(int(redis.Redis.from_url(u).info("stats")["total_commands_processed"]) for u in urls)
+
+
+async def on_topology(
+    env: dict[str, str], urls: list[str], topic: str, n: int, in_flight: int
+) -> dict[str, Any]:
+    before = await asyncio.to_thread(commands, urls)
+    value, peak = await vlmq_worker(env, topic, n, in_flight)
+    used = await asyncio.to_thread(commands, urls) - before
+    return {"jobs_per_s": round(value, 1), "redis_commands_per_job": round(used / n, 2), "peak_rss_mib": peak}
+
+
+async def cluster_runs(args: argparse.Namespace, env: dict[str, str], topic: str) -> None:
+    """One Redis, then the cluster with WAIT and without, on the same topic and jobs."""
+    single_urls = [env["VLMQ_REDIS_URL"]]
+    cluster = Stack(Path(tempfile.mkdtemp(prefix="vlmq-cluster-")))
+    await asyncio.to_thread(cluster._up_redis_cluster, [])
+    try:
+        nodes = [s.url for n, s in cluster.services.items() if n.startswith("redis-")]
+        cenv = env | {"VLMQ_REDIS_URL": cluster.services["redis"].url, "VLMQ_REDIS_TOPOLOGY": "cluster"}
+        single = await on_topology(env, single_urls, topic, args.jobs, args.max_in_flight)
+        print(f"one Redis:          {single}", flush=True)
+        waited = await on_topology(cenv, nodes, topic, args.jobs, args.max_in_flight)
+        print(f"cluster (WAIT 1):   {waited}", flush=True)
+        no_wait = cenv | {"VLMQ_REDIS_WAIT_REPLICAS": "0"}
+        unwaited = await on_topology(no_wait, nodes, topic, args.jobs, args.max_in_flight)
+        print(f"cluster (no WAIT):  {unwaited}", flush=True)
+    finally:
+        cluster.down()
+    print(f"ratio cluster/one Redis: {waited['jobs_per_s'] / single['jobs_per_s']:.2f}")
+    write_result(
+        args.name,
+        "jobs/s",
+        single["jobs_per_s"],
+        waited["jobs_per_s"],
+        {**settings(args), "baseline": "the same worker on one Redis", "cluster": "3 masters + 3 replicas"},
+        one_redis=single,
+        cluster_wait_1=waited,
+        cluster_no_wait=unwaited,
+        wait_cost=round(1 - waited["jobs_per_s"] / unwaited["jobs_per_s"], 3),
+    )
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "jobs": args.jobs,
+        "partitions": args.partitions,
+        "engine": "fake step_ms=0",
+        "max_in_flight": args.max_in_flight,
+        "job": "text-only, msgpack",
+    }
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--max-in-flight", type=int, default=2048)
+    ap.add_argument("--redis-cluster", action="store_true", help="compare with a local Redis Cluster")
     ap.add_argument("--name", default="plumbing")
     args = ap.parse_args()
     stack, env = await asyncio.to_thread(start_stack)  # the stack API is synchronous
     try:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         await produce(env["VLMQ_KAFKA_BOOTSTRAP"], topic, args.jobs, args.partitions)
+        if args.redis_cluster:
+            await cluster_runs(args, env, topic)
+            return
         base = await floor(env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"], topic, args.jobs)
         print(f"floor: {base:,.0f} jobs/s", flush=True)
         value, peak = await vlmq_worker(env, topic, args.jobs, args.max_in_flight)
         print(f"vlmq:  {value:,.0f} jobs/s, worker peak RSS {peak} MiB", flush=True)
-        write_result(
-            args.name,
-            "jobs/s",
-            base,
-            value,
-            {
-                "jobs": args.jobs,
-                "partitions": args.partitions,
-                "engine": "fake step_ms=0",
-                "max_in_flight": args.max_in_flight,
-                "job": "text-only, msgpack",
-            },
-            worker_peak_rss_mib=peak,
-        )
+        write_result(args.name, "jobs/s", base, value, settings(args), worker_peak_rss_mib=peak)
     finally:
         stack.down()
 

@@ -151,7 +151,7 @@ class StateStore:
         def each(i: int) -> tuple[list[str], list[Any]]:
             job_id, batch_id, at = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
-            return [keys.submitted_key(job_id), keys.job_key(job_id), sub_batch], [batch_id or "", at]
+            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or "", at]
 
         out: list[Enqueued | None] = [None] * len(items)
         for idx, replies in await self._per_slot("enqueue", [j for j, _, _ in items], each, [self.ttl_s]):
@@ -170,7 +170,7 @@ class StateStore:
         def each(i: int) -> tuple[list[str], list[Any]]:
             job_id, batch_id = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
-            return [keys.submitted_key(job_id), keys.job_key(job_id), sub_batch], [batch_id or ""]
+            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or ""]
 
         done = await self._per_slot("unqueue", [j for j, _ in items], each, [])
         return sum(int(n) for _, n in done)
@@ -229,8 +229,9 @@ class StateStore:
     async def cancel(self, job_id: str) -> CancelReply:
         """Ask the workers to cancel a queued or running job (one aborts it, or ends it if
         no worker has it; a producer credential may ask, only a worker writes the state)."""
-        keys_ = [keys.submitted_key(job_id), keys.job_key(job_id), keys.cancel_key(job_id)]
-        reply = _s(await self.scripts.one(Call("cancel", keys_, [self.ttl_s, job_id, keys.CANCEL_CHANNEL])))
+        keys_ = [keys.submitted_key(job_id), keys.cancel_key(job_id)]
+        args = [self.ttl_s, job_id, keys.CANCEL_CHANNEL, keys.job_key(job_id)]
+        reply = _s(await self.scripts.one(Call("cancel", keys_, args)))
         return CancelReply(
             reply == "requested",
             None if reply in ("requested", "missing") else JobState(reply),

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import AskError, RedisClusterException, ResponseError
+from redis.exceptions import AskError, NoPermissionError, RedisClusterException, ResponseError
 
 from vlmq.core.settings import Connection, redact_url
 
@@ -83,6 +83,8 @@ async def check_topology(redis: AnyRedis, conn: Connection) -> None:
     a single-Redis client of a cluster node would only fail at its first job)."""
     try:
         info = await redis.info("cluster")
+    except NoPermissionError:
+        return  # a user without INFO: the first job's command will tell instead
     except RedisClusterException as exc:
         raise wrong_topology(exc, conn) or exc from exc
     if not isinstance(redis, RedisCluster) and info.get("cluster_enabled"):

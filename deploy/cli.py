@@ -24,6 +24,9 @@ def stack_up(
     kafka_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
     redis_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
     s3_port: Annotated[int | None, typer.Option(help="Default: a free port.")] = None,
+    redis_cluster: Annotated[
+        bool, typer.Option(help="A Redis Cluster (3 masters + 3 replicas) instead of one Redis.")
+    ] = False,
 ) -> None:
     """Start what is missing and print the settings: `eval "$(vlmq stack up)"`.
 
@@ -39,6 +42,7 @@ def stack_up(
             redis_url=os.environ.get("VLMQ_REDIS_URL"),
             s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
             ports=ports,
+            redis_cluster=redis_cluster,
         )
     except StackError as exc:
         console.print(f"[red]stack up failed:[/] {exc}")

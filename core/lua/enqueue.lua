@@ -1,15 +1,17 @@
 -- The producer records jobs as submitted (queued), once each, for many jobs in one call.
 -- Idempotent: a job that exists (submitted, or already taken by a worker) is left as it is.
--- Writes only the producer's keys (`sub:`); reads the worker's job key.
--- KEYS: sub_1, job_1, batch_sub_1, sub_2, job_2, batch_sub_2, ...
--- ARGV: ttl_s, batch_id_1, submitted_at_1, batch_id_2, submitted_at_2, ...
+-- Writes only the producer's keys (`sub:`). The worker's job key, which it only reads,
+-- comes as an argument: Redis checks declared KEYS for write access (ACLs), and it is in
+-- the same slot as the job's sub key (one hash tag), so a cluster serves it too.
+-- KEYS: sub_1, batch_sub_1, sub_2, batch_sub_2, ...
+-- ARGV: ttl_s, job_key_1, batch_id_1, submitted_at_1, job_key_2, ...
 -- Returns one entry per job: "new", or "<state>:<sent>" where sent is 1 once the producer
 -- saw Kafka acknowledge the job (sent.lua), so a resumed bulk submit sends nothing twice.
 local ttl = ARGV[1]
 local out = {}
-for i = 1, #KEYS / 3 do
-  local sub, job, batch = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local batch_id, at = ARGV[2 * i], ARGV[2 * i + 1]
+for i = 1, #KEYS / 2 do
+  local sub, batch = KEYS[2 * i - 1], KEYS[2 * i]
+  local job, batch_id, at = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
   local st = redis.call('HGET', job, 'state')
   local sent = redis.call('HGET', sub, 'sent')
   if st or sent then

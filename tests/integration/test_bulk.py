@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import pytest
 
 from tests.helpers import Env, read_topic, start_worker
 from vlmq.producer import Client
@@ -140,6 +141,7 @@ def _openai_line(custom_id: str, uri: str, **body: object) -> str:
     )
 
 
+@pytest.mark.topologies
 def test_openai_batch_file_bad_lines_reported_rest_submitted_and_exported(e: Env, tmp_path: Path) -> None:
     s3 = boto3.client("s3", endpoint_url=e.s3)
     for i in range(6):
@@ -217,6 +219,7 @@ def test_manifest_lines_short_and_full(tmp_path: Path) -> None:
     assert (d.line, bad.line) == (4, 5) and "ftp" in bad.reason
 
 
+@pytest.mark.topologies
 def test_resume_after_a_kill_submits_each_job_once(e: Env, tmp_path: Path) -> None:
     n, chunk = 4000, 100
     src = tmp_path / "m.jsonl"

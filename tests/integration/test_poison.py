@@ -98,11 +98,13 @@ async def test_an_invalid_job_in_a_batch_ends_there(e: Env, redis: Redis) -> Non
 
 
 async def test_a_redis_error_from_one_jobs_keys_fails_that_job_not_the_worker(e: Env, redis: Redis) -> None:
-    # Batch "X" has a done list at "...:X:done"; a batch named "X:done" then finds a list
-    # where its counters go. Redis refuses the script (WRONGTYPE), for that job only.
+    # Ids cannot make keys collide any more (tests/unit/test_keys.py), but a key of the
+    # wrong type (an operator's mistake, another program) makes Redis refuse the claim
+    # script (WRONGTYPE): for that job only.
     first = _job(f"{e.tag}-first", batch_id=f"{e.tag}-X")
     clash = _job(f"{e.tag}-clash", batch_id=f"{e.tag}-X:done")
     after = _job(f"{e.tag}-after")
+    await redis.set(rkeys.job_key(clash.job_id), "not a hash", ex=600)
     w = start_worker(e)
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         await client.submit(first)

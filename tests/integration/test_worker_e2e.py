@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.expect import expected_text
 from tests.helpers import Env, put_images, start_worker, stop_worker
 from vlmq.producer import Client, caption
 from vlmq.worker.samples import photo
 
 
+@pytest.mark.topologies
 async def test_jobs_with_s3_images_all_succeed_with_the_engines_answer(e: Env) -> None:
     n = 200
     uris = put_images(e, n, w=320, h=240)

@@ -9,6 +9,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from tests.expect import expected_text
@@ -59,6 +60,7 @@ async def _check_exactly_once(e: Env, jobs: list[Job], redis: Redis) -> None:
     assert (counts.total, counts.succeeded, counts.running, counts.queued) == (len(jobs),) * 2 + (0, 0)
 
 
+@pytest.mark.topologies
 async def test_kill_9_mid_backlog_then_restart_loses_and_duplicates_nothing(e: Env, redis: Redis) -> None:
     uris = put_images(e, N_IMAGES, w=64, h=48)
     jobs = _jobs(e, 600, uris)
@@ -126,6 +128,7 @@ async def test_sigterm_drain_commits_exactly_after_the_finished_work(e: Env, red
     assert sum(committed.values()) < len(records)  # the drain really cut work short
 
 
+@pytest.mark.topologies
 async def test_cancel_queued_and_in_flight_and_deadline_expiry(e: Env) -> None:
     slow = _text_job(f"{e.tag}-slow")
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
