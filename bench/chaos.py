@@ -10,7 +10,8 @@ fake engine's deterministic answer; every batch's counters must equal its jobs' 
 and no partition's committed offset may pass its end.
 
 With `--redis-cluster`, Redis is a 3-master + 3-replica cluster, and the Redis fault is a
-kill -9 of the master that owns most of the jobs' slots (its replica takes over):
+kill -9 of the master that owns most of the jobs' slots (its replica takes over; the old
+master is started again `--redis-down-s` later and rejoins as a replica):
 
     python bench/chaos.py --jobs 10000 --workers 3 --kills 5 --stall-s 20 --s3-outage-s 10
     python bench/chaos.py --redis-cluster --jobs 20000 --batches 3 --workers 2 --kills 1 \
@@ -166,6 +167,11 @@ class Chaos:
         name = next(n for n, svc in self.stack.services.items() if svc.url == f"redis://{busiest}/0")
         self.stack.kill(name)
         self.faults.append(f"Redis master {name} ({busiest}, {slots} of the jobs' 256 shards) killed -9")
+        # As an orchestrator would, start it again: it rejoins as its successor's replica,
+        # so WAIT can be answered again for those slots (until then their jobs wait).
+        await asyncio.sleep(self.a.redis_down_s)
+        await asyncio.to_thread(self.stack.restart, name)
+        self.faults.append(f"{name} restarted after {self.a.redis_down_s:.0f}s, now a replica")
 
     def stop(self) -> None:
         for p in self.workers.values():
@@ -302,6 +308,7 @@ async def main() -> int:
     ap.add_argument("--redis-restart", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--redis-cluster", action="store_true", help="a 3+3 Redis Cluster; kill a master")
     ap.add_argument("--batches", type=int, default=1)
+    ap.add_argument("--redis-down-s", type=float, default=5, help="a killed cluster master restarts after")
     ap.add_argument("--s3-outage-s", type=float, default=10)
     ap.add_argument("--gap-s", type=float, default=4, help="most seconds between two faults")
     ap.add_argument("--timeout-s", type=float, default=900)

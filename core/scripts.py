@@ -69,26 +69,39 @@ class Scripts:
         pipe = self.redis.pipeline(transaction=False)
         for c in calls:
             pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args)
-        waits = self._waits(pipe, calls) if durable and self.replicas else 0
+        nodes = self._nodes(calls) if durable and self.replicas else []
+        for node in nodes:
+            pipe.execute_command("WAIT", self.replicas, WAIT_MS, **({"target_nodes": node} if node else {}))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        acks = replies[len(calls) :]
-        if any(isinstance(a, BaseException) or int(a) < self.replicas for a in acks):
-            lost = NotDurable(f"writes acknowledged by {acks} replicas of {self.replicas} required")
-            return [r if isinstance(r, BaseException) else lost for r in replies[: len(calls)]]
-        assert len(acks) == waits
-        return replies[: len(calls)]
+        replies, acks = replies[: len(calls)], replies[len(calls) :]
+        short = {
+            getattr(node, "name", None)
+            for node, ack in zip(nodes, acks, strict=True)
+            if isinstance(ack, BaseException) or int(ack) < self.replicas
+        }
+        if short:  # only the calls on a node whose replicas did not confirm are retried
+            lost = NotDurable(
+                f"writes not acknowledged by {self.replicas} replica(s) of {sorted(map(str, short))}"
+            )
+            for i, c in enumerate(calls):
+                if self._node_name(c) in short and not isinstance(replies[i], BaseException):
+                    replies[i] = lost
+        return replies
 
-    def _waits(self, pipe: Any, calls: Sequence[Call]) -> int:
-        """WAIT at the end of each node's part of the pipeline: one connection per node
-        carries that node's calls in order, and WAIT covers that connection's writes."""
+    def _nodes(self, calls: Sequence[Call]) -> list[Any]:
+        """Where to send WAIT: after each node's part of the pipeline (one connection per
+        node carries that node's calls in order, and WAIT covers that connection's writes).
+        [None] on a single Redis: the pipeline's one connection."""
         if not isinstance(self.redis, RedisCluster):
-            pipe.execute_command("WAIT", self.replicas, WAIT_MS)
-            return 1
+            return [None]
         found = (self.redis.get_node_from_key(c.keys[0]) for c in calls if c.keys)
-        nodes = {n.name: n for n in found if n is not None}
-        for node in nodes.values():
-            pipe.execute_command("WAIT", self.replicas, WAIT_MS, target_nodes=node)
-        return len(nodes)
+        return list({n.name: n for n in found if n is not None}.values())
+
+    def _node_name(self, call: Call) -> str | None:
+        if not isinstance(self.redis, RedisCluster) or not call.keys:
+            return None
+        node = self.redis.get_node_from_key(call.keys[0])
+        return node.name if node is not None else None
 
 
 class Coalescer:
