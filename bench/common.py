@@ -51,6 +51,25 @@ def start_stack() -> tuple[Stack, dict[str, str]]:
     return stack, env
 
 
+def redis_commands(urls: list[str]) -> int:
+    """Commands processed so far by these Redis servers (every node of a cluster)."""
+    import redis
+
+    total = 0
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        total += int(client.info("stats")["total_commands_processed"])
+        client.close()
+    return total
+
+
+def start_cluster() -> tuple[Stack, list[str]]:
+    """A private 3-master + 3-replica Redis Cluster: (its stack, the URL of each node)."""
+    cluster = Stack(Path(tempfile.mkdtemp(prefix="vlmq-cluster-")))
+    cluster._up_redis_cluster([])
+    return cluster, [s.url for n, s in cluster.services.items() if n.startswith("redis-")]
+
+
 def write_result(
     name: str, unit: str, baseline: float, value: float, settings: dict[str, Any], **extra: Any
 ) -> Path:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,11 +33,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from bench.common import peak_rss_mib, start_stack, write_result
+from bench.common import peak_rss_mib, redis_commands, start_cluster, start_stack, write_result
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
 from vlmq.core.topology import connect_redis
-from vlmq.deploy.stack import Stack
 from vlmq.schemas.codec import encode_job
 from vlmq.schemas.job import Job, Message
 
@@ -137,29 +135,20 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
     return n / (end - start), peak
 
 
-def commands(urls: list[str]) -> int:
-    """Commands processed so far by these Redis servers (all nodes of a cluster)."""
-    import redis
-
-    return sum(int(redis.Redis.from_url(u).info("stats")["total_commands_processed"]) for u in urls)
-
-
 async def on_topology(
     env: dict[str, str], urls: list[str], topic: str, n: int, in_flight: int
 ) -> dict[str, Any]:
-    before = await asyncio.to_thread(commands, urls)
+    before = await asyncio.to_thread(redis_commands, urls)
     value, peak = await vlmq_worker(env, topic, n, in_flight)
-    used = await asyncio.to_thread(commands, urls) - before
+    used = await asyncio.to_thread(redis_commands, urls) - before
     return {"jobs_per_s": round(value, 1), "redis_commands_per_job": round(used / n, 2), "peak_rss_mib": peak}
 
 
 async def cluster_runs(args: argparse.Namespace, env: dict[str, str], topic: str) -> None:
     """One Redis, then the cluster with WAIT and without, on the same topic and jobs."""
     single_urls = [env["VLMQ_REDIS_URL"]]
-    cluster = Stack(Path(tempfile.mkdtemp(prefix="vlmq-cluster-")))
-    await asyncio.to_thread(cluster._up_redis_cluster, [])
+    cluster, nodes = await asyncio.to_thread(start_cluster)
     try:
-        nodes = [s.url for n, s in cluster.services.items() if n.startswith("redis-")]
         cenv = env | {"VLMQ_REDIS_URL": cluster.services["redis"].url, "VLMQ_REDIS_TOPOLOGY": "cluster"}
         single = await on_topology(env, single_urls, topic, args.jobs, args.max_in_flight)
         print(f"one Redis:          {single}", flush=True)

@@ -8,6 +8,12 @@ twice). The raw producer only sends bytes. Also timed: `vlmq bulk submit --manif
 to end (a process of its own, reading a JSONL file of the same jobs), as a user runs it.
 
     python bench/submit.py --jobs 50000
+
+With `--redis-cluster`, `submit_many` runs on one Redis and on a local 3-master +
+3-replica Redis Cluster in the same run (the ratio is cluster / one Redis), with the
+Redis commands per job on each (on a cluster, one script call per slot and chunk).
+
+    python bench/submit.py --jobs 50000 --redis-cluster
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.common import start_stack, write_result
+from bench.common import redis_commands, start_cluster, start_stack, write_result
+from vlmq.core.settings import Connection
 from vlmq.producer import Client, caption
+from vlmq.schemas import Job
 from vlmq.schemas.codec import encode_job
 
 
@@ -36,9 +45,13 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=50000)
     ap.add_argument("--chunk", type=int, default=2000)
+    ap.add_argument("--redis-cluster", action="store_true", help="compare with a local Redis Cluster")
     args = ap.parse_args()
     stack, env = await asyncio.to_thread(start_stack)
     try:
+        if args.redis_cluster:
+            await cluster_runs(args, env)
+            return
         kafka, redis = env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"]
         raw_topic, sdk_topic = f"raw-{uuid.uuid4().hex[:6]}", f"sdk-{uuid.uuid4().hex[:6]}"
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
@@ -93,6 +106,62 @@ async def main() -> None:
         )
     finally:
         stack.down()
+
+
+async def sdk_rate(conn: Connection, jobs: list[Job], chunk: int, urls: list[str]) -> dict[str, float]:
+    """submit_many's jobs/s (a fresh topic), and the Redis commands it sent per job."""
+    topic = f"sdk-{uuid.uuid4().hex[:6]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=conn.kafka_bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 8, 1)])
+    await admin.close()
+    async with Client(topic=topic, settings=conn) as client:
+        await client.submit_many(jobs[:10])  # connect outside the timing
+        before = await asyncio.to_thread(redis_commands, urls)
+        t0 = time.perf_counter()
+        report = await client.submit_many(jobs[10:], chunk=chunk)
+        rate = (len(jobs) - 10) / (time.perf_counter() - t0)
+        used = await asyncio.to_thread(redis_commands, urls) - before
+    assert report.sent == len(jobs) - 10, report
+    return {"jobs_per_s": round(rate, 1), "redis_commands_per_job": round(used / (len(jobs) - 10), 3)}
+
+
+async def cluster_runs(args: argparse.Namespace, env: dict[str, str]) -> None:
+    cluster, nodes = await asyncio.to_thread(start_cluster)
+    try:
+        single_conn = Connection.load(
+            {"kafka_bootstrap": env["VLMQ_KAFKA_BOOTSTRAP"], "redis_url": env["VLMQ_REDIS_URL"]}
+        )
+        cluster_conn = msgspec.structs.replace(
+            single_conn, redis_url=cluster.services["redis"].url, redis_topology="cluster"
+        )
+        results = {}
+        for name, conn, urls in (
+            ("one_redis", single_conn, [env["VLMQ_REDIS_URL"]]),
+            ("cluster", cluster_conn, nodes),
+        ):
+            batch = f"{name}-{uuid.uuid4().hex[:6]}"
+            jobs = [
+                caption(f"s3://photos/{i:07d}.jpg", job_id=f"{batch}-{i}", batch_id=batch)
+                for i in range(args.jobs)
+            ]
+            results[name] = await sdk_rate(conn, jobs, args.chunk, urls)
+            print(f"{name}: {results[name]}", flush=True)
+    finally:
+        cluster.down()
+    write_result(
+        "submit-redis-cluster",
+        "jobs/s",
+        results["one_redis"]["jobs_per_s"],
+        results["cluster"]["jobs_per_s"],
+        {
+            "jobs": args.jobs,
+            "chunk": args.chunk,
+            "baseline": "submit_many on one Redis",
+            "cluster": "3 masters + 3 replicas",
+        },
+        **results,
+    )
 
 
 def bulk_cli(env: dict[str, str], n: int, chunk: int) -> float:

@@ -93,7 +93,10 @@ class Connection(Settings, kw_only=True):
         return out
 
 
-_SECRET_WORDS = ("password", "secret", "token", "api_key", "credential")
+# A key is secret when one of its words is one of these (`hf_token`, `api_key`), not when
+# a word merely contains one (`completion_tokens`, `max_tokens` stay readable).
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "key", "credential", "credentials", "auth"}
+_NOT_SECRET = {"cache_key", "partition_key", "sort_key"}
 
 
 def _redact(value: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +104,9 @@ def _redact(value: dict[str, Any]) -> dict[str, Any]:
     for k, v in value.items():
         if isinstance(v, dict):  # engine_args may hold an api_key
             out[k] = _redact(v)
-        elif v and any(word in k.lower() for word in _SECRET_WORDS):
+        elif (
+            v and k.lower() not in _NOT_SECRET and _SECRET_WORDS & set(k.lower().replace("-", "_").split("_"))
+        ):
             out[k] = "***"
         else:
             out[k] = redact_url(v) if isinstance(v, str) and "://" in v else v

@@ -243,7 +243,7 @@ def export_cmd(
     ] = "jsonl",
     errors: Annotated[Path | None, typer.Option(help="openai format: failures go here instead.")] = None,
 ) -> None:
-    """Stream a batch's ended jobs to a file, in the order they ended."""
+    """Stream a batch's ended jobs to a file (shard by shard, in end order within each)."""
     if fmt not in ("jsonl", "openai"):
         console.print("[red]error:[/] --format is jsonl or openai")
         raise typer.Exit(2)

@@ -326,7 +326,7 @@ class Client:
         return counts
 
     async def iter_results(self, batch_id: str) -> AsyncIterator[Result]:
-        """Every ended job of a batch, streamed in the order they ended."""
+        """Every ended job of a batch, streamed shard by shard (in end order within each)."""
         with self._reaching_redis():
             async for result in self.store.iter_batch(batch_id):
                 yield result

@@ -55,11 +55,17 @@ def test_logs_never_show_secrets() -> None:
     s = WorkerSettings(
         redis_url="redis://vlmq:hunter2@redis:6379/0",
         kafka_sasl_password="kafka-secret",
-        engine_args={"api_key": "sk-live-123", "base_url": "https://u:p@host/v1"},
+        engine_args={
+            "api_key": "sk-live-123",
+            "base_url": "https://u:p@host/v1",
+            "hf-token": "hf_abc",
+            "completion_tokens": "1000",
+        },
     )
     text = msgspec.json.encode(s.redacted()).decode()
-    for secret in ("hunter2", "kafka-secret", "sk-live-123", ":p@"):
+    for secret in ("hunter2", "kafka-secret", "sk-live-123", ":p@", "hf_abc"):
         assert secret not in text
+    assert '"completion_tokens":"1000"' in text  # a word that contains "token" is no secret
     assert "redis://vlmq:***@redis:6379/0" in text
     s = WorkerSettings(redis_url="rediss://redis:6380/0?password=hunter3&ssl_cert_reqs=none")
     assert "hunter3" not in msgspec.json.encode(s.redacted()).decode()
