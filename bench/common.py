@@ -51,16 +51,37 @@ def start_stack() -> tuple[Stack, dict[str, str]]:
     return stack, env
 
 
-def redis_commands(urls: list[str]) -> int:
-    """Commands processed so far by these Redis servers (every node of a cluster)."""
+def redis_commands(urls: list[str]) -> dict[str, int]:
+    """Commands processed so far by the masters among these Redis servers: `all` (Lua's
+    inner commands included), `evalsha` (script calls) and `wait`. Replicas are left out:
+    they re-run every write they receive."""
     import redis
 
-    total = 0
+    out = {"all": 0, "evalsha": 0, "wait": 0}
     for url in urls:
         client = redis.Redis.from_url(url)
-        total += int(client.info("stats")["total_commands_processed"])
+        if client.info("replication")["role"] == "master":
+            stats = client.info("commandstats")
+            out["all"] += int(client.info("stats")["total_commands_processed"])
+            out["evalsha"] += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+            out["wait"] += int(stats.get("cmdstat_wait", {}).get("calls", 0))
         client.close()
-    return total
+    return out
+
+
+def per_job(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
+    return {f"redis_{k}_per_job": round((after[k] - before[k]) / n, 2) for k in before}
+
+
+def flush_cluster(urls: list[str]) -> None:
+    """Empty every master of a cluster (between runs that reuse the same job ids)."""
+    import redis
+
+    for url in urls:
+        client = redis.Redis.from_url(url)
+        if client.info("replication")["role"] == "master":
+            client.flushall()
+        client.close()
 
 
 def start_cluster() -> tuple[Stack, list[str]]:

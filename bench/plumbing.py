@@ -33,7 +33,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from bench.common import peak_rss_mib, redis_commands, start_cluster, start_stack, write_result
+from bench.common import (
+    flush_cluster,
+    peak_rss_mib,
+    per_job,
+    redis_commands,
+    start_cluster,
+    start_stack,
+    write_result,
+)
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
 from vlmq.core.topology import connect_redis
@@ -120,7 +128,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         while (await store.batch_counts(topic)).finished < n:
             if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # a count reads 512 keys: poll gently
         peak = peak_rss_mib(proc.pid)
         results = []
         for i in range(0, n, 5000):
@@ -140,8 +148,8 @@ async def on_topology(
 ) -> dict[str, Any]:
     before = await asyncio.to_thread(redis_commands, urls)
     value, peak = await vlmq_worker(env, topic, n, in_flight)
-    used = await asyncio.to_thread(redis_commands, urls) - before
-    return {"jobs_per_s": round(value, 1), "redis_commands_per_job": round(used / n, 2), "peak_rss_mib": peak}
+    used = per_job(before, await asyncio.to_thread(redis_commands, urls), n)
+    return {"jobs_per_s": round(value, 1), **used, "peak_rss_mib": peak}
 
 
 async def cluster_runs(args: argparse.Namespace, env: dict[str, str], topic: str) -> None:
@@ -155,6 +163,7 @@ async def cluster_runs(args: argparse.Namespace, env: dict[str, str], topic: str
         waited = await on_topology(cenv, nodes, topic, args.jobs, args.max_in_flight)
         print(f"cluster (WAIT 1):   {waited}", flush=True)
         no_wait = cenv | {"VLMQ_REDIS_WAIT_REPLICAS": "0"}
+        await asyncio.to_thread(flush_cluster, nodes)  # the same job ids again: a clean slate
         unwaited = await on_topology(no_wait, nodes, topic, args.jobs, args.max_in_flight)
         print(f"cluster (no WAIT):  {unwaited}", flush=True)
     finally:

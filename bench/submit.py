@@ -34,7 +34,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.common import redis_commands, start_cluster, start_stack, write_result
+from bench.common import per_job, redis_commands, start_cluster, start_stack, write_result
 from vlmq.core.settings import Connection
 from vlmq.producer import Client, caption
 from vlmq.schemas import Job
@@ -121,9 +121,9 @@ async def sdk_rate(conn: Connection, jobs: list[Job], chunk: int, urls: list[str
         t0 = time.perf_counter()
         report = await client.submit_many(jobs[10:], chunk=chunk)
         rate = (len(jobs) - 10) / (time.perf_counter() - t0)
-        used = await asyncio.to_thread(redis_commands, urls) - before
+        used = per_job(before, await asyncio.to_thread(redis_commands, urls), len(jobs) - 10)
     assert report.sent == len(jobs) - 10, report
-    return {"jobs_per_s": round(rate, 1), "redis_commands_per_job": round(used / (len(jobs) - 10), 3)}
+    return {"jobs_per_s": round(rate, 1), **used}
 
 
 async def cluster_runs(args: argparse.Namespace, env: dict[str, str]) -> None:

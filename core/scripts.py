@@ -49,6 +49,8 @@ class Scripts:
     async def run(self, calls: Sequence[Call], *, durable: bool = False) -> list[Any]:
         """The replies in order; an error reply is its exception, in its place. A dropped
         connection raises (every call in the pipeline may or may not have run)."""
+        if not calls:
+            return []
         replies = await self._pipeline(calls, durable)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:

@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -30,6 +31,30 @@ from vlmq.worker.settings import WorkerSettings
 
 class _Transient(Exception):
     """A storage fault worth retrying."""
+
+
+class Budget:
+    """The bytes one job's images may take together (`max_job_bytes`). Each image counts
+    once, however often its fetch is retried."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.sizes: dict[int, int] = {}
+
+    def charge(self) -> Callable[[int], None]:
+        """The function one image reports its size to (again on a retry: counted once)."""
+        slot = len(self.sizes)
+        self.sizes[slot] = 0
+        return lambda size: self._take(slot, size)
+
+    def _take(self, slot: int, size: int) -> None:
+        self.sizes[slot] = size
+        total = sum(self.sizes.values())
+        if self.limit is not None and total > self.limit:
+            raise VlmqError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the job's images take over {total} bytes > max_job_bytes {self.limit}",
+            )
 
 
 class Fetcher:
@@ -55,14 +80,17 @@ class Fetcher:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
-    async def fetch(self, ref: ImageRef) -> bytes:
+    async def fetch(self, ref: ImageRef, budget: Budget | None = None) -> bytes:
+        """The image's bytes. `budget`: the job's images together (checked on each image's
+        size before its bytes are read, so a job of many big images holds no memory)."""
         uri = ref.uri
+        charge = (budget or Budget(None)).charge()
         if uri.startswith("s3://"):
-            data = await self._fetch_s3(uri)
+            data = await self._fetch_s3(uri, charge)
         elif uri.startswith("data:"):
-            data = self._data_uri(uri)
+            data = self._data_uri(uri, charge)
         elif uri.startswith("file://"):
-            data = await asyncio.to_thread(self._read_file, uri)
+            data = await asyncio.to_thread(self._read_file, uri, charge)
         else:
             raise VlmqError(
                 ErrorCode.URI_NOT_ALLOWED, f"{uri.split(':', 1)[0]}:// images are not enabled on this worker"
@@ -71,7 +99,7 @@ class Fetcher:
             raise VlmqError(ErrorCode.IMAGE_CHECKSUM, f"sha256 of {_short(uri)} does not match")
         return data
 
-    async def _fetch_s3(self, uri: str) -> bytes:
+    async def _fetch_s3(self, uri: str, charge: Callable[[int], None]) -> bytes:
         parsed = urlparse(uri)
         bucket, key = parsed.netloc, unquote(parsed.path.lstrip("/"))
         if not bucket or not key:
@@ -80,7 +108,7 @@ class Fetcher:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"bucket {bucket!r} is not allowed")
         try:
             return await retry(
-                lambda: self._get_object(bucket, key, uri),
+                lambda: self._get_object(bucket, key, uri, charge),
                 on=_Transient,
                 seconds=self.settings.fetch_retry_s,
                 initial=0.2,
@@ -92,7 +120,7 @@ class Fetcher:
                 f"storage kept failing for {self.settings.fetch_retry_s:.0f}s: {exc}",
             ) from None
 
-    async def _get_object(self, bucket: str, key: str, uri: str) -> bytes:
+    async def _get_object(self, bucket: str, key: str, uri: str, charge: Callable[[int], None]) -> bytes:
         async def get() -> bytes:
             resp = await self._s3.get_object(Bucket=bucket, Key=key)
             size = int(resp.get("ContentLength") or 0)
@@ -102,6 +130,7 @@ class Fetcher:
                         ErrorCode.IMAGE_TOO_LARGE,
                         f"{_short(uri)} is {size} bytes > {self.settings.max_image_bytes}",
                     )
+                charge(size)
                 return bytes(await body.read())
 
         try:
@@ -116,18 +145,19 @@ class Fetcher:
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise _Transient(type(exc).__name__) from None
 
-    def _data_uri(self, uri: str) -> bytes:
+    def _data_uri(self, uri: str, charge: Callable[[int], None]) -> bytes:
         header, sep, payload = uri.partition(",")
         if not sep or not header.endswith(";base64"):
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI must be base64 (data:<mime>;base64,...)")
         if len(payload) * 3 // 4 > self.settings.max_image_bytes:
             raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, "inline image over max_image_bytes")
+        charge(len(payload) * 3 // 4)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI is not valid base64") from None
 
-    def _read_file(self, uri: str) -> bytes:
+    def _read_file(self, uri: str, charge: Callable[[int], None]) -> bytes:
         # Errors name the URI as sent: never where it resolved to (/proc/..., symlink targets).
         path = Path(unquote(urlparse(uri).path)).resolve()
         roots = [Path(r).resolve() for r in self.settings.allowed_file_roots]
@@ -140,6 +170,7 @@ class Fetcher:
             size = path.stat().st_size
             if size > self.settings.max_image_bytes:
                 raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{shown} is {size} bytes")
+            charge(size)
             return path.read_bytes()
         except FileNotFoundError:
             raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{shown} does not exist") from None

@@ -31,7 +31,7 @@ from vlmq.schemas.job import (
 )
 from vlmq.worker import metrics
 from vlmq.worker.engines.base import Engine, EngineDead, EngineOutput, EngineRequest
-from vlmq.worker.fetch import Fetcher
+from vlmq.worker.fetch import Budget, Fetcher
 from vlmq.worker.preprocess import load_image
 from vlmq.worker.settings import WorkerSettings
 
@@ -103,7 +103,8 @@ class Pipeline:
         if not refs:
             return []
         t0 = time.perf_counter()
-        blobs = await asyncio.gather(*(self.fetcher.fetch(r) for r in refs))
+        budget = Budget(self.settings.max_job_bytes)
+        blobs = await asyncio.gather(*(self.fetcher.fetch(r, budget) for r in refs))
         t1 = time.perf_counter()
         metrics.IMAGE_BYTES.inc(sum(len(b) for b in blobs))
         loop = asyncio.get_running_loop()

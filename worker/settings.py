@@ -59,6 +59,8 @@ class WorkerSettings(Connection, kw_only=True):
     max_images_per_job: int = 16
     # Bytes one image may have, checked while fetching.
     max_image_bytes: int = 20 * 1024 * 1024
+    # Bytes all images of one job may take together (fetched, before decoding).
+    max_job_bytes: int = 64 * 1024 * 1024
     # Decoded pixels one image may have: guards against decompression bombs.
     max_image_pixels: int = 64_000_000
     # The resize floor and ceiling in pixels (Qwen-VL's defaults).
