@@ -39,6 +39,12 @@ def peak_rss_mib(pid: int) -> int:
     return -1
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_stack() -> tuple[Stack, dict[str, str]]:
     """A private stack (Kafka, Redis, S3) in a temp dir, unless VLMQ_* URLs are given."""
     stack = Stack(Path(tempfile.mkdtemp(prefix="vlmq-bench-")))
@@ -73,8 +79,8 @@ def per_job(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, 
     return {f"redis_{k}_per_job": round((after[k] - before[k]) / n, 2) for k in before}
 
 
-def flush_cluster(urls: list[str]) -> None:
-    """Empty every master of a cluster (between runs that reuse the same job ids)."""
+def flush_masters(urls: list[str]) -> None:
+    """Empty every master among these servers (between runs that reuse the same job ids)."""
     import redis
 
     for url in urls:
@@ -84,11 +90,15 @@ def flush_cluster(urls: list[str]) -> None:
         client.close()
 
 
-def start_cluster() -> tuple[Stack, list[str]]:
-    """A private 3-master + 3-replica Redis Cluster: (its stack, the URL of each node)."""
+def start_cluster(replicas: bool = True) -> tuple[Stack, list[str]]:
+    """A private Redis Cluster, 3 masters (+ 3 replicas): (its stack, each node's URL)."""
     cluster = Stack(Path(tempfile.mkdtemp(prefix="vlmq-cluster-")))
-    cluster._up_redis_cluster([])
+    cluster._up_redis_cluster([], replicas=replicas)
     return cluster, [s.url for n, s in cluster.services.items() if n.startswith("redis-")]
+
+
+def redis_pids(stack: Stack) -> list[int]:
+    return [s.pid for n, s in stack.services.items() if n.startswith("redis") and s.pid]
 
 
 def write_result(

@@ -8,10 +8,11 @@ Both read the same pre-produced topic; both are timed from first message to last
 
     python bench/plumbing.py --jobs 20000
 
-With `--redis-cluster` the same worker also runs against a local 3-master + 3-replica Redis
-Cluster, in the same run: once as deployed (terminal writes WAIT for 1 replica) and once
-with `redis_wait_replicas=0`, so the cost of the cluster and of WAIT are both shown, with
-the Redis commands per job on each topology. The ratio is then cluster / one Redis.
+With `--redis-cluster` the ratio is instead the same worker on a local 3-master Redis
+Cluster vs. on one Redis, in the same run (interleaved rounds, the median of each); then a
+3-master + 3-replica cluster runs with terminal writes WAITing for 1 replica and without,
+to show what durability costs. Each run reports the Redis commands per job and the CPU
+of the worker and of the Redis servers per 1,000 jobs.
 
     python bench/plumbing.py --jobs 20000 --redis-cluster --name plumbing-redis-cluster
 """
@@ -34,10 +35,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from bench.common import (
-    flush_cluster,
+    cpu_s,
+    flush_masters,
     peak_rss_mib,
     per_job,
     redis_commands,
+    redis_pids,
     start_cluster,
     start_stack,
     write_result,
@@ -45,6 +48,7 @@ from bench.common import (
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
 from vlmq.core.topology import connect_redis
+from vlmq.deploy.stack import Stack
 from vlmq.schemas.codec import encode_job
 from vlmq.schemas.job import Job, Message
 
@@ -101,9 +105,9 @@ _PROF = os.environ.get("VLMQ_BENCH_PROFILE")
 PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
 
 
-async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int]:
-    """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB). Its group is new,
-    so it reads the topic from the start whatever ran before."""
+async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int, float]:
+    """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB, CPU seconds). Its
+    group is new, so it reads the topic from the start whatever ran before."""
     wenv = {
         **os.environ,
         **env,
@@ -129,7 +133,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
             if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
             await asyncio.sleep(0.5)  # a count reads 512 keys: poll gently
-        peak = peak_rss_mib(proc.pid)
+        peak, cpu = peak_rss_mib(proc.pid), cpu_s(proc.pid)
         results = []
         for i in range(0, n, 5000):
             results += await store.get_many(ids[i : i + 5000])
@@ -140,45 +144,76 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         await redis.aclose()
     start = min(r.timings.started_at for r in results if r and r.timings and r.timings.started_at)
     end = max(r.timings.finished_at for r in results if r and r.timings and r.timings.finished_at)
-    return n / (end - start), peak
+    return n / (end - start), peak, cpu
 
 
 async def on_topology(
-    env: dict[str, str], urls: list[str], topic: str, n: int, in_flight: int
+    env: dict[str, str], urls: list[str], pids: list[int], topic: str, n: int, in_flight: int
 ) -> dict[str, Any]:
-    before = await asyncio.to_thread(redis_commands, urls)
-    value, peak = await vlmq_worker(env, topic, n, in_flight)
+    """One worker run: jobs/s, Redis commands per job, CPU per 1,000 jobs of the worker and
+    of the Redis servers (`pids`: on one box they share the cores)."""
+    before, redis_cpu = await asyncio.to_thread(redis_commands, urls), sum(map(cpu_s, pids))
+    value, peak, cpu = await vlmq_worker(env, topic, n, in_flight)
     used = per_job(before, await asyncio.to_thread(redis_commands, urls), n)
-    return {"jobs_per_s": round(value, 1), **used, "peak_rss_mib": peak}
+    redis_cpu = sum(map(cpu_s, pids)) - redis_cpu
+    return {
+        "jobs_per_s": round(value, 1),
+        **used,
+        "worker_cpu_s_per_1k_jobs": round(cpu * 1000 / n, 3),
+        "redis_cpu_s_per_1k_jobs": round(redis_cpu * 1000 / n, 3),
+        "peak_rss_mib": peak,
+    }
 
 
-async def cluster_runs(args: argparse.Namespace, env: dict[str, str], topic: str) -> None:
-    """One Redis, then the cluster with WAIT and without, on the same topic and jobs."""
-    single_urls = [env["VLMQ_REDIS_URL"]]
-    cluster, nodes = await asyncio.to_thread(start_cluster)
-    try:
+async def cluster_runs(args: argparse.Namespace, stack: Stack, env: dict[str, str], topic: str) -> None:
+    """One Redis vs a 3-master cluster, `--rounds` times each, interleaved, on the same
+    topic and jobs (each run on emptied servers); the median run of each is compared (a
+    2-core box running Kafka, the Redis servers and the worker is noisy). Then, as the
+    price of durability, a 3-master + 3-replica cluster with WAIT 1 and without."""
+    single = (env, [env["VLMQ_REDIS_URL"]], redis_pids(stack))
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    async def measure(name: str, setup: tuple[dict[str, str], list[str], list[int]]) -> None:
+        await asyncio.to_thread(flush_masters, setup[1])  # the same job ids again: a clean slate
+        run = await on_topology(*setup, topic, args.jobs, args.max_in_flight)
+        runs.setdefault(name, []).append(run)
+        print(f"{name:22} {run}", flush=True)
+
+    for replicas in (False, True):
+        cluster, nodes = await asyncio.to_thread(start_cluster, replicas)
         cenv = env | {"VLMQ_REDIS_URL": cluster.services["redis"].url, "VLMQ_REDIS_TOPOLOGY": "cluster"}
-        single = await on_topology(env, single_urls, topic, args.jobs, args.max_in_flight)
-        print(f"one Redis:          {single}", flush=True)
-        waited = await on_topology(cenv, nodes, topic, args.jobs, args.max_in_flight)
-        print(f"cluster (WAIT 1):   {waited}", flush=True)
-        no_wait = cenv | {"VLMQ_REDIS_WAIT_REPLICAS": "0"}
-        await asyncio.to_thread(flush_cluster, nodes)  # the same job ids again: a clean slate
-        unwaited = await on_topology(no_wait, nodes, topic, args.jobs, args.max_in_flight)
-        print(f"cluster (no WAIT):  {unwaited}", flush=True)
-    finally:
-        cluster.down()
-    print(f"ratio cluster/one Redis: {waited['jobs_per_s'] / single['jobs_per_s']:.2f}")
+        try:
+            if not replicas:
+                for _ in range(args.rounds):
+                    await measure("one_redis", single)
+                    await measure("cluster", (cenv, nodes, redis_pids(cluster)))
+            else:
+                await measure("cluster_replicas_wait_1", (cenv, nodes, redis_pids(cluster)))
+                no_wait = cenv | {"VLMQ_REDIS_WAIT_REPLICAS": "0"}
+                await measure("cluster_replicas_no_wait", (no_wait, nodes, redis_pids(cluster)))
+        finally:
+            cluster.down()
+    median = {k: sorted(v, key=lambda r: r["jobs_per_s"])[(len(v) - 1) // 2] for k, v in runs.items()}
+    base, value = median["one_redis"]["jobs_per_s"], median["cluster"]["jobs_per_s"]
+    print(f"ratio 3-master cluster / one Redis (median of {args.rounds}): {value / base:.2f}")
+    wait_cost = (
+        1 - median["cluster_replicas_wait_1"]["jobs_per_s"] / median["cluster_replicas_no_wait"]["jobs_per_s"]
+    )
     write_result(
         args.name,
         "jobs/s",
-        single["jobs_per_s"],
-        waited["jobs_per_s"],
-        {**settings(args), "baseline": "the same worker on one Redis", "cluster": "3 masters + 3 replicas"},
-        one_redis=single,
-        cluster_wait_1=waited,
-        cluster_no_wait=unwaited,
-        wait_cost=round(1 - waited["jobs_per_s"] / unwaited["jobs_per_s"], 3),
+        base,
+        value,
+        {
+            **settings(args),
+            "baseline": "the same worker on one Redis",
+            "value": "the worker on a 3-master Redis Cluster",
+            "rounds": args.rounds,
+            "compared": "the median run of each",
+        },
+        **median,
+        runs=runs,
+        wait_cost=round(wait_cost, 3),
     )
 
 
@@ -198,6 +233,7 @@ async def main() -> None:
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--max-in-flight", type=int, default=2048)
     ap.add_argument("--redis-cluster", action="store_true", help="compare with a local Redis Cluster")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each setting with --redis-cluster")
     ap.add_argument("--name", default="plumbing")
     args = ap.parse_args()
     stack, env = await asyncio.to_thread(start_stack)  # the stack API is synchronous
@@ -205,11 +241,11 @@ async def main() -> None:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         await produce(env["VLMQ_KAFKA_BOOTSTRAP"], topic, args.jobs, args.partitions)
         if args.redis_cluster:
-            await cluster_runs(args, env, topic)
+            await cluster_runs(args, stack, env, topic)
             return
         base = await floor(env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"], topic, args.jobs)
         print(f"floor: {base:,.0f} jobs/s", flush=True)
-        value, peak = await vlmq_worker(env, topic, args.jobs, args.max_in_flight)
+        value, peak, _ = await vlmq_worker(env, topic, args.jobs, args.max_in_flight)
         print(f"vlmq:  {value:,.0f} jobs/s, worker peak RSS {peak} MiB", flush=True)
         write_result(args.name, "jobs/s", base, value, settings(args), worker_peak_rss_mib=peak)
     finally:

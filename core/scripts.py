@@ -68,42 +68,66 @@ class Scripts:
         return reply
 
     async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
+        # On a cluster each call goes to the node of its first key (all its keys share one
+        # slot): redis-py then skips hashing every key of every call.
+        node_of = self._router()
+        targets = [node_of(c) for c in calls]
         pipe = self.redis.pipeline(transaction=False)
-        for c in calls:
-            pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args)
-        nodes = self._nodes(calls) if durable and self.replicas else []
-        for node in nodes:
+        for c, node in zip(calls, targets, strict=True):
+            routed = {"target_nodes": node} if node is not None else {}
+            pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args, **routed)
+        waits = self._waits(targets) if durable and self.replicas else []
+        for node in waits:
             pipe.execute_command("WAIT", self.replicas, WAIT_MS, **({"target_nodes": node} if node else {}))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         replies, acks = replies[: len(calls)], replies[len(calls) :]
+        if not waits:
+            return replies
         short = {
-            getattr(node, "name", None)
-            for node, ack in zip(nodes, acks, strict=True)
+            _name(node)
+            for node, ack in zip(waits, acks, strict=True)
             if isinstance(ack, BaseException) or int(ack) < self.replicas
         }
-        if short:  # only the calls on a node whose replicas did not confirm are retried
-            lost = NotDurable(
-                f"writes not acknowledged by {self.replicas} replica(s) of {sorted(map(str, short))}"
-            )
-            for i, c in enumerate(calls):
-                if self._node_name(c) in short and not isinstance(replies[i], BaseException):
-                    replies[i] = lost
+        node_now = self._router()
+        for i, (c, node) in enumerate(zip(calls, targets, strict=True)):
+            # Not durable: its node's replicas did not confirm, or it was redirected (a
+            # failover, a slot move) and ran on a connection that WAIT did not cover.
+            moved = node is not None and _name(node_now(c)) != _name(node)
+            if (_name(node) in short or moved) and not isinstance(replies[i], BaseException):
+                replies[i] = NotDurable(
+                    f"writes not confirmed by {self.replicas} replica(s) of {_name(node)}"
+                )
         return replies
 
-    def _nodes(self, calls: Sequence[Call]) -> list[Any]:
+    def _router(self) -> Callable[[Call], Any]:
+        """call -> the cluster node serving its slot now (None on a single Redis). Keys
+        start with their hash tag, `vlmq:{ab}:`: one lookup per tag, not per call."""
+        cluster = self.redis
+        if not isinstance(cluster, RedisCluster):
+            return lambda call: None
+        nodes: dict[str, Any] = {}
+
+        def node(call: Call) -> Any:
+            if not call.keys:
+                return None
+            tag = call.keys[0].partition("}")[0]
+            if tag not in nodes:
+                nodes[tag] = cluster.get_node_from_key(call.keys[0])
+            return nodes[tag]
+
+        return node
+
+    def _waits(self, targets: list[Any]) -> list[Any]:
         """Where to send WAIT: after each node's part of the pipeline (one connection per
         node carries that node's calls in order, and WAIT covers that connection's writes).
         [None] on a single Redis: the pipeline's one connection."""
         if not isinstance(self.redis, RedisCluster):
             return [None]
-        found = (self.redis.get_node_from_key(c.keys[0]) for c in calls if c.keys)
-        return list({n.name: n for n in found if n is not None}.values())
+        return list({n.name: n for n in targets if n is not None}.values())
 
-    def _node_name(self, call: Call) -> str | None:
-        if not isinstance(self.redis, RedisCluster) or not call.keys:
-            return None
-        node = self.redis.get_node_from_key(call.keys[0])
-        return node.name if node is not None else None
+
+def _name(node: Any) -> str | None:
+    return getattr(node, "name", None)
 
 
 class Coalescer:
@@ -111,25 +135,33 @@ class Coalescer:
 
     A worker holds hundreds of jobs; each claims and finishes through a Lua script. One
     round trip (and one pooled connection) each would cap throughput at the pool and the
-    network; batched, a tick's worth of calls costs one round trip. A failed pipeline fails
+    network; batched, a tick's worth of calls costs one round trip. Up to `max_inflight`
+    pipelines are under way at once, so calls made while one waits for Redis (or for the
+    slowest node of a cluster, or for WAIT) need not wait for it. A failed pipeline fails
     every caller in it, and each caller retries on its own.
     """
 
-    def __init__(self, run: Runner, max_batch: int = 1000) -> None:
+    def __init__(self, run: Runner, max_batch: int = 1000, max_inflight: int = 4) -> None:
         self.run = run
         self.max_batch = max_batch
+        self.max_inflight = max_inflight
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._scheduled = False  # a flush will pick up what is pending at the end of this tick
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def call(self, call: Call) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((call, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        if not self._scheduled and len(self._flushes) < self.max_inflight:
+            self._scheduled = True
+            task = asyncio.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
         return await fut
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let every task runnable this tick add its call
+        self._scheduled = False
         while self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             try:

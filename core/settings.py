@@ -59,7 +59,7 @@ class Connection(Settings, kw_only=True):
     # The master's name for Sentinel.
     redis_sentinel_master: str = "mymaster"
     # Replicas that must acknowledge a worker's terminal write (Redis WAIT) before it
-    # commits the Kafka offset; None: 1 with `cluster` or `sentinel`, 0 with `single`.
+    # commits the Kafka offset; None: 1 when every master has a replica, else 0.
     redis_wait_replicas: int | None = None
     # S3 endpoint (MinIO, moto...); None: AWS, credentials from the standard AWS chain.
     s3_endpoint_url: str | None = None

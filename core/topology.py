@@ -71,11 +71,31 @@ def _hosts(url: str, default_port: int = 6379) -> tuple[str, list[tuple[str, int
     return first.geturl(), hosts
 
 
-def wait_replicas(conn: Connection) -> int:
-    """Replicas that must acknowledge a worker's terminal writes before its Kafka commit."""
-    if conn.redis_wait_replicas is not None:
-        return conn.redis_wait_replicas
-    return 0 if conn.redis_topology == "single" else 1
+async def wait_replicas(redis: AnyRedis, conn: Connection) -> int:
+    """Replicas that must acknowledge a worker's terminal writes (WAIT) before its Kafka
+    commit: `redis_wait_replicas` when set (refused in one line if a master has fewer),
+    else 1 when every master has a replica and 0 when one has none."""
+    fewest = await _fewest_replicas(redis)
+    wanted = conn.redis_wait_replicas
+    if wanted is None:
+        return 1 if fewest is None and conn.redis_topology != "single" else min(1, fewest or 0)
+    if fewest is not None and fewest < wanted:
+        raise TopologyError(
+            f"VLMQ_REDIS_WAIT_REPLICAS is {wanted}, but a master of {redact_url(conn.redis_url)} has "
+            f"{fewest} replica(s): add replicas, or set VLMQ_REDIS_WAIT_REPLICAS={fewest}"
+        )
+    return wanted
+
+
+async def _fewest_replicas(redis: AnyRedis) -> int | None:
+    """The fewest connected replicas of any master; None when INFO is not allowed."""
+    try:
+        if isinstance(redis, RedisCluster):
+            per_node = await redis.info("replication", target_nodes=RedisCluster.PRIMARIES)
+            return min(int(info.get("connected_slaves", 0)) for info in per_node.values())
+        return int((await redis.info("replication")).get("connected_slaves", 0))
+    except NoPermissionError:
+        return None
 
 
 async def check_topology(redis: AnyRedis, conn: Connection) -> None:

@@ -282,10 +282,11 @@ class Stack:
         wait_until(lambda: redis_ok(svc.url), f"Redis ({name})")
         return svc
 
-    def _up_redis_cluster(self, extra: list[str]) -> None:
+    def _up_redis_cluster(self, extra: list[str], *, replicas: bool = True) -> None:
         """Six redis-servers in cluster mode: masters redis-1..3 own a third of the slots
-        each, redis-4..6 replicate them (automatic failover after 2 s without a master)."""
-        nodes = [f"redis-{i}" for i in range(1, 7)]
+        each, redis-4..6 replicate them (automatic failover after 2 s without a master);
+        without `replicas`, the three masters only."""
+        nodes = [f"redis-{i}" for i in range(1, 7 if replicas else 4)]
         if all(self._alive(n, redis_ok) for n in nodes):
             return
         for n in nodes:

@@ -55,6 +55,9 @@ def worker(
     ] = None,
     max_images_per_job: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGES_PER_JOB]")] = None,
     max_image_bytes: Annotated[int | None, Opt(help="[VLMQ_MAX_IMAGE_BYTES]")] = None,
+    max_job_bytes: Annotated[
+        int | None, Opt(help="All images of one job together [VLMQ_MAX_JOB_BYTES]")
+    ] = None,
     min_pixels: Annotated[int | None, Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
     max_pixels: Annotated[int | None, Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
     allowed_file_roots: Annotated[

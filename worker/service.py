@@ -162,7 +162,7 @@ class Worker:
         s = self.settings
         log.info("worker starting", **s.redacted())
         redis = self._make_redis(s)
-        self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True, wait_replicas=wait_replicas(s))
+        self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             # Redis and the producer first: a wrong address fails in seconds, not after the
@@ -192,6 +192,9 @@ class Worker:
         try:
             await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
             await check_topology(self.store.redis, self.settings)
+            replicas = await wait_replicas(self.store.redis, self.settings)
+            self.store.scripts.replicas = replicas
+            log.info("terminal writes wait for replicas", replicas=replicas)
         except TopologyError as exc:
             raise InfrastructureError(str(exc)) from exc
         except Exception as exc:

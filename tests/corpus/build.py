@@ -23,6 +23,7 @@ from vlmq.worker.samples import photo
 CORPUS_SETTINGS: dict[str, Any] = {
     "max_images_per_job": 4,
     "max_image_bytes": 300_000,
+    "max_job_bytes": 800_000,
     "max_prompt_chars": 100_000,
     "engine_args": "max_model_len=2000,fail_on=EXPLODE",
 }
@@ -399,6 +400,13 @@ def cases() -> list[Case]:
             "data: URI over max_image_bytes",
             "image_too_large",
             _img_job("x", "data:image/jpeg;base64," + base64.b64encode(b"\0" * 400_000).decode()),
+        ),
+        Case(
+            "uri-job-bytes",
+            "4 images of 250 KB each: every one under max_image_bytes, together over max_job_bytes (800 KB)",
+            "image_too_large",
+            _img_job("x", *(f"s3://{BUCKET}/quarter-{i}.jpg" for i in range(4))),
+            objects={f"quarter-{i}.jpg": good + b"\0" * (250_000 - len(good)) for i in range(4)},
         ),
         Case(
             "uri-sha256",

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 import redis
 
 from tests.helpers import Env, start_worker, stop_worker
 from tests.integration.test_cli_errors import run
 from vlmq.core.settings import Connection
+from vlmq.core.topology import TopologyError, connect_redis, wait_replicas
 from vlmq.deploy.stack import free_port, redis_bin, redis_ok, wait_until
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message, keys
@@ -44,6 +46,20 @@ def test_a_cluster_spoken_to_as_one_redis_is_one_line(redis_cluster: str, e: Env
     w = start_worker(e, "w", redis_url=node, redis_topology="single")
     assert w.wait(30) == 3  # refused at start, before any job
     assert "VLMQ_REDIS_TOPOLOGY=cluster" in (e.tmp / "w.log").read_text()
+
+
+async def test_terminal_writes_wait_for_the_replicas_there_are(e: Env, redis_cluster: str) -> None:
+    one = Connection(redis_url=e.redis)
+    cluster = Connection(redis_url=redis_cluster, redis_topology="cluster")
+    for conn, auto in ((one, 0), (cluster, 1)):  # no replica; one per master
+        client = connect_redis(conn)
+        try:
+            assert await wait_replicas(client, conn) == auto
+            strict = msgspec.structs.replace(conn, redis_wait_replicas=2)
+            with pytest.raises(TopologyError, match="VLMQ_REDIS_WAIT_REPLICAS"):
+                await wait_replicas(client, strict)  # refused at start, not NotDurable forever
+        finally:
+            await client.aclose()
 
 
 def test_one_redis_spoken_to_as_a_cluster_is_one_line(e: Env) -> None:

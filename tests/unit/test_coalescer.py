@@ -86,3 +86,27 @@ async def test_a_cancelled_caller_does_not_break_the_others() -> None:
     assert await second == 2
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_calls_made_while_a_pipeline_waits_go_out_at_once_up_to_max_inflight() -> None:
+    server, gate = Server(), asyncio.Event()
+    plain = server.run
+
+    waiting: list[int] = []
+
+    async def slow(calls: Sequence[Call]) -> list[Any]:
+        waiting.append(len(calls))
+        await gate.wait()  # Redis (or WAIT, or a cluster's slowest node) takes its time
+        return await plain(calls)
+
+    co = Coalescer(slow, max_inflight=2)
+    first = [asyncio.ensure_future(co.call(_call("a", i))) for i in range(3)]
+    await asyncio.sleep(0.01)
+    second = [asyncio.ensure_future(co.call(_call("b", i))) for i in range(4)]
+    await asyncio.sleep(0.01)
+    third = [asyncio.ensure_future(co.call(_call("c", i))) for i in range(5)]  # both busy: waits
+    await asyncio.sleep(0.01)
+    assert waiting == [3, 4]  # two pipelines under way at once, the third tick's calls wait
+    gate.set()
+    assert await asyncio.gather(*first, *second, *third) == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]
+    assert sorted(server.pipelines) == [3, 4, 5]  # then go out together, in one pipeline

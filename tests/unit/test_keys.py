@@ -13,7 +13,7 @@ from redis.exceptions import AskError, MovedError, RedisClusterException, Respon
 
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
-from vlmq.core.topology import TopologyError, _hosts, connect_redis, wait_replicas, wrong_topology
+from vlmq.core.topology import TopologyError, _hosts, connect_redis, wrong_topology
 from vlmq.schemas import keys
 
 # Ids as the wire allows them (JOB_ID_PATTERN) and as a hostile non-SDK client might send
@@ -62,13 +62,6 @@ def test_several_hosts_in_one_url() -> None:
     assert first == "redis://u:p%40ss@h1:7000/0"
     assert hosts == [("h1", 7000), ("h2", 6379), ("h3", 7002)]
     assert _hosts("redis://s1,s2:26380/0", default_port=26379)[1] == [("s1", 26379), ("s2", 26380)]
-
-
-def test_wait_replicas_defaults_by_topology() -> None:
-    assert wait_replicas(Connection(redis_topology="single")) == 0
-    assert wait_replicas(Connection(redis_topology="cluster")) == 1
-    assert wait_replicas(Connection(redis_topology="sentinel")) == 1
-    assert wait_replicas(Connection(redis_topology="cluster", redis_wait_replicas=0)) == 0
 
 
 def test_a_wrong_topology_is_one_line_that_names_the_setting() -> None:
