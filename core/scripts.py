@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, SlotNotCoveredError
 
 from vlmq.core.topology import AnyRedis
 
@@ -70,6 +70,8 @@ class Scripts:
     async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
         # On a cluster each call goes to the node of its first key (all its keys share one
         # slot): redis-py then skips hashing every key of every call.
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.initialize()  # a no-op once the slot map is known
         node_of = self._router()
         targets = [node_of(c) for c in calls]
         pipe = self.redis.pipeline(transaction=False)
@@ -112,7 +114,10 @@ class Scripts:
                 return None
             tag = call.keys[0].partition("}")[0]
             if tag not in nodes:
-                nodes[tag] = cluster.get_node_from_key(call.keys[0])
+                try:
+                    nodes[tag] = cluster.get_node_from_key(call.keys[0])
+                except SlotNotCoveredError:  # a failover under way: redis-py routes it itself
+                    nodes[tag] = None
             return nodes[tag]
 
         return node

@@ -237,6 +237,7 @@ class Stack:
         if redis_cluster and not redis_url:
             self._up_redis_cluster(redis_args or [])
         else:
+            self._drop_cluster()  # one Redis asked for where a cluster ran before
             self._up_redis(redis_url, ports.get("redis"), redis_args or [])
         self._up_s3(s3, ports.get("s3"))
         ensure_topics(self.services["kafka"].url, self.partitions)
@@ -272,6 +273,13 @@ class Stack:
         if self._alive("redis", redis_ok):
             return
         self._spawn_redis("redis", port or free_port(), extra)
+
+    def _drop_cluster(self) -> None:
+        for name in [n for n in self.services if n.startswith("redis-")]:
+            self.kill(name)
+            del self.services[name]
+        if "," in self.services.get("redis", Service("", "")).url:
+            del self.services["redis"]
 
     def _spawn_redis(self, name: str, port: int, extra: list[str]) -> Service:
         data = self.dir / name

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import boto3
+import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
 from tests.helpers import Env
+from vlmq.deploy.stack import Stack
 
 
 async def test_kafka_produce_consume_in_a_group_and_commit(env: Env) -> None:
@@ -49,3 +53,23 @@ def test_s3_put_get_over_http(env: Env) -> None:
     s3.put_object(Bucket=env.bucket, Key="a/b.bin", Body=b"\x00\x01")
     assert s3.get_object(Bucket=env.bucket, Key="a/b.bin")["Body"].read() == b"\x00\x01"
     assert env.s3.startswith("http://")
+
+
+def test_a_local_redis_cluster_with_replicas_and_back_to_one_redis(tmp_path: Path) -> None:
+    """`vlmq stack up --redis-cluster`: three masters with a replica each, and the settings
+    that point every client at it; a later `stack up` without it is one Redis again."""
+    st = Stack(tmp_path)
+    try:
+        env = st.up(redis_cluster=True)
+        assert env["VLMQ_REDIS_TOPOLOGY"] == "cluster"
+        nodes = [redis.Redis.from_url(s.url) for n, s in st.services.items() if n.startswith("redis-")]
+        roles = [n.info("replication")["role"] for n in nodes]
+        assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
+        cluster = redis.RedisCluster.from_url(env["VLMQ_REDIS_URL"].split(",", 1)[0] + "/0")
+        assert cluster.set("k", "v") and cluster.get("k") == b"v"
+        cluster.close()
+        env = st.up()
+        assert "VLMQ_REDIS_TOPOLOGY" not in env and "," not in env["VLMQ_REDIS_URL"]
+        assert not [n for n in st.services if n.startswith("redis-")]
+    finally:
+        st.down()
