@@ -13,7 +13,15 @@ from typing import TypeVar, cast
 
 import structlog
 from aiokafka.errors import KafkaError
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
@@ -38,12 +46,20 @@ class InfrastructureError(Exception):
     (with a dead engine) that stops a worker: no job could be served without them."""
 
 
+# What Redis says while it fails over: a cluster without a master for some slots, a slot
+# on the move, a client still talking to the old master (now a read-only replica).
+REDIS_FAILOVER = (ClusterDownError, ClusterError, TryAgainError, AskError, SlotNotCoveredError, ReadOnlyError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Infrastructure faults that pass: a Redis or Kafka restart, a dropped connection, a
-    leader election. Not: a script error, a refused permission, a message Kafka rejects."""
+    leader election, a Redis failover. Not: a script error, a refused permission, a
+    message Kafka rejects."""
     if isinstance(exc, KafkaError):
         return bool(exc.retriable)
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError | BusyLoadingError | OSError)
+    return isinstance(
+        exc, (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError, *REDIS_FAILOVER)
+    )
 
 
 def _warn(state: RetryCallState) -> None:

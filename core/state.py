@@ -21,6 +21,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.scripts import Call, Coalescer, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
 from vlmq.core.topology import AnyRedis
@@ -325,7 +326,7 @@ class StateStore:
                     if news is None:
                         return
                     to_read = {job_of[c] for c in news if c in job_of} or pending
-            except (RedisConnectionError, RedisTimeoutError):
+            except (RedisConnectionError, RedisTimeoutError, *REDIS_FAILOVER):  # a restart, a failover
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > self.outage_s:
                     raise

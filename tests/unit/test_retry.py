@@ -6,9 +6,18 @@ import asyncio
 import time
 
 import pytest
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from vlmq.core.retry import retry, through_outage, within
+from vlmq.core.retry import is_transient, retry, through_outage, within
 
 
 class Flaky:
@@ -80,3 +89,12 @@ async def test_within_returns_or_raises_the_builtin_timeout_and_cancels() -> Non
     with pytest.raises(TimeoutError):
         await within(hang(), 0.05)
     assert cancelled.is_set()
+
+
+@pytest.mark.parametrize(
+    "exc", [ClusterDownError, MasterDownError, TryAgainError, SlotNotCoveredError, ReadOnlyError]
+)
+async def test_a_redis_failover_is_ridden_out_like_a_restart(exc: type[Exception]) -> None:
+    flaky = Flaky(2, exc=exc)
+    assert await through_outage(flaky.call, seconds=5) == "ok"
+    assert not is_transient(ResponseError("WRONGTYPE")) and not is_transient(NoPermissionError("NOPERM"))
