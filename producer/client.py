@@ -24,6 +24,7 @@ from redis.exceptions import AuthenticationError, RedisClusterException, Respons
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.settings import Connection, redact_url
 from vlmq.core.state import BatchCounts, StateStore
 from vlmq.core.topology import connect_redis, wrong_topology
@@ -128,6 +129,9 @@ class Client:
                 if isinstance(exc, AuthenticationError)
                 else ""
             )
+            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
+        except REDIS_FAILOVER as exc:
+            hint = "a Redis failover is under way: try again in a few seconds"
             raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
         except (ResponseError, RedisClusterException) as exc:
             raise wrong_topology(exc, self.settings) or exc from exc
