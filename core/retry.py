@@ -14,7 +14,6 @@ from typing import TypeVar, cast
 import structlog
 from aiokafka.errors import KafkaError
 from redis.exceptions import (
-    AskError,
     BusyLoadingError,
     ClusterDownError,
     ClusterError,
@@ -47,8 +46,10 @@ class InfrastructureError(Exception):
 
 
 # What Redis says while it fails over: a cluster without a master for some slots, a slot
-# on the move, a client still talking to the old master (now a read-only replica).
-REDIS_FAILOVER = (ClusterDownError, ClusterError, TryAgainError, AskError, SlotNotCoveredError, ReadOnlyError)
+# on the move, a client still talking to the old master (now a read-only replica). Not
+# MOVED/ASK: a cluster client follows those itself, and a single-Redis client that gets
+# one is pointed at a cluster (core/topology.py says so).
+REDIS_FAILOVER = (ClusterDownError, ClusterError, TryAgainError, SlotNotCoveredError, ReadOnlyError)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ import pytest
 from redis.exceptions import (
     ClusterDownError,
     MasterDownError,
+    MovedError,
     NoPermissionError,
     ReadOnlyError,
     ResponseError,
@@ -98,3 +99,7 @@ async def test_a_redis_failover_is_ridden_out_like_a_restart(exc: type[Exception
     flaky = Flaky(2, exc=exc)
     assert await through_outage(flaky.call, seconds=5) == "ok"
     assert not is_transient(ResponseError("WRONGTYPE")) and not is_transient(NoPermissionError("NOPERM"))
+
+
+def test_a_moved_redirect_is_not_an_outage() -> None:
+    assert not is_transient(MovedError("3999 127.0.0.1:7001"))  # a wrong topology: one line instead
