@@ -136,13 +136,14 @@ async def _table(batch: str) -> None:
 
     table = Table("image", "state", "answer", "engine s", "tokens")
     async with Client() as client:
-        async for r in client.iter_results(batch):
-            # One line per image whatever the model wrote (random weights write blank lines),
-            # and as plain text: a model's "[bold]" is not markup.
-            line = " ".join((r.text or (r.error.message if r.error else "")).split())[:70]
-            text = Text(line) if line else Text("(only whitespace)", style="dim")
-            engine_s = f"{r.timings.engine_s:.2f}" if r.timings and r.timings.engine_s else "-"
-            tokens = str(r.usage.completion_tokens) if r.usage else "-"
-            key = r.metadata.get("key", r.job_id).rsplit("/", 1)[-1]
-            table.add_row(key, r.state.value, text, engine_s, tokens)
+        results = [r async for r in client.iter_results(batch)]  # a dozen: sorted by image
+    for r in sorted(results, key=lambda r: r.metadata.get("key", r.job_id)):
+        # One line per image whatever the model wrote (random weights write blank lines),
+        # and as plain text: a model's "[bold]" is not markup.
+        line = " ".join((r.text or (r.error.message if r.error else "")).split())[:70]
+        text = Text(line) if line else Text("(only whitespace)", style="dim")
+        engine_s = f"{r.timings.engine_s:.2f}" if r.timings and r.timings.engine_s else "-"
+        tokens = str(r.usage.completion_tokens) if r.usage else "-"
+        key = r.metadata.get("key", r.job_id).rsplit("/", 1)[-1]
+        table.add_row(key, r.state.value, text, engine_s, tokens)
     out.print(table)
