@@ -8,7 +8,7 @@ call inside one slot; the state store groups multi-job calls per slot on a clust
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -43,14 +43,11 @@ def connect_redis(conn: Connection, **options: Any) -> AnyRedis:
 def _sentinel_master(conn: Connection, options: dict[str, Any]) -> Redis:
     """`redis_url` names the sentinels (`redis://[user:pw@]host:26379[,host:26379]/db`); the
     master is discovered by `redis_sentinel_master` and re-discovered after a failover."""
+    _, sentinels = _hosts(conn.redis_url, default_port=26379)
     parts = urlsplit(conn.redis_url)
-    cred, _, hosts = parts.netloc.rpartition("@")
-    user, _, password = cred.partition(":")
-    sentinels = [
-        (h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) if ":" in h else 26379) for h in hosts.split(",")
-    ]
+    user, _, password = parts.netloc.rpartition("@")[0].partition(":")
     db = int(parts.path.strip("/") or 0)
-    auth = {"username": user or None, "password": password or None}
+    auth = {"username": unquote(user) or None, "password": unquote(password) or None}
     ssl = {"ssl": True} if parts.scheme == "rediss" else {}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         sentinels, sentinel_kwargs={**auth, **ssl}, **auth, **ssl, **options
@@ -78,7 +75,9 @@ async def wait_replicas(redis: AnyRedis, conn: Connection) -> int:
     fewest = await _fewest_replicas(redis)
     wanted = conn.redis_wait_replicas
     if wanted is None:
-        return 1 if fewest is None and conn.redis_topology != "single" else min(1, fewest or 0)
+        if fewest is None:  # INFO refused to this user: go by the topology
+            return 0 if conn.redis_topology == "single" else 1
+        return min(1, fewest)
     if fewest is not None and fewest < wanted:
         raise TopologyError(
             f"VLMQ_REDIS_WAIT_REPLICAS is {wanted}, but a master of {redact_url(conn.redis_url)} has "
