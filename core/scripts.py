@@ -90,11 +90,11 @@ class Scripts:
             for node, ack in zip(waits, acks, strict=True)
             if isinstance(ack, BaseException) or int(ack) < self.replicas
         }
-        node_now = self._router()
+        node_now, cluster = self._router(), isinstance(self.redis, RedisCluster)
         for i, (c, node) in enumerate(zip(calls, targets, strict=True)):
-            # Not durable: its node's replicas did not confirm, or it was redirected (a
-            # failover, a slot move) and ran on a connection that WAIT did not cover.
-            moved = node is not None and _name(node_now(c)) != _name(node)
+            # Not durable: its node's replicas did not confirm, or it ran where no WAIT
+            # looked (redirected by a failover or a slot move, or sent while unrouted).
+            moved = cluster and (node is None or _name(node_now(c)) != _name(node))
             if (_name(node) in short or moved) and not isinstance(replies[i], BaseException):
                 replies[i] = NotDurable(
                     f"writes not confirmed by {self.replicas} replica(s) of {_name(node)}"
