@@ -14,6 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from redis.exceptions import NoPermissionError
 
 from vlmq.core import s3
+from vlmq.core.settings import SettingsError
 from vlmq.core.topology import TopologyError
 from vlmq.deploy.stack import StackError
 from vlmq.producer.errors import NotFound, Unavailable, ValidationError, VlmqClientError
@@ -43,7 +44,7 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
         return str(exc), Exit.UNAVAILABLE
     if isinstance(exc, NotFound):
         return str(exc), Exit.NOT_FOUND
-    if isinstance(exc, TopologyError):
+    if isinstance(exc, TopologyError | SettingsError):
         return str(exc), Exit.USAGE
     if isinstance(exc, ValidationError):
         return f"invalid job: {exc}", Exit.USAGE

@@ -26,6 +26,16 @@ RedisTopology = Literal["single", "cluster", "sentinel"]
 S = TypeVar("S", bound="Settings")
 
 
+class SettingsError(ValueError):
+    """A setting's value is not one it can take; the message names the env var and flag."""
+
+    def __init__(self, exc: msgspec.ValidationError) -> None:
+        text = str(exc)
+        field = text.rpartition("$.")[2].split("`")[0].split(".")[0].split("[")[0]
+        where = f" (VLMQ_{field.upper()} or --{field.replace('_', '-')})" if field else ""
+        super().__init__(f"invalid setting: {text}{where}")
+
+
 class Settings(msgspec.Struct, kw_only=True):
     """A settings object that loads itself: defaults, then the environment, then flags."""
 
@@ -38,7 +48,10 @@ class Settings(msgspec.Struct, kw_only=True):
             if val is not None:
                 raw[field.name] = _parse_env(field.type, val)
         raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return msgspec.convert(raw, cls, strict=False)
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(exc) from None
 
     def redacted(self) -> dict[str, Any]:
         """The settings for a log line: secrets never appear in one."""

@@ -14,7 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from vlmq.core.logs import configure
-from vlmq.core.settings import parse_pairs
+from vlmq.core.settings import SettingsError, parse_pairs
 from vlmq.worker.settings import WorkerSettings, engine_flags
 
 Opt = typer.Option
@@ -93,7 +93,11 @@ def worker(
         raise typer.BadParameter(str(exc)) from None
     if engine_arg or extra:
         overrides["engine_args"] = parse_pairs(engine_arg or []) | extra
-    settings = WorkerSettings.load(overrides)
+    try:
+        settings = WorkerSettings.load(overrides)
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     configure(settings.log_format, settings.log_level)
     try:
         from vlmq.worker.service import serve

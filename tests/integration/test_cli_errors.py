@@ -158,6 +158,16 @@ def test_a_bad_image_uri_is_a_usage_error() -> None:
     assert proc.returncode == 2 and "unknown URI scheme" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("args", [("status", "j1"), ("worker",)])
+def test_a_bad_setting_value_is_one_line_naming_the_variable(args: tuple[str, ...]) -> None:
+    proc = run(*args, env={**_dead(), "VLMQ_REDIS_TOPOLOGY": "clsuter"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: invalid setting: Invalid enum value 'clsuter' - at `$.redis_topology` "
+        "(VLMQ_REDIS_TOPOLOGY or --redis-topology)"
+    ]
+
+
 async def test_submit_with_kafka_down_leaves_no_record_and_names_the_job(e: Env) -> None:
     env = {**e.worker_env(), "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
     proc = run("submit", f"s3://{e.bucket}/a.jpg", "--job-id", f"{e.tag}-k", env=env)
