@@ -7,8 +7,11 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from vlmq.deploy.stack import Stack
 
@@ -61,17 +64,12 @@ def redis_commands(urls: list[str]) -> dict[str, int]:
     """Commands processed so far by the masters among these Redis servers: `all` (Lua's
     inner commands included), `evalsha` (script calls) and `wait`. Replicas are left out:
     they re-run every write they receive."""
-    import redis
-
     out = {"all": 0, "evalsha": 0, "wait": 0}
-    for url in urls:
-        client = redis.Redis.from_url(url)
-        if client.info("replication")["role"] == "master":
-            stats = client.info("commandstats")
-            out["all"] += int(client.info("stats")["total_commands_processed"])
-            out["evalsha"] += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-            out["wait"] += int(stats.get("cmdstat_wait", {}).get("calls", 0))
-        client.close()
+    for client in _masters(urls):
+        stats = client.info("commandstats")
+        out["all"] += int(client.info("stats")["total_commands_processed"])
+        out["evalsha"] += int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+        out["wait"] += int(stats.get("cmdstat_wait", {}).get("calls", 0))
     return out
 
 
@@ -81,24 +79,27 @@ def per_job(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, 
 
 def flush_masters(urls: list[str]) -> None:
     """Empty every master among these servers (between runs that reuse the same job ids)."""
-    import redis
+    for client in _masters(urls):
+        client.flushall()
 
+
+def _masters(urls: list[str]) -> Iterator[redis.Redis]:
+    """A client for each server among `urls` that is a master (closed after its turn)."""
     for url in urls:
-        client = redis.Redis.from_url(url)
-        if client.info("replication")["role"] == "master":
-            client.flushall()
-        client.close()
+        with redis.Redis.from_url(url) as client:
+            if client.info("replication")["role"] == "master":
+                yield client
 
 
 def start_cluster(replicas: bool = True) -> tuple[Stack, list[str]]:
     """A private Redis Cluster, 3 masters (+ 3 replicas): (its stack, each node's URL)."""
     cluster = Stack(Path(tempfile.mkdtemp(prefix="vlmq-cluster-")))
     cluster._up_redis_cluster([], replicas=replicas)
-    return cluster, [s.url for n, s in cluster.services.items() if n.startswith("redis-")]
+    return cluster, [s.url for s in cluster.redis_nodes()]
 
 
 def redis_pids(stack: Stack) -> list[int]:
-    return [s.pid for n, s in stack.services.items() if n.startswith("redis") and s.pid]
+    return [s.pid for n, s in stack.services.items() if n.startswith("redis") and s.pid]  # one or all
 
 
 def write_result(

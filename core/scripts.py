@@ -42,6 +42,7 @@ Runner = Callable[[Sequence[Call]], Awaitable[list[Any]]]
 class Scripts:
     def __init__(self, redis: AnyRedis, *, replicas: int = 0) -> None:
         self.redis = redis
+        self.cluster = redis if isinstance(redis, RedisCluster) else None
         self.replicas = replicas
         self.source = {n: resources.files("vlmq.core.lua").joinpath(f"{n}.lua").read_text() for n in NAMES}
         self.sha = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self.source.items()}
@@ -61,8 +62,8 @@ class Scripts:
                 replies[i] = reply
         return replies
 
-    async def one(self, call: Call, *, durable: bool = False) -> Any:
-        reply = (await self.run([call], durable=durable))[0]
+    async def one(self, call: Call) -> Any:
+        reply = (await self.run([call]))[0]
         if isinstance(reply, BaseException):
             raise reply
         return reply
@@ -70,8 +71,8 @@ class Scripts:
     async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
         # On a cluster each call goes to the node of its first key (all its keys share one
         # slot): redis-py then skips hashing every key of every call.
-        if isinstance(self.redis, RedisCluster):
-            await self.redis.initialize()  # a no-op once the slot map is known
+        if self.cluster is not None:
+            await self.cluster.initialize()  # a no-op once the slot map is known
         node_of = self._router()
         targets = [node_of(c) for c in calls]
         pipe = self.redis.pipeline(transaction=False)
@@ -90,11 +91,11 @@ class Scripts:
             for node, ack in zip(waits, acks, strict=True)
             if isinstance(ack, BaseException) or int(ack) < self.replicas
         }
-        node_now, cluster = self._router(), isinstance(self.redis, RedisCluster)
+        node_now = self._router()
         for i, (c, node) in enumerate(zip(calls, targets, strict=True)):
             # Not durable: its node's replicas did not confirm, or it ran where no WAIT
             # looked (redirected by a failover or a slot move, or sent while unrouted).
-            moved = cluster and (node is None or _name(node_now(c)) != _name(node))
+            moved = self.cluster is not None and (node is None or _name(node_now(c)) != _name(node))
             if (_name(node) in short or moved) and not isinstance(replies[i], BaseException):
                 replies[i] = NotDurable(
                     f"writes not confirmed by {self.replicas} replica(s) of {_name(node)}"
@@ -104,8 +105,8 @@ class Scripts:
     def _router(self) -> Callable[[Call], Any]:
         """call -> the cluster node serving its slot now (None on a single Redis). Keys
         start with their hash tag, `vlmq:{ab}:`: one lookup per tag, not per call."""
-        cluster = self.redis
-        if not isinstance(cluster, RedisCluster):
+        cluster = self.cluster
+        if cluster is None:
             return lambda call: None
         nodes: dict[str, Any] = {}
 
@@ -126,7 +127,7 @@ class Scripts:
         """Where to send WAIT: after each node's part of the pipeline (one connection per
         node carries that node's calls in order, and WAIT covers that connection's writes).
         [None] on a single Redis: the pipeline's one connection."""
-        if not isinstance(self.redis, RedisCluster):
+        if self.cluster is None:
             return [None]
         return list({n.name: n for n in targets if n is not None}.values())
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, S
 from typing import Any
 
 import msgspec
-from redis.asyncio import RedisCluster
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -107,7 +106,6 @@ class StateStore:
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
         self.outage_s = outage_s  # how long waiters ride out a Redis restart
-        self.cluster = isinstance(redis, RedisCluster)
         self.scripts = Scripts(redis, replicas=wait_replicas)
         self._batch = Coalescer(lambda calls: self.scripts.run(calls, durable=True)) if coalesce else None
 
@@ -127,7 +125,7 @@ class StateStore:
         Redis): each (job indexes, reply). `each(i)` gives job i's keys and arguments."""
         groups: dict[int, list[int]] = {}
         for i, job_id in enumerate(jobs):
-            groups.setdefault(keys.shard(job_id) if self.cluster else 0, []).append(i)
+            groups.setdefault(keys.shard(job_id) if self.scripts.cluster else 0, []).append(i)
         calls = []
         for idx in groups.values():
             parts = [each(i) for i in idx]
@@ -270,10 +268,8 @@ class StateStore:
         return await self.finish(result, requested=requested)
 
     async def exists(self, job_id: str) -> bool:
-        return bool(
-            await self.redis.exists(keys.job_key(job_id))
-            or await self.redis.exists(keys.submitted_key(job_id))
-        )
+        """Whether any record of the job exists (one EXISTS: both keys share a slot)."""
+        return bool(await self.redis.exists(keys.job_key(job_id), keys.submitted_key(job_id)))
 
     async def get(self, job_id: str) -> Result | None:
         return (await self.get_many([job_id]))[0]

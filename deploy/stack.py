@@ -275,9 +275,9 @@ class Stack:
         self._spawn_redis("redis", port or free_port(), extra)
 
     def _drop_cluster(self) -> None:
-        for name in [n for n in self.services if n.startswith("redis-")]:
-            self.kill(name)
-            del self.services[name]
+        for node in self.redis_nodes():
+            self.kill(node.name)
+            del self.services[node.name]
         if "," in self.services.get("redis", Service("", "")).url:
             del self.services["redis"]
 
@@ -335,8 +335,7 @@ class Stack:
         svc = self.services[name]
         self.kill(name)
         self._spawn(name, svc.cmd, svc.url)
-        check = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}[name.split("-", 1)[0]]
-        wait_until(lambda: check(svc.url), name, timeout=60)
+        wait_until(lambda: _answers(name, svc.url), name, timeout=60)
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         pid = self.services[name].pid
@@ -361,12 +360,18 @@ class Stack:
             self._file.unlink()
 
     def status(self) -> dict[str, tuple[str, bool, int | None]]:
-        checks = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}
-        return {
-            n: (s.url, checks[n.split("-")[0]](s.url), s.pid)
-            for n, s in self.services.items()
-            if n.split("-")[0] in checks and "," not in s.url
-        }
+        """Each service that runs as one process (not a cluster's many-host entry)."""
+        return {n: (s.url, _answers(n, s.url), s.pid) for n, s in self.services.items() if "," not in s.url}
+
+    def redis_nodes(self) -> list[Service]:
+        """The servers of a cluster `_up_redis_cluster` started (redis-1, redis-2, ...)."""
+        return [s for n, s in self.services.items() if n.startswith("redis-")]
+
+
+def _answers(name: str, url: str) -> bool:
+    """Whether the service `name` (kafka, redis, redis-3, s3) answers at `url`."""
+    check = {"kafka": kafka_ok, "redis": redis_ok, "s3": s3_ok}[name.split("-", 1)[0]]
+    return check(url)
 
 
 def form_cluster(masters: list[str], replicas: list[str], timeout: float = 60.0) -> None:

@@ -90,12 +90,18 @@ def peek_job_id(value: bytes | None, key: bytes | None) -> str | None:
     return body_id[:MAX_ID_CHARS] if body_id is not None else None
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` is a valid job id (JOB_ID_PATTERN): the one check for ids that do not
+    come in a decoded Job (a Kafka body that failed to decode, a cancel request)."""
+    return _JOB_ID.match(text) is not None
+
+
 def invalid_job_id(value: bytes | None, key: bytes | None) -> str | None:
     """The job an invalid message speaks for, when that is certain: the body's `job_id` is
     a valid id and the Kafka key, if any, is the same. Otherwise None, and the message must
     not touch any job's state (anyone could have keyed garbage with another's job id)."""
     body_id = _body_job_id(value)
-    if body_id is None or not _JOB_ID.match(body_id):
+    if body_id is None or not is_job_id(body_id):
         return None
     if key is not None and key != body_id.encode():
         return None

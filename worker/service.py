@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -35,11 +34,11 @@ from vlmq.schemas.codec import (
     encode_dead_letter,
     encode_result_msg,
     invalid_job_id,
+    is_job_id,
     peek_job_id,
 )
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
-    JOB_ID_PATTERN,
     MAX_DEAD_LETTER_PAYLOAD,
     DeadLetter,
     Error,
@@ -61,7 +60,6 @@ PROBE_S = 5.0  # how often readiness checks Redis
 START_S = 10.0  # how long a starting worker waits for Redis
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 MAX_CANCELLING = 1000  # cancel requests for queued jobs handled at once; more wait for the claim
-JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 def make_redis(settings: WorkerSettings) -> AnyRedis:
@@ -520,7 +518,7 @@ class Worker:
 
     async def _end_queued(self, job_id: str) -> None:
         """End a queued job whose cancel was requested (no-op for any other job)."""
-        if not JOB_ID.match(job_id):
+        if not is_job_id(job_id):
             return  # anyone may publish on the channel: not a job id, no job
         try:
             wrote = await through_outage(

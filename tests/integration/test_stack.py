@@ -62,7 +62,7 @@ def test_a_local_redis_cluster_with_replicas_and_back_to_one_redis(tmp_path: Pat
     try:
         env = st.up(redis_cluster=True)
         assert env["VLMQ_REDIS_TOPOLOGY"] == "cluster"
-        nodes = [redis.Redis.from_url(s.url) for n, s in st.services.items() if n.startswith("redis-")]
+        nodes = [redis.Redis.from_url(s.url) for s in st.redis_nodes()]
         roles = [n.info("replication")["role"] for n in nodes]
         assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
         cluster = redis.RedisCluster.from_url(env["VLMQ_REDIS_URL"].split(",", 1)[0] + "/0")
@@ -70,6 +70,6 @@ def test_a_local_redis_cluster_with_replicas_and_back_to_one_redis(tmp_path: Pat
         cluster.close()
         env = st.up()
         assert "VLMQ_REDIS_TOPOLOGY" not in env and "," not in env["VLMQ_REDIS_URL"]
-        assert not [n for n in st.services if n.startswith("redis-")]
+        assert not st.redis_nodes()
     finally:
         st.down()
