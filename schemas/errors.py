@@ -53,6 +53,10 @@ class VlmqError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[VlmqError], tuple[ErrorCode, str]]:
+        # Crosses process boundaries (the image pool): rebuilt from its own fields.
+        return (type(self), (self.code, self.message))
+
     @property
     def retryable(self) -> bool:
         return self.code in RETRYABLE

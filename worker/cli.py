@@ -58,6 +58,14 @@ def worker(
     max_job_bytes: Annotated[
         int | None, Opt(help="All images of one job together [VLMQ_MAX_JOB_BYTES]")
     ] = None,
+    image_pool: Annotated[
+        str | None,
+        Opt(help="Where images are decoded and rendered: auto | process | thread [VLMQ_IMAGE_POOL]"),
+    ] = None,
+    image_workers: Annotated[
+        int | None,
+        Opt(help="Processes (or threads) of the image pool; 0 = from the cores [VLMQ_IMAGE_WORKERS]"),
+    ] = None,
     min_pixels: Annotated[int | None, Opt(help="Resize floor [VLMQ_MIN_PIXELS]")] = None,
     max_pixels: Annotated[int | None, Opt(help="Resize ceiling [VLMQ_MAX_PIXELS]")] = None,
     allowed_file_roots: Annotated[

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import structlog
 
@@ -20,7 +20,6 @@ from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
     Error,
-    ImageRef,
     Job,
     JobState,
     JsonSchemaFormat,
@@ -30,13 +29,10 @@ from vlmq.schemas.job import (
     Usage,
 )
 from vlmq.worker import metrics
-from vlmq.worker.engines.base import Engine, EngineDead, EngineOutput, EngineRequest
+from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.fetch import Budget, Fetcher
-from vlmq.worker.preprocess import load_image
+from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, DecodeLimits, ImagePool, Prepared, RenderBudget
 from vlmq.worker.settings import WorkerSettings
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
 
 log = structlog.get_logger("vlmq.pipeline")
 
@@ -46,18 +42,35 @@ class Pipeline:
         self.settings = settings
         self.fetcher = fetcher
         self.engine = engine
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
+        factory = engine.renderer()
+        kind = settings.image_pool
+        if kind == "auto":
+            kind = "process" if factory is not None else "thread"
+        self.images = ImagePool(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
+        self.budget = RenderBudget(settings.max_render_bytes)
+        self._preparing = 0
+        self._gate = asyncio.Lock()  # FIFO: only the first job in line watches the engine
+
+    async def start(self) -> None:
+        """Start the image processes (each builds the engine's renderer) before any job."""
+        try:
+            await self.images.warm()
+        except BrokenProcessPool:
+            raise EngineConfigError(
+                "the image processes could not start (their error is printed above); "
+                "--image-pool thread runs without them"
+            ) from None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.images.close()
 
     async def run(self, job: Job, attempt: int) -> Result:
         """The job's terminal Result (succeeded or failed); cancellation propagates."""
         timings = Timings(submitted_at=job.submitted_at, started_at=time.time())
         try:
             self.check(job)
-            images = await self._images(job, timings)
-            out = await self._generate(job, attempt, images, timings)
+            out = await self._run(job, attempt, timings)
         except VlmqError as exc:
             error = Error(exc.code, exc.message, exc.retryable)
             return self.result(job, JobState.FAILED, attempt, timings, error=error)
@@ -98,42 +111,62 @@ class Pipeline:
             return topic in s.allowed_result_topics
         return topic not in (s.jobs_topic, s.dlq_topic)  # never into the queue or the DLQ
 
-    async def _images(self, job: Job, timings: Timings) -> list[Image]:
-        refs = job.images
-        if not refs:
-            return []
+    async def _run(self, job: Job, attempt: int, timings: Timings) -> EngineOutput:
+        if not job.images:
+            return await self._generate(job, attempt, Prepared([]), timings)
+        blobs = await self._fetch(job, timings)
+        # Bytes of prepared inputs are bounded from before they exist until the engine answers.
+        held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(hi for _, hi in self._pixels(job)))
+        try:
+            await self._admit()
+            t0 = time.perf_counter()
+            try:
+                prepared = await self.images.prepare(blobs, self._pixels(job), job.messages)
+            finally:
+                self._preparing -= 1
+            timings.preprocess_s = time.perf_counter() - t0
+            metrics.STAGE.labels("preprocess").observe(timings.preprocess_s)
+            del blobs
+            held = await self.budget.resize(held, prepared.nbytes)
+            return await self._generate(job, attempt, prepared, timings)
+        finally:
+            await self.budget.release(held)
+
+    async def _fetch(self, job: Job, timings: Timings) -> list[bytes]:
         t0 = time.perf_counter()
         budget = Budget(self.settings.max_job_bytes)
-        blobs = await asyncio.gather(*(self.fetcher.fetch(r, budget) for r in refs))
-        t1 = time.perf_counter()
-        metrics.IMAGE_BYTES.inc(sum(len(b) for b in blobs))
-        loop = asyncio.get_running_loop()
-        images = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._decode, b, r) for b, r in zip(blobs, refs, strict=True))
-        )
-        timings.fetch_s, timings.preprocess_s = t1 - t0, time.perf_counter() - t1
+        blobs = await asyncio.gather(*(self.fetcher.fetch(r, budget) for r in job.images))
+        timings.fetch_s = time.perf_counter() - t0
         metrics.STAGE.labels("fetch").observe(timings.fetch_s)
-        metrics.STAGE.labels("preprocess").observe(timings.preprocess_s)
-        return list(images)
+        metrics.IMAGE_BYTES.inc(sum(len(b) for b in blobs))
+        return list(blobs)
 
-    def _decode(self, data: bytes, ref: ImageRef) -> Image:
-        # A job may ask for fewer pixels than the worker's budget, never for more.
-        max_pixels = min(ref.max_pixels or self.settings.max_pixels, self.settings.max_pixels)
-        min_pixels = min(ref.min_pixels or self.settings.min_pixels, max_pixels)
-        return load_image(
-            data,
-            factor=self.engine.image_factor,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            max_image_pixels=self.settings.max_image_pixels,
-            formats=tuple(self.settings.image_formats),
-        )
+    def _pixels(self, job: Job) -> list[tuple[int, int]]:
+        """Each image's (min, max) pixels: a job may ask for fewer than the worker's budget,
+        never for more."""
+        out = []
+        for ref in job.images:
+            hi = min(ref.max_pixels or self.settings.max_pixels, self.settings.max_pixels)
+            out.append((min(ref.min_pixels or self.settings.min_pixels, hi), hi))
+        return out
 
-    async def _generate(self, job: Job, attempt: int, images: list[Image], timings: Timings) -> EngineOutput:
+    async def _admit(self) -> None:
+        """Render ahead of the engine by no more than its waiting queue needs: jobs being
+        prepared plus those waiting in the engine stay under `engine_waiting_target`, so the
+        engine always has work queued and memory holds no more than that."""
+        target = self.settings.engine_waiting_target
+        async with self._gate:
+            # The engine's queue drains at its own pace and says nothing when it does: poll.
+            while self._preparing + int(self.engine.stats().get("waiting", 0)) >= target:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            self._preparing += 1
+
+    async def _generate(self, job: Job, attempt: int, prepared: Prepared, timings: Timings) -> EngineOutput:
         request = EngineRequest(
             request_id=f"{job.job_id}#{attempt}",  # an earlier attempt may still be aborting
             messages=job.messages,
-            images=images,
+            images=prepared.images,
+            rendered=prepared.rendered,
             sampling=job.sampling,
             response_format=job.response_format,
             priority=job.priority,

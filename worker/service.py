@@ -174,6 +174,7 @@ class Worker:
             self.fetcher = await stack.enter_async_context(Fetcher(s))
             self.pipeline = Pipeline(s, self.fetcher, self.engine)
             stack.callback(self.pipeline.close)
+            await self.pipeline.start()
             self.consumer = self._make_consumer(s)
             self.consumer.subscribe([s.jobs_topic], listener=_Rebalance(self))
             stack.push_async_callback(self.consumer.stop)

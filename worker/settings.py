@@ -81,8 +81,19 @@ class WorkerSettings(Connection, kw_only=True):
     image_formats: list[str] = msgspec.field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
     )
-    # Threads that decode and resize images.
-    decode_threads: int = msgspec.field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    # Where images are decoded, resized and (vLLM) rendered into the engine's finished input:
+    # process (a pool of processes, each with the engine's own renderer), thread (threads of
+    # this process; the engine renders), auto (process when the engine has a renderer).
+    image_pool: Literal["auto", "process", "thread"] = "auto"
+    # Processes or threads of that pool; 0: CPU cores - 4 processes (the engine's front end
+    # and core and this event loop keep a core each), or one thread per core.
+    image_workers: int = 0
+    # Bytes of prepared inputs (decoded images or rendered tensors) held at once, from
+    # preparing until the engine answers; Qwen-VL's tensors are ~24 MB per image.
+    max_render_bytes: int = 8 * 1024**3
+    # Jobs being prepared plus jobs waiting inside the engine (its own queue): images are
+    # prepared no further ahead of the engine than this.
+    engine_waiting_target: int = 64
     # -- results
     # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
     allowed_result_topics: list[str] = msgspec.field(default_factory=list)
@@ -94,6 +105,12 @@ class WorkerSettings(Connection, kw_only=True):
     # auto (console at a terminal, else JSON) | json | console.
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+
+    def pool_workers(self, kind: str) -> int:
+        cores = os.cpu_count() or 2
+        if self.image_workers > 0:
+            return self.image_workers
+        return max(1, cores - 4) if kind == "process" else max(2, cores)
 
 
 def engine_flags(args: list[str]) -> dict[str, str]:

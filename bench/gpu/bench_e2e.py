@@ -179,7 +179,7 @@ async def through_vlmq(
         max_in_flight=in_flight,
         engine=engine.name,
         model=engine.model,
-        decode_threads=max(4, (os.cpu_count() or 8) - 4),
+        image_workers=max(4, (os.cpu_count() or 8) - 4),
         group_id=f"bench-{batch}",
     )
     worker = Worker(settings, engine=engine)

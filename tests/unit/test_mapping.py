@@ -168,6 +168,7 @@ def test_engine_factory_checks_its_arguments() -> None:
         "enforce_eager": True,
         "limit_mm_per_prompt": {"image": 4},
         "structured_outputs_config": compact_json,
+        "mm_processor_cache_gb": 0,  # images are rendered in the worker's processes
     }
 
 

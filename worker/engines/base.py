@@ -15,6 +15,8 @@ from vlmq.schemas.job import Message, ResponseFormat, Sampling
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from vlmq.worker.render import RendererFactory
+
 
 class EngineConfigError(ValueError):
     """An engine option the engine does not take: the worker stops at start and says which."""
@@ -26,11 +28,13 @@ class EngineDead(RuntimeError):
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):
-    """A job ready for an engine: messages as sent, images decoded and resized, in order."""
+    """A job ready for an engine: messages as sent, and either its images decoded and
+    resized, in order, or (engines with a renderer) the finished input the renderer made."""
 
     request_id: str
     messages: list[Message]
     images: list[Image]
+    rendered: Any = None
     sampling: Sampling
     response_format: ResponseFormat | None = None
     priority: int = 0
@@ -61,6 +65,12 @@ class Engine(Protocol):
 
     def healthy(self) -> bool: ...
 
+    def renderer(self) -> RendererFactory | None:
+        """What builds this engine's input renderer in the worker's image processes (None:
+        the engine takes decoded images and renders them itself)."""
+        ...
+
     def stats(self) -> dict[str, Any]:
-        """Engine counters; "running" (requests inside the engine) feeds vlmq_engine_running."""
+        """Engine counters: "running" (requests inside the engine) feeds vlmq_engine_running;
+        "waiting" (those not yet scheduled) paces the image stage."""
         ...

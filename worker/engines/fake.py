@@ -119,6 +119,9 @@ class FakeEngine:
         for seq in self._running.values():
             seq.done.cancel()
 
+    def renderer(self) -> None:
+        return None  # takes decoded images
+
     def healthy(self) -> bool:
         return self._loop_task is None or not self._loop_task.done()
 

@@ -245,6 +245,9 @@ class HfEngine:
             item.future.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
 
+    def renderer(self) -> None:
+        return None  # takes decoded images
+
     def healthy(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
 

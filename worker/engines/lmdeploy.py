@@ -139,6 +139,9 @@ class LmdeployEngine:
         if self._pipe is not None:
             self._pipe.close()
 
+    def renderer(self) -> None:
+        return None  # takes decoded images
+
     def healthy(self) -> bool:
         return self._pipe is not None
 

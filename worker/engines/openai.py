@@ -61,6 +61,9 @@ class OpenAIEngine:
         if self._session is not None:
             await self._session.close()
 
+    def renderer(self) -> None:
+        return None  # takes decoded images
+
     def healthy(self) -> bool:
         return self._session is not None and not self._session.closed
 

@@ -1,10 +1,16 @@
 """vLLM, in process: `AsyncLLM` with continuous batching; every request submitted at once.
 
 Prompts come from the model's own chat template (processor, else tokenizer), so each
-model family gets its own image placeholders; images go in as PIL, already resized by the
-worker, in `multi_modal_data`. Engine options keep vLLM's names (`-e max_num_seqs=16`,
-`-e limit_mm_per_prompt='{"image": 4}'`, `-e tokenizer_mode=mistral`, ...): they are passed
-to `AsyncEngineArgs` as given.
+model family gets its own image placeholders. With the worker's image processes (the
+default) each process builds vLLM's own renderer from this engine's config and hands over a
+finished input (token ids, processed image tensors, hashes, placeholders): vLLM then skips
+its front-end preprocessing, which otherwise runs under one GIL and starves the GPU. Else
+the images go in as PIL, already resized by the worker, in `multi_modal_data`.
+
+The multimodal processor cache is off by default (`mm_processor_cache_gb=0`): in a backlog
+each image comes once, and finished inputs are rendered without it. Engine options keep
+vLLM's names (`-e max_num_seqs=16`, `-e limit_mm_per_prompt='{"image": 4}'`,
+`-e tokenizer_mode=mistral`, ...): they are passed to `AsyncEngineArgs` as given.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 from vlmq.core.settings import parse_pairs
 from vlmq.schemas.errors import VlmqError
+from vlmq.schemas.job import Message
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
 
@@ -46,6 +53,7 @@ class VllmEngine:
         self.engine_args: dict[str, Any] = {
             "model": model,
             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            "mm_processor_cache_gb": 0,
         }
         self.engine_args |= {k: _mapping(v) for k, v in engine_args.items()}
         self.priority = engine_args.get("scheduling_policy") == "priority"
@@ -53,6 +61,7 @@ class VllmEngine:
         self._template: Any = None
         self._image_token: int | None = None
         self._dead = False
+        self._waiting = 0  # the scheduler's waiting queue, from its stats (_stat_logger)
 
     async def start(self) -> None:
         if self._llm is not None:  # started already (e.g. shared by a benchmark)
@@ -73,31 +82,45 @@ class VllmEngine:
             from vllm.config import StructuredOutputsConfig
 
             kw["structured_outputs_config"] = StructuredOutputsConfig(**kw["structured_outputs_config"])
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
-        self._template = self._chat_template_owner()
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger()])
+        self._template = chat_template_owner(self.path, self._trust)
         # Image placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
         self._image_token = getattr(self._llm.model_config.hf_config, "image_token_id", None)
 
-    def _chat_template_owner(self) -> Any:
-        """The processor when the model ships one (it knows the image tokens), else the
-        tokenizer."""
-        from transformers import AutoProcessor, AutoTokenizer
+    @property
+    def _trust(self) -> bool:
+        return bool(self.engine_args.get("trust_remote_code", False))
 
-        trust = bool(self.engine_args.get("trust_remote_code", False))
-        try:
-            proc = AutoProcessor.from_pretrained(self.path, trust_remote_code=trust)
-            if getattr(proc, "chat_template", None):
-                return proc
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-        return AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
+    def _stat_logger(self) -> Any:
+        """A stats logger that keeps the scheduler's waiting count for `stats()`."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class Waiting(StatLoggerBase):  # type: ignore[misc]  # vLLM is not installed for mypy
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kw: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._waiting = scheduler_stats.num_waiting_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Waiting
 
     def prompt(self, request: EngineRequest) -> str:
-        return str(
-            self._template.apply_chat_template(
-                hf_messages(request.messages), tokenize=False, add_generation_prompt=True
-            )
-        )
+        return chat_prompt(self._template, request.messages)
+
+    def renderer(self) -> VllmRendererFactory | None:
+        if self._llm is None:
+            raise RuntimeError("start the engine first: its renderer is built from its config")
+        if self.engine_args.get("mm_processor_cache_gb"):
+            # A processor cache lives in the engine's front end; rendering elsewhere would
+            # bypass it. Whoever turned it on wants it: the engine renders.
+            return None
+        return VllmRendererFactory(self._llm.vllm_config, self.path, self._trust)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         from vllm import SamplingParams
@@ -107,9 +130,11 @@ class VllmEngine:
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         params = SamplingParams(**kw, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
-        inputs: dict[str, Any] = {"prompt": self.prompt(request)}
-        if request.images:
-            inputs["multi_modal_data"] = {"image": request.images}
+        inputs: dict[str, Any] = request.rendered
+        if inputs is None:
+            inputs = {"prompt": self.prompt(request)}
+            if request.images:
+                inputs["multi_modal_data"] = {"image": request.images}
         t0, ttft = time.perf_counter(), None
         text: list[str] = []
         tokens = 0  # DELTA outputs: each chunk holds only the new tokens
@@ -160,4 +185,66 @@ class VllmEngine:
     def stats(self) -> dict[str, Any]:
         if self._llm is None:
             return {}
-        return {"running": self._llm.output_processor.get_num_unfinished_requests()}
+        unfinished = self._llm.output_processor.get_num_unfinished_requests()
+        # The waiting count is as of the engine's last step: never more than are unfinished now.
+        return {"running": unfinished, "waiting": min(self._waiting, unfinished)}
+
+
+def chat_template_owner(path: str, trust: bool) -> Any:
+    """The processor when the model ships one (it knows the image tokens), else the tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        if getattr(proc, "chat_template", None):
+            return proc
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+
+
+def chat_prompt(template: Any, messages: list[Message]) -> str:
+    text = template.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
+class VllmRendererFactory:
+    """Builds, in an image process, vLLM's own renderer from the running engine's config, so
+    the two cannot drift (same tokenizer, processor, limits and placeholders)."""
+
+    def __init__(self, vllm_config: Any, path: str, trust: bool) -> None:
+        self.vllm_config = vllm_config
+        self.path = path
+        self.trust = trust
+
+    def __call__(self) -> VllmRenderer:
+        return VllmRenderer(self.vllm_config, self.path, self.trust)
+
+
+class VllmRenderer:
+    def __init__(self, vllm_config: Any, path: str, trust: bool) -> None:
+        from vllm.renderers.registry import renderer_from_config
+
+        self._renderer = renderer_from_config(vllm_config)
+        self._template = chat_template_owner(path, trust)
+
+    def render(self, messages: list[Message], images: list[Any]) -> tuple[Any, int]:
+        prompt: dict[str, Any] = {"prompt": chat_prompt(self._template, messages)}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        # skip_mm_cache: the engine's processor cache is off (a cache here would be per process).
+        (out,) = self._renderer.render_cmpl([prompt], skip_mm_cache=True)
+        return out, tensor_bytes(out.get("mm_kwargs"))
+
+
+def tensor_bytes(mm_kwargs: Any) -> int:
+    """Bytes of the tensors in a finished input's `mm_kwargs` (modality -> items -> fields)."""
+    if not mm_kwargs:
+        return 0
+    total = 0
+    for items in mm_kwargs.values():
+        for item in items:
+            for elem in (item or {}).values():
+                data = getattr(elem, "data", None)
+                total += int(getattr(data, "nbytes", 0) or 0)
+    return total

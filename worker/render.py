@@ -1,0 +1,216 @@
+"""Stage: fetched bytes -> what the engine takes, off the event loop.
+
+Decode, EXIF, resize (preprocess.load_image) and, where the engine has one, the engine's own
+renderer (chat template, tokenizer, HF image processor) run in a pool of processes; the
+event loop only does I/O. On an H200 vLLM's front-end process, which does this under one
+GIL, held the GPU below what the model can do; rendering in 12 processes and handing vLLM
+finished inputs went 2-10 % past that old ceiling (docs/performance.md).
+
+`pool="thread"` keeps decode and resize in threads of the worker (the engine renders): for
+engines without a renderer, where a process hop buys nothing.
+
+Finished inputs hold tensors (Qwen-VL's pixel_values are ~24 MB per image at the default
+pixel budget): they cross from the pool through shared memory (torch's multiprocessing
+pickler), and `RenderBudget` bounds the bytes held between render and the engine's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import msgspec
+import structlog
+
+from vlmq.schemas.errors import ErrorCode, VlmqError, describe
+from vlmq.schemas.job import Message
+from vlmq.worker.preprocess import load_image
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = structlog.get_logger("vlmq.render")
+
+# Bytes a rendered image is assumed to take until its real size is known: Qwen-VL's float32
+# pixel_values (3 channels x 2 frames x 4 bytes per pixel), the heaviest common processor.
+BYTES_PER_PIXEL_ESTIMATE = 24
+
+
+class Renderer(Protocol):
+    """An engine's own input renderer, built once in each pool process."""
+
+    def render(self, messages: list[Message], images: list[Image]) -> tuple[Any, int]:
+        """(the engine's finished input, the bytes its tensors hold)."""
+        ...
+
+
+class RendererFactory(Protocol):
+    """Picklable: sent to each pool process, called there once."""
+
+    def __call__(self) -> Renderer: ...
+
+
+class DecodeLimits(msgspec.Struct, frozen=True):
+    factor: int
+    max_image_pixels: int
+    formats: tuple[str, ...]
+
+
+class Prepared(msgspec.Struct):
+    """A job's images as the engine takes them: decoded images, or a finished input."""
+
+    images: list[Image]
+    rendered: Any = None
+    nbytes: int = 0
+
+
+# One per pool process, set by _init.
+_RENDERER: Renderer | None = None
+_LIMITS: DecodeLimits | None = None
+
+
+def _init(limits: DecodeLimits, factory: RendererFactory | None) -> None:
+    global _RENDERER, _LIMITS
+    _LIMITS = limits
+    _RENDERER = factory() if factory is not None else None
+
+
+def _decode(limits: DecodeLimits, blobs: list[bytes], pixels: list[tuple[int, int]]) -> list[Image]:
+    return [
+        load_image(
+            b,
+            factor=limits.factor,
+            min_pixels=lo,
+            max_pixels=hi,
+            max_image_pixels=limits.max_image_pixels,
+            formats=limits.formats or None,
+        )
+        for b, (lo, hi) in zip(blobs, pixels, strict=True)
+    ]
+
+
+def _prepare(blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]) -> Prepared:
+    """In a pool process. Only VlmqError leaves it: any other exception (which may not even
+    pickle) becomes this job's typed failure here."""
+    assert _LIMITS is not None
+    images = _decode(_LIMITS, blobs, pixels)
+    if _RENDERER is None:
+        return Prepared(images, nbytes=sum(i.width * i.height * 3 for i in images))
+    try:
+        rendered, nbytes = _RENDERER.render(messages, images)
+    except VlmqError:
+        raise
+    except Exception as exc:
+        from vlmq.worker.engines.mapping import engine_error
+
+        raise engine_error(exc) from None
+    return Prepared([], rendered, nbytes)
+
+
+class RenderBudget:
+    """Bytes of prepared inputs held at once (a weighted semaphore). A job reserves an
+    estimate before it is prepared, trues it up once its size is known, and gives it back
+    when the engine has answered. One job larger than the whole budget still runs, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
+            self.held += n
+        return n
+
+    async def resize(self, old: int, new: int) -> int:
+        async with self._cond:
+            self.held += new - old
+            self._cond.notify_all()
+        return new
+
+    async def release(self, n: int) -> None:
+        await self.resize(n, 0)
+
+
+class ImagePool:
+    """Prepares jobs' images in processes (with the engine's renderer) or threads."""
+
+    def __init__(
+        self,
+        limits: DecodeLimits,
+        *,
+        pool: Literal["process", "thread"],
+        workers: int,
+        renderer: RendererFactory | None = None,
+    ) -> None:
+        self.limits = limits
+        self.kind = pool
+        self.workers = workers
+        self.renderer = renderer if pool == "process" else None
+        self._executor = self._start()
+        self._generation = 0
+
+    @property
+    def renders(self) -> bool:
+        """Whether prepared jobs are finished engine inputs (else decoded images)."""
+        return self.renderer is not None
+
+    def _start(self) -> Executor:
+        if self.kind == "thread":
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        # spawn: a fork of a process holding CUDA, an event loop and sockets is unsafe.
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_init, initargs=(self.limits, self.renderer)
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def warm(self) -> None:
+        """Start every process now (and build its renderer), not on the first jobs."""
+        if self.kind == "process":
+            loop = asyncio.get_running_loop()
+            pids = (loop.run_in_executor(self._executor, os.getpid) for _ in range(self.workers))
+            await asyncio.gather(*pids)
+
+    async def prepare(
+        self, blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]
+    ) -> Prepared:
+        if self.kind == "thread":
+            images = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _decode, self.limits, blobs, pixels
+            )
+            return Prepared(images, nbytes=sum(i.width * i.height * 3 for i in images))
+        # A process that dies (a decoder crash, the OOM killer) breaks the whole pool: it is
+        # restarted, and the job tried once more; dying twice on one job fails that job.
+        for attempt in (1, 2):
+            generation = self._generation
+            try:
+                fut = self._executor.submit(_prepare, blobs, pixels, messages)
+                return await asyncio.wrap_future(fut)
+            except BrokenProcessPool:
+                self._restart(generation)
+                if attempt == 2:
+                    raise VlmqError(
+                        ErrorCode.INTERNAL,
+                        "an image process died twice on this job (a decoder crash or out of memory)",
+                    ) from None
+            except VlmqError:
+                raise
+            except Exception as exc:  # e.g. a result that could not be unpickled
+                raise VlmqError(ErrorCode.INTERNAL, f"image process: {describe(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _restart(self, generation: int) -> None:
+        if generation != self._generation:  # another job restarted it already
+            return
+        log.warning("image process pool broke; restarting it", workers=self.workers)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._start()
+        self._generation += 1
