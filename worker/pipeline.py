@@ -61,6 +61,8 @@ class Pipeline:
                 "the image processes could not start (their error is printed above); "
                 "--image-pool thread runs without them"
             ) from None
+        pool = self.images
+        log.info("image pool ready", pool=pool.kind, workers=pool.workers, renders=pool.renders)
 
     def close(self) -> None:
         self.images.close()

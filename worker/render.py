@@ -152,25 +152,29 @@ class ImagePool:
         self.kind = pool
         self.workers = workers
         self.renderer = renderer if pool == "process" else None
-        self._executor = self._start()
+        self._executor = self._start(workers)
         self._generation = 0
+        self._alone: Executor | None = None  # where jobs run again after their pool broke
+        self._alone_lock = asyncio.Lock()
 
     @property
     def renders(self) -> bool:
         """Whether prepared jobs are finished engine inputs (else decoded images)."""
         return self.renderer is not None
 
-    def _start(self) -> Executor:
+    def _start(self, workers: int) -> Executor:
         if self.kind == "thread":
-            return ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+            return ThreadPoolExecutor(workers, thread_name_prefix="decode")
         # spawn: a fork of a process holding CUDA, an event loop and sockets is unsafe.
         ctx = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(
-            self.workers, mp_context=ctx, initializer=_init, initargs=(self.limits, self.renderer)
+            workers, mp_context=ctx, initializer=_init, initargs=(self.limits, self.renderer)
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._alone):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     async def warm(self) -> None:
         """Start every process now (and build its renderer), not on the first jobs."""
@@ -187,30 +191,43 @@ class ImagePool:
                 self._executor, _decode, self.limits, blobs, pixels
             )
             return Prepared(images, nbytes=sum(i.width * i.height * 3 for i in images))
-        # A process that dies (a decoder crash, the OOM killer) breaks the whole pool: it is
-        # restarted, and the job tried once more; dying twice on one job fails that job.
-        for attempt in (1, 2):
-            generation = self._generation
+        # A process that dies (a decoder crash, the OOM killer) breaks the whole pool and
+        # every job in it: the pool restarts, and each of those jobs is tried again alone, in
+        # a process of its own, where dying can only be its own doing.
+        generation = self._generation
+        try:
+            return await self._submit(self._executor, blobs, pixels, messages)
+        except BrokenProcessPool:
+            self._restart(generation)
+        async with self._alone_lock:
+            if self._alone is None:
+                self._alone = self._start(1)
             try:
-                fut = self._executor.submit(_prepare, blobs, pixels, messages)
-                return await asyncio.wrap_future(fut)
+                return await self._submit(self._alone, blobs, pixels, messages)
             except BrokenProcessPool:
-                self._restart(generation)
-                if attempt == 2:
-                    raise VlmqError(
-                        ErrorCode.INTERNAL,
-                        "an image process died twice on this job (a decoder crash or out of memory)",
-                    ) from None
-            except VlmqError:
-                raise
-            except Exception as exc:  # e.g. a result that could not be unpickled
-                raise VlmqError(ErrorCode.INTERNAL, f"image process: {describe(exc)}") from None
-        raise AssertionError("unreachable")
+                self._alone.shutdown(wait=False, cancel_futures=True)
+                self._alone = None
+                raise VlmqError(
+                    ErrorCode.INTERNAL,
+                    "the image process died on this job, also when it ran alone "
+                    "(a decoder crash or out of memory)",
+                ) from None
+
+    @staticmethod
+    async def _submit(
+        executor: Executor, blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]
+    ) -> Prepared:
+        try:
+            return await asyncio.wrap_future(executor.submit(_prepare, blobs, pixels, messages))
+        except (VlmqError, BrokenProcessPool):
+            raise
+        except Exception as exc:  # e.g. a result that could not be unpickled
+            raise VlmqError(ErrorCode.INTERNAL, f"image process: {describe(exc)}") from None
 
     def _restart(self, generation: int) -> None:
         if generation != self._generation:  # another job restarted it already
             return
         log.warning("image process pool broke; restarting it", workers=self.workers)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._start()
+        self._executor = self._start(self.workers)
         self._generation += 1

@@ -1,31 +1,34 @@
-"""vlmq end to end vs. the engine driven directly, on one machine, in one run.
+"""vlmq end to end vs. the engine driven directly and vs. vLLM's own batch runner: photos of
+several sizes, one machine, one run, every mode on the same photos.
 
-Same images (photo-like JPEGs made here, put in S3 = moto_server), same prompt and
-max_tokens, one engine instance (one model load) for the three modes:
+Modes, each per photo size (1024x768, 2048x1536, 4032x3024, a mixed set), interleaved:
 
-- ceiling: AsyncLLM (through the adapter) with every image already decoded and resized in
-  memory, all requests submitted at once;
-- naive:   what the seed examples lead a user to write: fetch each image in turn from S3,
-  open it, and call the engine on batches of 16 (vLLM resizes);
-- vlmq:    jobs through Kafka (tansu) -> the vlmq worker (in this process, sharing the
-  engine) -> Redis, submitted by `vlmq bulk submit` in another process; timed from the
-  first submit to the last result (the records' own timestamps).
+- ceiling:   raw prompts to AsyncLLM (through the adapter) with every image already
+             decoded and resized in memory, all requests submitted at once: what vLLM's own
+             front end makes of ready images;
+- render:    the render-pool ceiling: JPEG bytes from memory through the worker's image
+             processes (decode, resize, vLLM's renderer) to AsyncLLM as finished inputs, at
+             most --in-flight at once: the best this engine does with these photos;
+- run_batch: vLLM's `run-batch` code (run_batch_timed.py) over an OpenAI batch file of the
+             same photos as local files (file:// URLs, --allowed-local-media-path), with the
+             same engine options, in its own process and engine, loaded beside ours;
+- vlmq:      jobs through Kafka (tansu) -> the vlmq worker (this process, sharing the engine)
+             -> Redis, images from S3 (moto_server), submitted by `vlmq bulk submit` in another
+             process; timed from the first submit to the last result (the records' own times).
 
-    python bench/gpu/bench_e2e.py --engine vllm --model /tmp/models/qwen2-vl-7b --images 1000
-    python bench/gpu/bench_e2e.py --engine fake --images 64          # a dry run on the CPU
+    python bench/gpu/bench_e2e.py --engine vllm --model /tmp/models/qwen2-vl-7b --images 600
+    python bench/gpu/bench_e2e.py --engine fake --images 64 --sizes 640x480  # a CPU dry run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -34,8 +37,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import boto3
+import botocore.config
 
 from bench.common import hardware, write_result
+from bench.gpu.gpu_sampler import GpuSampler
 from vlmq.deploy.stack import Stack
 from vlmq.producer.client import Client
 from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, Sampling, TextPart
@@ -47,99 +52,72 @@ from vlmq.worker.service import Worker
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
 
 PROMPT = "Describe this image in one or two sentences."
+# The mixed set: landscape and portrait phone and web photos, in turn.
+MIXED = [(1024, 768), (2048, 1536), (4032, 3024), (1536, 2048), (3024, 4032)]
+PIXELS = (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
 
 
-class GpuSampler:
-    """Mean GPU utilization (NVML) over a window; None where there is no GPU."""
-
-    def __init__(self) -> None:
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self._nvml: Any = pynvml
-        except Exception:
-            self._nvml = None
-
-    def __enter__(self) -> GpuSampler:
-        if self._nvml:
-            threading.Thread(target=self._run, daemon=True).start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    @property
-    def mean(self) -> float | None:
-        return round(statistics.fmean(self.samples), 1) if self.samples else None
+def shapes(size: str, n: int) -> list[tuple[int, int]]:
+    if size == "mixed":
+        return [MIXED[i % len(MIXED)] for i in range(n)]
+    w, h = (int(x) for x in size.split("x"))
+    return [(w, h)] * n
 
 
-def make_images(n: int, w: int, h: int) -> list[bytes]:
+def make_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
     with ProcessPoolExecutor() as pool:
-        return list(pool.map(_photo, [(w, h, i) for i in range(n)], chunksize=8))
+        return list(pool.map(_photo, [(w, h, seed + i) for i, (w, h) in enumerate(sizes)], chunksize=4))
 
 
 def _photo(a: tuple[int, int, int]) -> bytes:
     return photo(a[0], a[1], seed=a[2], quality=90)
 
 
-def request(i: int, images: list[Any], max_tokens: int, **kw: Any) -> EngineRequest:
-    parts: list[Any] = [ImageRef(f"s3://memory/{i}")] * len(images) + [TextPart(PROMPT)]
+def request(i: int, n_images: int, max_tokens: int, **kw: Any) -> EngineRequest:
+    parts: list[Any] = [ImageRef(f"s3://memory/{i}")] * n_images + [TextPart(PROMPT)]
+    kw.setdefault("images", [])
     return EngineRequest(
         request_id=f"r{i}-{time.monotonic_ns()}",
         messages=[Message("user", parts)],
-        images=images,
         sampling=Sampling(max_tokens=max_tokens),
         **kw,
     )
 
 
-async def ceiling(engine: Any, blobs: list[bytes], factor: int, max_tokens: int) -> dict[str, Any]:
-    with ThreadPoolExecutor() as pool:
-        images = list(
-            pool.map(
-                lambda b: load_image(
-                    b,
-                    factor=factor,
-                    min_pixels=QWEN_MIN_PIXELS,
-                    max_pixels=QWEN_MAX_PIXELS,
-                    max_image_pixels=100_000_000,
-                ),
-                blobs,
-            )
+async def ceiling(engine: Any, blobs: list[bytes], max_tokens: int) -> dict[str, Any]:
+    def resize(b: bytes) -> Any:
+        return load_image(
+            b, factor=engine.image_factor, min_pixels=PIXELS[0], max_pixels=PIXELS[1], max_image_pixels=10**9
         )
+
+    with ThreadPoolExecutor() as pool:
+        images = list(pool.map(resize, blobs))
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         outs = await asyncio.gather(
-            *(engine.generate(request(i, [img], max_tokens)) for i, img in enumerate(images))
+            *(engine.generate(request(i, 1, max_tokens, images=[img])) for i, img in enumerate(images))
         )
         dt = time.perf_counter() - t0
     return _figures(len(blobs), dt, outs, gpu)
 
 
-async def naive(engine: Any, s3: Any, bucket: str, n: int, max_tokens: int) -> dict[str, Any]:
-    from PIL import Image
+async def render(worker: Worker, blobs: list[bytes], max_tokens: int, in_flight: int) -> dict[str, Any]:
+    """Finished inputs from the worker's own image processes, from JPEG bytes in memory."""
+    pool, engine = worker.pipeline.images, worker.engine
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(i: int, blob: bytes) -> Any:
+        async with gate:
+            req = request(i, 1, max_tokens)
+            prepared = await pool.prepare([blob], [PIXELS], req.messages)
+            req.images, req.rendered = prepared.images, prepared.rendered
+            return await engine.generate(req)
 
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
-        outs = []
-        for start in range(0, n, 16):
-            batch = []
-            for i in range(start, min(n, start + 16)):  # one at a time, as a loop does
-                body = s3.get_object(Bucket=bucket, Key=f"img/{i:05d}.jpg")["Body"].read()
-                batch.append(Image.open(io.BytesIO(body)).convert("RGB"))
-            outs += await asyncio.gather(
-                *(engine.generate(request(start + j, [img], max_tokens)) for j, img in enumerate(batch))
-            )
+        outs = await asyncio.gather(*(one(i, b) for i, b in enumerate(blobs)))
         dt = time.perf_counter() - t0
-    return _figures(n, dt, outs, gpu)
+    return _figures(len(blobs), dt, outs, gpu)
 
 
 def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, Any]:
@@ -150,40 +128,46 @@ def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, A
         "images_per_s": round(n / dt, 2),
         "output_tokens_per_s": round(tokens / dt, 1),
         "gpu_util_mean_pct": gpu.mean,
+        "mean_prompt_tokens": round(sum(o.prompt_tokens for o in outs) / n, 1),
         "mean_output_tokens": round(tokens / n, 1),
     }
 
 
-def write_manifest(path: Path, bucket: str, n: int, max_tokens: int) -> Path:
-    """A `vlmq bulk submit --manifest` file: n one-image jobs over s3://bucket/img/00000.jpg..."""
-    image = {"type": "image"}
+def write_manifest(path: Path, uris: list[str], max_tokens: int) -> Path:
+    """A `vlmq bulk submit --manifest` file: one one-image job per uri."""
     lines = []
-    for i in range(n):
-        content = [image | {"uri": f"s3://{bucket}/img/{i:05d}.jpg"}, {"type": "text", "text": PROMPT}]
+    for i, uri in enumerate(uris):
+        content = [{"type": "image", "uri": uri}, {"type": "text", "text": PROMPT}]
         job = {"key": f"{i:05d}", "messages": [{"role": "user", "content": content}]}
         lines.append(json.dumps(job | {"sampling": {"max_tokens": max_tokens}}) + "\n")
     path.write_text("".join(lines))
     return path
 
 
+def write_openai_batch(path: Path, files: list[Path], max_tokens: int, model: str) -> Path:
+    """The same jobs as an OpenAI batch file for `vllm run-batch` (images as file:// URLs)."""
+    lines = []
+    for i, f in enumerate(files):
+        content = [{"type": "image_url", "image_url": {"url": f.as_uri()}}, {"type": "text", "text": PROMPT}]
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        }
+        lines.append(
+            json.dumps({"custom_id": f"{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 async def through_vlmq(
-    engine: Any, env: dict[str, str], n: int, bucket: str, max_tokens: int, tmp: Path, in_flight: int
+    env: dict[str, str], uris: list[str], args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
-    batch = f"gpu-{int(time.time())}"
-    manifest = write_manifest(tmp / "manifest.jsonl", bucket, n, max_tokens)
-    settings = WorkerSettings(
-        kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
-        redis_url=env["VLMQ_REDIS_URL"],
-        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
-        metrics_port=0,
-        max_in_flight=in_flight,
-        engine=engine.name,
-        model=engine.model,
-        image_workers=max(4, (os.cpu_count() or 8) - 4),
-        group_id=f"bench-{batch}",
-    )
-    worker = Worker(settings, engine=engine)
-    serving = asyncio.create_task(worker.run())
+    batch = f"gpu-{time.time_ns()}"
+    manifest = write_manifest(tmp / f"{batch}.jsonl", uris, args.max_tokens)
+    n = len(uris)
     with GpuSampler() as gpu:
         submit = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -195,19 +179,18 @@ async def through_vlmq(
             "--manifest",
             str(manifest),
             env={**os.environ, **env},
+            stdout=asyncio.subprocess.DEVNULL,
         )
         async with Client(env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"]) as client:
-            while (await client.batch(batch)).finished < n:
+            while await _finished(client, batch) < n:
+                if submit.returncode:
+                    raise RuntimeError(f"vlmq bulk submit failed ({submit.returncode})")
                 await asyncio.sleep(0.25)
             results = [r async for r in client.iter_results(batch)]
-            extra = await _features(client, bucket)
     await submit.wait()
-    worker.stop()
-    await serving
     t = [r.timings for r in results if r.timings]
     start = min(x.submitted_at for x in t if x.submitted_at)
     end = max(x.finished_at for x in t if x.finished_at)
-    ok = sum(r.state.value == "succeeded" for r in results)
     tokens = sum(r.usage.completion_tokens for r in results if r.usage)
 
     def mean(attr: str) -> float | None:
@@ -216,36 +199,103 @@ async def through_vlmq(
 
     return {
         "images": n,
-        "succeeded": ok,
+        "succeeded": sum(r.state.value == "succeeded" for r in results),
         "seconds": round(end - start, 2),
         "images_per_s": round(n / (end - start), 2),
         "output_tokens_per_s": round(tokens / (end - start), 1),
         "gpu_util_mean_pct": gpu.mean,
+        "mean_prompt_tokens": round(sum(r.usage.prompt_tokens for r in results if r.usage) / n, 1),
         "mean_output_tokens": round(tokens / n, 1),
         "stage_means_s": {k: mean(k) for k in ("fetch_s", "preprocess_s", "engine_s", "ttft_s")},
-        **extra,
     }
 
 
-async def _features(client: Client, bucket: str) -> dict[str, Any]:
-    """Multi-image and structured-output jobs through the same worker: do they succeed?"""
+async def _finished(client: Client, batch: str) -> int:
+    from vlmq.producer.errors import BatchNotFound
+
+    try:
+        return (await client.batch(batch)).finished
+    except BatchNotFound:  # its first job is not in yet
+        return 0
+
+
+def _cli_flag(key: str, value: str) -> str:
+    """An engine option as vLLM's command line takes it (booleans as --x / --no-x)."""
+    name = key.replace("_", "-")
+    if value in ("true", "false"):
+        return f"--{name}" if value == "true" else f"--no-{name}"
+    return f"--{name}={value}"
+
+
+class RunBatch:
+    """vLLM's batch runner in its own process and engine (run_batch_timed.py --serve)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(
+        cls, args: argparse.Namespace, options: dict[str, str], tmp: Path, warm: list[Path]
+    ) -> RunBatch:
+        flags = [_cli_flag(k, v) for k, v in options.items() if k != "ignore_eos"]
+        warmup = write_openai_batch(tmp / "rb-warmup.jsonl", warm, 8, args.model)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("run_batch_timed.py")),
+            "--serve",
+            "--warmup",
+            str(warmup),
+            "--",
+            "--model",
+            args.model,
+            f"--allowed-local-media-path={tmp}",
+            *flags,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self = cls(proc)
+        assert (await self._line()).get("ready"), "vLLM's batch runner did not start"
+        return self
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            if line.startswith(b"{"):
+                return dict(json.loads(line))
+        raise RuntimeError(f"vLLM's batch runner exited ({await self.proc.wait()})")
+
+    async def run(self, path: Path) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{path}\n".encode())
+        await self.proc.stdin.drain()
+        return await self._line()
+
+    async def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        await self.proc.wait()
+
+
+async def features(env: dict[str, str], uris: list[str]) -> dict[str, Any]:
+    """Multi-image, choice and JSON-schema jobs through the same worker: do they succeed?"""
     from vlmq.schemas.job import Job
 
-    two = [ImageRef(f"s3://{bucket}/img/00000.jpg"), ImageRef(f"s3://{bucket}/img/00001.jpg")]
+    two = [ImageRef(uris[0]), ImageRef(uris[1])]
+    t = time.time_ns()
     jobs = [
         Job(
-            job_id=f"multi-{time.time_ns()}",
+            job_id=f"multi-{t}",
             messages=[Message("user", [*two, TextPart("Compare them.")])],
             sampling=Sampling(max_tokens=16),
         ),
         Job(
-            job_id=f"choice-{time.time_ns()}",
+            job_id=f"choice-{t}",
             messages=[Message("user", [two[0], TextPart("Safe?")])],
             response_format=ChoiceFormat(["safe", "unsafe"]),
             sampling=Sampling(max_tokens=8),
         ),
         Job(
-            job_id=f"json-{time.time_ns()}",
+            job_id=f"json-{t}",
             messages=[Message("user", [two[0], TextPart("Label it.")])],
             response_format=JsonSchemaFormat(
                 {
@@ -257,18 +307,18 @@ async def _features(client: Client, bucket: str) -> dict[str, Any]:
             sampling=Sampling(max_tokens=32),
         ),
     ]
-    await client.submit_many(jobs)
-    done = await client.wait_many([j.job_id for j in jobs], timeout=300)
+    async with Client(env["VLMQ_KAFKA_BOOTSTRAP"], env["VLMQ_REDIS_URL"]) as client:
+        await client.submit_many(jobs)
+        done = await client.wait_many([j.job_id for j in jobs], timeout=300)
     return {
-        "feature_jobs": {
-            j.job_id.split("-")[0]: {
-                "state": r.state.value,
-                "text": (r.text or "")[:80],
-                "parsed": r.parsed,
-                "error": r.error.message[:200] if r.error else None,
-            }
-            for j, r in zip(jobs, done, strict=True)
+        j.job_id.split("-")[0]: {
+            "state": r.state.value,
+            "text": (r.text or "")[:80],
+            "parsed": r.parsed,
+            "image_tokens": r.usage.image_tokens if r.usage else None,
+            "error": r.error.message[:200] if r.error else None,
         }
+        for j, r in zip(jobs, done, strict=True)
     }
 
 
@@ -285,93 +335,197 @@ def engine_options(args: argparse.Namespace) -> dict[str, str]:
         "load_format": "dummy",
         "max_model_len": "8192",
         "max_num_seqs": str(args.max_num_seqs),
-        "gpu_memory_utilization": "0.85",
+        # Two engines share the GPU (vlmq's and run-batch's); neither is short of KV cache.
+        "gpu_memory_utilization": str(args.gpu_memory_utilization),
         "limit_mm_per_prompt": '{"image": 4}',
         "enable_prefix_caching": "false",
+        "mm_processor_cache_gb": "0",  # each photo comes once; vlmq's default
         "ignore_eos": "true",
-    }
+    } | dict(kv.split("=", 1) for kv in args.engine_arg)
 
 
-async def main() -> None:
+async def start_worker(
+    engine: Any, env: dict[str, str], args: argparse.Namespace
+) -> tuple[Worker, asyncio.Task[int]]:
+    settings = WorkerSettings(
+        kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
+        redis_url=env["VLMQ_REDIS_URL"],
+        s3_endpoint_url=env["VLMQ_S3_ENDPOINT_URL"],
+        metrics_port=0,
+        max_in_flight=args.in_flight,
+        engine=engine.name,
+        model=engine.model,
+        image_pool=args.image_pool,
+        group_id=f"bench-{time.time_ns()}",
+        max_image_pixels=100_000_000,
+    )
+    worker = Worker(settings, engine=engine)
+    serving = asyncio.create_task(worker.run())
+    while worker.not_ready():  # image processes up, partitions assigned: then the clock may run
+        if serving.done():
+            raise RuntimeError(f"worker exited: {serving.result()}")
+        await asyncio.sleep(0.5)
+    return worker, serving
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s, and every run's figure."""
+    ranked = sorted(runs, key=lambda r: r["images_per_s"])
+    return ranked[(len(ranked) - 1) // 2] | {"runs_images_per_s": [r["images_per_s"] for r in runs]}
+
+
+async def measure_size(
+    size: str, ctx: dict[str, Any], args: argparse.Namespace, modes: list[str]
+) -> dict[str, Any]:
+    blobs, uris = ctx["blobs"][size], ctx["uris"][size]
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for _ in range(args.repeat):
+        for mode in modes:
+            if mode == "run_batch":
+                out = await ctx["run_batch"].run(ctx["batch_files"][size])
+            elif mode == "ceiling":
+                out = await ceiling(ctx["engine"], blobs, args.max_tokens)
+            elif mode == "render":
+                out = await render(ctx["worker"], blobs, args.max_tokens, args.in_flight)
+            else:
+                out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"])
+            print(size, mode, out, flush=True)
+            runs[mode].append(out)
+    row: dict[str, Any] = {"size": size, "images": len(blobs)} | {m: median_of(r) for m, r in runs.items()}
+    ips = {m: row[m]["images_per_s"] for m in modes}
+    vlmq = ips.get("vlmq")
+    for key, base in (
+        ("ratio", "ceiling"),
+        ("ratio_run_batch", "run_batch"),
+        ("ratio_render_ceiling", "render"),
+    ):
+        row[key] = round(vlmq / ips[base], 3) if vlmq and ips.get(base) else None
+    return row
+
+
+async def prepare_data(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[str, Any]:
+    """Photos per size: in memory, in S3 (for vlmq), as files with an OpenAI batch file each
+    (for run-batch). Seeds differ per size; the warm-up photos are other pixels again."""
+    s3 = boto3.client(
+        "s3", endpoint_url=env["VLMQ_S3_ENDPOINT_URL"], config=botocore.config.Config(max_pool_connections=16)
+    )
+    s3.create_bucket(Bucket="bench")
+    ctx: dict[str, Any] = {"blobs": {}, "uris": {}, "files": {}, "batch_files": {}}
+    for k, size in enumerate(args.sizes.split(",")):
+        t0 = time.perf_counter()
+        blobs = make_images(shapes(size, args.images), seed=100_000 * (k + 1))
+        keys = [f"img/{size}/{i:05d}.jpg" for i in range(len(blobs))]
+        folder = tmp / "img" / size
+        folder.mkdir(parents=True)
+        files = [folder / f"{i:05d}.jpg" for i in range(len(blobs))]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda k, b: s3.put_object(Bucket="bench", Key=k, Body=b), keys, blobs))
+            list(pool.map(Path.write_bytes, files, blobs))
+        ctx["blobs"][size], ctx["uris"][size], ctx["files"][size] = (
+            blobs,
+            [f"s3://bench/{k}" for k in keys],
+            files,
+        )
+        ctx["batch_files"][size] = write_openai_batch(
+            tmp / f"rb-{size}.jsonl", files, args.max_tokens, args.model
+        )
+        mb = sum(map(len, blobs)) / 2**20
+        print(
+            f"{size}: {len(blobs)} photos, {mb:.0f} MiB, ready in {time.perf_counter() - t0:.0f}s", flush=True
+        )
+    warm_blobs = make_images(shapes("2048x1536", 16), seed=7)
+    (tmp / "img" / "warm").mkdir(parents=True)
+    ctx["warm_files"] = [tmp / "img" / "warm" / f"{i}.jpg" for i in range(16)]
+    for f, b in zip(ctx["warm_files"], warm_blobs, strict=True):
+        f.write_bytes(b)
+    ctx["warm_blobs"] = warm_blobs
+    return ctx
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default="vllm")
     ap.add_argument("--model", default="fake")
-    ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--images", type=int, default=600, help="photos per size")
+    ap.add_argument("--sizes", default="1024x768,2048x1536,4032x3024,mixed")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.42)
     ap.add_argument("--in-flight", type=int, default=384)
-    ap.add_argument("--modes", default="ceiling,naive,vlmq")
+    ap.add_argument("--image-pool", default="auto", help="the worker's image pool: auto | process | thread")
+    ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each mode per size; medians are kept")
+    ap.add_argument("-e", "--engine-arg", action="append", default=[], help="more engine options key=value")
     ap.add_argument("--name", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+async def main() -> None:
+    args = parse_args()
     from vlmq.core.logs import configure
 
     configure("console", "WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-gpu-"))
-    t0 = time.perf_counter()
-    blobs = make_images(args.images, args.width, args.height)
-    print(f"{len(blobs)} images made in {time.perf_counter() - t0:.1f}s", flush=True)
     stack = Stack(tmp / "stack", partitions=8)
     env = await asyncio.to_thread(stack.up)
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    options = engine_options(args)
+    modes = [m for m in args.modes.split(",") if m]
+    if args.engine != "vllm":  # run-batch is vLLM's; without a renderer, "render" is "ceiling"
+        modes = [m for m in modes if m not in ("run_batch", "render")]
+    ctx: dict[str, Any] = {"env": env, "tmp": tmp}
     try:
-        s3 = boto3.client("s3", endpoint_url=env["VLMQ_S3_ENDPOINT_URL"])
-        s3.create_bucket(Bucket="bench")
-        with ThreadPoolExecutor(16) as pool:
-            list(
-                pool.map(
-                    lambda ib: s3.put_object(Bucket="bench", Key=f"img/{ib[0]:05d}.jpg", Body=ib[1]),
-                    enumerate(blobs),
-                )
-            )
-        options = engine_options(args)
-        engine = make_engine(args.engine, args.model, options)
+        ctx |= await prepare_data(args, env, tmp)
+        t0 = time.perf_counter()
+        if "run_batch" in modes:  # first, alone on the GPU while it sizes its memory
+            ctx["run_batch"] = await RunBatch.start(args, options, tmp, ctx["warm_files"])
+        rb_started = round(time.perf_counter() - t0, 1)
+        engine = ctx["engine"] = make_engine(args.engine, args.model, options)
         t0 = time.perf_counter()
         await engine.start()
+        ctx["worker"], serving = await start_worker(engine, env, args)
         started = round(time.perf_counter() - t0, 1)
-        print(f"engine up in {started}s", flush=True)
-        warm = make_images(16, args.width, args.height)  # other pixels than the measured ones
-        await ceiling(engine, [w + b"" for w in warm], engine.image_factor, 8)
-        out: dict[str, Any] = {}
-        modes = args.modes.split(",")
-        if "ceiling" in modes:
-            out["ceiling"] = await ceiling(engine, blobs, engine.image_factor, args.max_tokens)
-            print("ceiling", out["ceiling"], flush=True)
-        if "naive" in modes:
-            out["naive"] = await naive(engine, s3, "bench", args.images, args.max_tokens)
-            print("naive", out["naive"], flush=True)
-        if "vlmq" in modes:
-            out["vlmq"] = await through_vlmq(
-                engine, env, args.images, "bench", args.max_tokens, tmp, args.in_flight
-            )
-            print("vlmq", out["vlmq"], flush=True)
-        base = out.get("ceiling", {}).get("images_per_s", 0.0)
-        value = out.get("vlmq", {}).get("images_per_s", 0.0)
-        naive_ips = out.get("naive", {}).get("images_per_s")
+        print(f"engines up: run-batch {rb_started}s, vlmq's engine and worker {started}s", flush=True)
+        await ceiling(engine, ctx["warm_blobs"], 8)
+        if "render" in modes:
+            await render(ctx["worker"], ctx["warm_blobs"], 8, args.in_flight)
+        rows = [await measure_size(size, ctx, args, modes) for size in args.sizes.split(",")]
+        any_size = next(iter(ctx["uris"].values()))
+        checks = await features(env, any_size) if "vlmq" in modes else {}
+        ctx["worker"].stop()
+        await serving
+        worst = min(rows, key=lambda r: r["ratio"] or 0.0)
         write_result(
-            args.name or f"gpu-{args.engine}",
+            args.name or f"gpu-{args.engine}-photos",
             "images/s",
-            base,
-            value,
+            worst.get("ceiling", {}).get("images_per_s", 0.0),
+            worst.get("vlmq", {}).get("images_per_s", 0.0),
             {
                 "engine": args.engine,
                 "model": args.model,
                 "weights": "random (load_format=dummy), real-size config",
-                "images": args.images,
-                "image_size": f"{args.width}x{args.height} JPEG q90, photo-like",
+                "images_per_size": args.images,
+                "sizes": args.sizes,
+                "mixed_set": [f"{w}x{h}" for w, h in MIXED],
+                "photos": "JPEG q90, photo-like (vlmq.worker.samples.photo)",
                 "prompt": PROMPT,
                 "max_tokens": args.max_tokens,
                 "engine_options": options,
                 "worker_max_in_flight": args.in_flight,
+                "image_pool": args.image_pool,
+                "repeat": args.repeat,
                 "engine_start_s": started,
                 "device": hardware(),
+                "top_level": "baseline/value/ratio are the size with the lowest vlmq / ceiling",
             },
-            modes=out,
-            ratio_vs_naive=round(value / naive_ips, 3) if naive_ips else None,
+            rows=rows,
+            feature_jobs=checks,
         )
     finally:
-        await engine.close() if "engine" in locals() else None
+        if "run_batch" in ctx:
+            await ctx["run_batch"].close()
+        if "engine" in ctx:
+            await ctx["engine"].close()
         stack.down()
 
 

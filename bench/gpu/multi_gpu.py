@@ -28,7 +28,7 @@ import boto3
 from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
-from bench.gpu.bench_e2e import make_images, write_manifest
+from bench.gpu.bench_e2e import make_images, shapes, write_manifest
 from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 from vlmq.schemas import keys
@@ -72,7 +72,7 @@ def start_worker(
 
 
 def submit(env: dict[str, str], batch: str, n: int, tmp: Path) -> None:
-    manifest = write_manifest(tmp / f"{batch}.jsonl", "bench", n, 64)
+    manifest = write_manifest(tmp / f"{batch}.jsonl", [f"s3://bench/img/{i:05d}.jpg" for i in range(n)], 64)
     subprocess.run(
         [sys.executable, "-m", "vlmq.cli", "bulk", "submit", batch, "--manifest", str(manifest)],
         env={**os.environ, **env, "VLMQ_JOBS_TOPIC": TOPIC},
@@ -116,7 +116,7 @@ async def main() -> None:
     ap.add_argument("--engine", default="vllm", help="vllm, or fake for a dry run on the CPU")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-multi-"))
-    blobs = make_images(args.images, 1024, 768)
+    blobs = make_images(shapes("1024x768", args.images))
     stack = Stack(tmp / "stack", partitions=16)
     env = await asyncio.to_thread(stack.up)
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})

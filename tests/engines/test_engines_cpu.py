@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -247,6 +248,7 @@ async def cancel_mid_generation(e: Env, client: Client, uri: str, inside: Callab
     ("engine", "family"),
     [
         ("vllm", "tiny-qwen2-vl"),
+        ("vllm-thread", "tiny-qwen2-vl"),
         ("hf", "tiny-qwen2-vl"),
         ("openai", "tiny-qwen2-vl"),
         ("vllm", "tiny-qwen2.5-vl"),
@@ -259,7 +261,10 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
     e: Env, tiny_models: Callable[[str], Path], engine: str, family: str
 ) -> None:
     """openai: the worker (this venv) forwards to `vllm serve` over HTTP; the cancel must
-    reach the server, whose own gauges say the request left."""
+    reach the server, whose own gauges say the request left. vllm: vLLM's renderer runs in
+    the worker's image processes and vLLM gets finished inputs; vllm-thread: vLLM renders
+    the decoded images itself (--image-pool thread)."""
+    engine, pool = engine.partition("-")[::2]
     tiny_model = tiny_models(family)
     uris = put_images(e, 4, w=320, h=240)
     port = free_port()
@@ -285,7 +290,15 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
                 metrics_port=port,
                 max_in_flight=32,
                 env=ENV,
-                args=("--engine", engine, "--model", str(tiny_model), *FLAGS[engine]),
+                args=(
+                    "--engine",
+                    engine,
+                    "--model",
+                    str(tiny_model),
+                    "--image-pool",
+                    pool or "auto",
+                    *FLAGS[engine],
+                ),
             )
 
             def inside() -> float:
@@ -295,6 +308,8 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
             wait_until, lambda: worker_ready(port) or proc.poll() is not None, f"the {engine} worker", 300
         )
         assert proc.poll() is None, log_text(e, "engine")[-3000:]
+        ready = next(line for line in log_text(e, "engine").splitlines() if "image pool ready" in line)
+        assert json.loads(ready)["renders"] is (engine == "vllm" and pool != "thread"), ready
         await run_jobs(e, uris, inside, image_tokens(family), counts_images=engine != "openai")
         assert stop_worker(proc, timeout=120) == 0
 

@@ -1,0 +1,181 @@
+"""The image stage's pool: processes and threads decode alike; a renderer runs in each
+process; whatever a renderer or decoder does wrong (raise anything, kill its process) is
+that job's typed failure and the pool serves on; the byte budget and the engine pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Sampling, TextPart
+from vlmq.schemas.errors import VlmqError
+from vlmq.worker.engines.fake import FakeEngine
+from vlmq.worker.fetch import Fetcher
+from vlmq.worker.pipeline import Pipeline
+from vlmq.worker.render import DecodeLimits, ImagePool, RenderBudget
+from vlmq.worker.samples import photo
+from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
+
+LIMITS = DecodeLimits(28, 64_000_000, ("JPEG", "PNG"))
+PIXELS = (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+
+
+class Unpicklable(Exception):
+    """An exception a library might raise that cannot cross a process boundary."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+        self.lock = __import__("threading").Lock()
+
+
+class EchoRenderer:
+    """Renders to (prompt text, image sizes); misbehaves when the prompt says so."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def render(self, messages: list[Message], images: list[Any]) -> tuple[Any, int]:
+        text = " ".join(p.text for m in messages for p in m.parts if isinstance(p, TextPart))
+        if "die" in text:
+            os._exit(9)  # a decoder segfault, the OOM killer
+        if "odd" in text:
+            raise Unpicklable(1, 2)
+        if "long" in text:
+            raise ValueError(
+                "The decoder prompt (length 9000) is longer than the maximum model length of 4096"
+            )
+        return {"text": text, "sizes": [i.size for i in images], "pid": self.pid}, 1234
+
+
+class EchoFactory:
+    def __call__(self) -> EchoRenderer:
+        return EchoRenderer()
+
+
+class FailingFactory:
+    def __call__(self) -> EchoRenderer:
+        raise RuntimeError("no tokenizer here")
+
+
+def _msgs(text: str) -> list[Message]:
+    return [Message("user", [ImageRef("s3://b/k"), TextPart(text)])]
+
+
+@pytest.fixture
+async def rendering() -> AsyncIterator[ImagePool]:
+    pool = ImagePool(LIMITS, pool="process", workers=2, renderer=EchoFactory())
+    await pool.warm()
+    yield pool
+    pool.close()
+
+
+async def test_processes_and_threads_decode_alike() -> None:
+    blobs = [photo(1600, 1200, seed=1), photo(300, 200, seed=2)]
+    got = []
+    for kind in ("process", "thread"):
+        pool = ImagePool(LIMITS, pool=kind, workers=1)
+        try:
+            prepared = await pool.prepare(blobs, [PIXELS, PIXELS], _msgs("x"))
+        finally:
+            pool.close()
+        assert prepared.rendered is None and not pool.renders
+        assert prepared.nbytes == sum(i.width * i.height * 3 for i in prepared.images)
+        got.append([(i.size, i.tobytes()) for i in prepared.images])
+    assert got[0] == got[1]
+
+
+async def test_a_renderer_runs_in_each_process_and_its_output_comes_back(rendering: ImagePool) -> None:
+    prepared = await rendering.prepare([photo(640, 480, seed=3)], [PIXELS], _msgs("caption"))
+    assert rendering.renders and prepared.images == []
+    assert prepared.rendered["text"] == "caption" and prepared.nbytes == 1234
+    assert prepared.rendered["sizes"] == [(644, 476)]  # resized in the process first
+    assert prepared.rendered["pid"] != os.getpid()
+
+
+async def test_every_failure_is_the_jobs_typed_error_and_the_pool_serves_on(rendering: ImagePool) -> None:
+    good = photo(320, 240, seed=4)
+    with pytest.raises(VlmqError) as corrupt:
+        await rendering.prepare([b"\xff\xd8 not a jpeg"], [PIXELS], _msgs("x"))
+    assert corrupt.value.code is ErrorCode.IMAGE_CORRUPT
+    with pytest.raises(VlmqError) as odd:
+        await rendering.prepare([good], [PIXELS], _msgs("odd"))
+    assert odd.value.code is ErrorCode.ENGINE_ERROR and "Unpicklable: 1/2" in odd.value.message
+    with pytest.raises(VlmqError) as long:
+        await rendering.prepare([good], [PIXELS], _msgs("long"))
+    assert long.value.code is ErrorCode.PROMPT_TOO_LONG
+    # A job whose process dies: tried again alone, where it dies again: failed. The jobs its
+    # death took down with it succeed on their second try, and the pool serves on.
+    others = [rendering.prepare([good], [PIXELS], _msgs(f"ok {i}")) for i in range(6)]
+    outcome = await asyncio.gather(
+        rendering.prepare([good], [PIXELS], _msgs("die")), *others, return_exceptions=True
+    )
+    assert isinstance(outcome[0], VlmqError) and outcome[0].code is ErrorCode.INTERNAL
+    assert "also when it ran alone" in outcome[0].message
+    assert [o.rendered["text"] for o in outcome[1:]] == [f"ok {i}" for i in range(6)]  # type: ignore[union-attr]
+    assert (await rendering.prepare([good], [PIXELS], _msgs("after"))).rendered["text"] == "after"
+
+
+async def test_a_renderer_that_cannot_start_stops_the_worker_at_start(tmp_path: Path) -> None:
+    class NoRenderer(FakeEngine):
+        def renderer(self) -> Any:
+            return FailingFactory()
+
+    settings = WorkerSettings(image_workers=1)
+    async with Fetcher(settings) as fetcher:
+        pipeline = Pipeline(settings, fetcher, NoRenderer())
+        assert pipeline.images.kind == "process"  # auto: the engine has a renderer
+        try:
+            with pytest.raises(Exception, match="image processes could not start"):
+                await pipeline.start()
+        finally:
+            pipeline.close()
+
+
+async def test_the_budget_holds_bytes_and_lets_one_oversized_job_run_alone() -> None:
+    budget = RenderBudget(100)
+    a = await budget.acquire(60)
+    blocked = asyncio.ensure_future(budget.acquire(60))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    a = await budget.resize(a, 30)  # the real size turned out smaller
+    assert await asyncio.wait_for(blocked, 1) == 60 and budget.held == 90
+    await budget.release(a)
+    await budget.release(60)
+    assert await asyncio.wait_for(budget.acquire(500), 1) == 500  # alone: runs
+    assert budget.held == 500
+
+
+async def test_images_are_prepared_no_further_ahead_than_the_engines_queue(tmp_path: Path) -> None:
+    """With the engine's waiting queue at the target, no job is prepared until it drains."""
+
+    class Busy(FakeEngine):
+        waiting = 5
+
+        def stats(self) -> dict[str, Any]:
+            return {"running": 0, "waiting": self.waiting}
+
+    (tmp_path / "a.jpg").write_bytes(photo(64, 64, seed=5))
+    settings = WorkerSettings(allowed_file_roots=[str(tmp_path)], engine_waiting_target=4)
+    engine = Busy(step_ms=1)
+    await engine.start()
+    async with Fetcher(settings) as fetcher:
+        pipeline = Pipeline(settings, fetcher, engine)
+        try:
+            job = Job(
+                job_id="j",
+                messages=[Message("user", [ImageRef(f"file://{tmp_path}/a.jpg"), TextPart("x")])],
+                sampling=Sampling(max_tokens=2),
+            )
+            run = asyncio.ensure_future(pipeline.run(job, 1))
+            await asyncio.sleep(0.1)
+            assert not run.done()
+            engine.waiting = 0
+            assert (await asyncio.wait_for(run, 5)).state is JobState.SUCCEEDED
+        finally:
+            pipeline.close()
+            await engine.close()
