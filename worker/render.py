@@ -17,6 +17,7 @@ pickler), and `RenderBudget` bounds the bytes held between render and the engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -137,6 +138,17 @@ class RenderBudget:
         await self.resize(n, 0)
 
 
+def _raise_fd_limit() -> None:
+    """Each tensor from the pool arrives as a file descriptor of shared memory, held until
+    the engine has taken the input: hundreds in flight pass a 1024 soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ImagePool:
     """Prepares jobs' images in processes (with the engine's renderer) or threads."""
 
@@ -165,6 +177,7 @@ class ImagePool:
     def _start(self, workers: int) -> Executor:
         if self.kind == "thread":
             return ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        _raise_fd_limit()
         # spawn: a fork of a process holding CUDA, an event loop and sockets is unsafe.
         ctx = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(
