@@ -15,7 +15,8 @@ import redis
 
 from vlmq.deploy.stack import Stack
 
-RESULTS = Path(__file__).parent / "results"
+# Where result files go (VLMQ_BENCH_RESULTS: elsewhere, e.g. outside a synced checkout).
+RESULTS = Path(os.environ.get("VLMQ_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def hardware() -> str:

