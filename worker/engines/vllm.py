@@ -15,7 +15,9 @@ vLLM's names (`-e max_num_seqs=16`, `-e limit_mm_per_prompt='{"image": 4}'`,
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import time
 from typing import Any
 
@@ -227,14 +229,34 @@ class VllmRenderer:
 
         self._renderer = renderer_from_config(vllm_config)
         self._template = chat_template_owner(path, trust)
+        # With the processor cache and prefix caching off, vLLM names each image
+        # "renderer<rank>-mm-<counter>-image-<i>" instead of hashing it, and the engine's
+        # encoder cache is keyed by that name. Every process here would count from 1 under
+        # the same rank: images of different jobs would share names, and so embeddings
+        # (seen on an H200: wrong embeddings, and an engine dead of "1609 multimodal tokens
+        # to 1840 placeholders"). A rank of this process's own makes the names unique.
+        self._tag = f"-vlmq{os.getpid()}x{secrets.token_hex(6)}"
+        self._renderer.api_process_rank = self._tag
 
     def render(self, messages: list[Message], images: list[Any]) -> tuple[Any, int]:
         prompt: dict[str, Any] = {"prompt": chat_prompt(self._template, messages)}
         if images:
             prompt["multi_modal_data"] = {"image": images}
-        # skip_mm_cache: the engine's processor cache is off (a cache here would be per process).
+        # skip_mm_cache: a processor cache here would be per process, and could not agree
+        # with the engine's.
         (out,) = self._renderer.render_cmpl([prompt], skip_mm_cache=True)
+        self._check_names(out.get("mm_hashes") or {})
         return out, tensor_bytes(out.get("mm_kwargs"))
+
+    def _check_names(self, hashes: dict[str, list[str]]) -> None:
+        """Content hashes, or names with this process's tag: anything else could collide
+        with another process's names (a vLLM whose naming changed): refuse, never guess."""
+        for name in (h for names in hashes.values() for h in names):
+            if name.startswith("renderer") and self._tag not in name:
+                raise RuntimeError(
+                    f"vLLM named an image {name!r}, which other image processes may also use; "
+                    "run the worker with --image-pool thread"
+                )
 
 
 def tensor_bytes(mm_kwargs: Any) -> int:
