@@ -43,10 +43,8 @@ class Pipeline:
         self.fetcher = fetcher
         self.engine = engine
         limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
-        factory = engine.renderer()
         kind = settings.image_pool
-        if kind == "auto":
-            kind = "process" if factory is not None else "thread"
+        factory = engine.renderer() if kind == "process" else None
         self.images = ImagePool(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
         self.budget = RenderBudget(settings.max_render_bytes)
         self._preparing = 0

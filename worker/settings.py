@@ -81,10 +81,12 @@ class WorkerSettings(Connection, kw_only=True):
     image_formats: list[str] = msgspec.field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
     )
-    # Where images are decoded, resized and (vLLM) rendered into the engine's finished input:
-    # process (a pool of processes, each with the engine's own renderer), thread (threads of
-    # this process; the engine renders), auto (process when the engine has a renderer).
-    image_pool: Literal["auto", "process", "thread"] = "auto"
+    # Where images are decoded and resized: thread (threads of this process; the engine
+    # renders them into its input) or process (a pool of processes; with vLLM each also runs
+    # vLLM's own renderer and the engine gets finished inputs). On an H200 with vLLM 0.26
+    # the process pool was slower (16.77 vs 17.77 images/s at 3 MP, docs/performance.md):
+    # vLLM's front end keeps up once images are resized, and the tensors are 8x the pixels.
+    image_pool: Literal["process", "thread"] = "thread"
     # Processes or threads of that pool; 0: CPU cores - 4 processes (the engine's front end
     # and core and this event loop keep a core each), or one thread per core.
     image_workers: int = 0

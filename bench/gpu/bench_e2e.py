@@ -6,9 +6,9 @@ Modes, each per photo size (1024x768, 2048x1536, 4032x3024, a mixed set), interl
 - ceiling:   raw prompts to AsyncLLM (through the adapter) with every image already
              decoded and resized in memory, all requests submitted at once: what vLLM's own
              front end makes of ready images;
-- render:    the render-pool ceiling: JPEG bytes from memory through the worker's image
-             processes (decode, resize, vLLM's renderer) to AsyncLLM as finished inputs, at
-             most --in-flight at once: the best this engine does with these photos;
+- render:    the render-pool ceiling: JPEG bytes from memory through a pool of image
+             processes (decode, resize, vLLM's renderer; what `--image-pool process` runs)
+             to AsyncLLM as finished inputs, at most --in-flight at once;
 - run_batch: vLLM's `run-batch` code (run_batch_timed.py) over an OpenAI batch file of the
              same photos as local files (file:// URLs, --allowed-local-media-path), with the
              same engine options, in its own process and engine, loaded beside ours;
@@ -47,6 +47,7 @@ from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, 
 from vlmq.worker.engines import make_engine
 from vlmq.worker.engines.base import EngineRequest
 from vlmq.worker.preprocess import load_image
+from vlmq.worker.render import DecodeLimits, ImagePool
 from vlmq.worker.samples import photo
 from vlmq.worker.service import Worker
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
@@ -101,9 +102,11 @@ async def ceiling(engine: Any, blobs: list[bytes], max_tokens: int) -> dict[str,
     return _figures(len(blobs), dt, outs, gpu)
 
 
-async def render(worker: Worker, blobs: list[bytes], max_tokens: int, in_flight: int) -> dict[str, Any]:
-    """Finished inputs from the worker's own image processes, from JPEG bytes in memory."""
-    pool, engine = worker.pipeline.images, worker.engine
+async def render(
+    engine: Any, pool: ImagePool, blobs: list[bytes], max_tokens: int, in_flight: int
+) -> dict[str, Any]:
+    """Finished inputs from a pool of image processes with vLLM's renderer, from JPEG bytes
+    in memory (the worker's own pool class and settings)."""
     gate = asyncio.Semaphore(in_flight)
 
     async def one(i: int, blob: bytes) -> Any:
@@ -118,6 +121,16 @@ async def render(worker: Worker, blobs: list[bytes], max_tokens: int, in_flight:
         outs = await asyncio.gather(*(one(i, b) for i, b in enumerate(blobs)))
         dt = time.perf_counter() - t0
     return _figures(len(blobs), dt, outs, gpu)
+
+
+async def render_pool(engine: Any, settings: WorkerSettings) -> ImagePool:
+    """The worker's process pool with the engine's renderer (what --image-pool process runs)."""
+    limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
+    pool = ImagePool(
+        limits, pool="process", workers=settings.pool_workers("process"), renderer=engine.renderer()
+    )
+    await pool.warm()
+    return pool
 
 
 def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, Any]:
@@ -386,7 +399,7 @@ async def measure_size(
             elif mode == "ceiling":
                 out = await ceiling(ctx["engine"], blobs, args.max_tokens)
             elif mode == "render":
-                out = await render(ctx["worker"], blobs, args.max_tokens, args.in_flight)
+                out = await render(ctx["engine"], ctx["render_pool"], blobs, args.max_tokens, args.in_flight)
             else:
                 out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"])
             print(size, mode, out, flush=True)
@@ -452,7 +465,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.42)
     ap.add_argument("--in-flight", type=int, default=384)
-    ap.add_argument("--image-pool", default="auto", help="the worker's image pool: auto | process | thread")
+    ap.add_argument("--image-pool", default="thread", help="the vlmq worker's image pool: thread | process")
     ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each mode per size; medians are kept")
     ap.add_argument("-e", "--engine-arg", action="append", default=[], help="more engine options key=value")
@@ -488,7 +501,8 @@ async def main() -> None:
         print(f"engines up: run-batch {rb_started}s, vlmq's engine and worker {started}s", flush=True)
         await ceiling(engine, ctx["warm_blobs"], 8)
         if "render" in modes:
-            await render(ctx["worker"], ctx["warm_blobs"], 8, args.in_flight)
+            ctx["render_pool"] = await render_pool(engine, ctx["worker"].settings)
+            await render(engine, ctx["render_pool"], ctx["warm_blobs"], 8, args.in_flight)
         rows = [await measure_size(size, ctx, args, modes) for size in args.sizes.split(",")]
         any_size = next(iter(ctx["uris"].values()))
         checks = await features(env, any_size) if "vlmq" in modes else {}
@@ -522,6 +536,8 @@ async def main() -> None:
             feature_jobs=checks,
         )
     finally:
+        if "render_pool" in ctx:
+            ctx["render_pool"].close()
         if "run_batch" in ctx:
             await ctx["run_batch"].close()
         if "engine" in ctx:

@@ -75,6 +75,12 @@ FLAGS = {
     ),
     "hf": ("--max-batch-size", "8", "--threads", "2"),
 }
+# The worker's image pool: threads (the default), or two processes rendering for vLLM with
+# its prefix cache off (so vLLM names images by counters instead of hashing them).
+POOL_FLAGS = {
+    "": (),
+    "process": ("--image-pool", "process", "--image-workers", "2", "--enable-prefix-caching", "false"),
+}
 # No hub here; vLLM's CPU backend takes its KV cache size in GiB from the environment.
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
 # vllm serve 0.32 takes JSON only for dicts (`image=4`, the guides' older form, is refused
@@ -248,7 +254,7 @@ async def cancel_mid_generation(e: Env, client: Client, uri: str, inside: Callab
     ("engine", "family"),
     [
         ("vllm", "tiny-qwen2-vl"),
-        ("vllm-thread", "tiny-qwen2-vl"),
+        ("vllm-process", "tiny-qwen2-vl"),
         ("hf", "tiny-qwen2-vl"),
         ("openai", "tiny-qwen2-vl"),
         ("vllm", "tiny-qwen2.5-vl"),
@@ -261,9 +267,10 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
     e: Env, tiny_models: Callable[[str], Path], engine: str, family: str
 ) -> None:
     """openai: the worker (this venv) forwards to `vllm serve` over HTTP; the cancel must
-    reach the server, whose own gauges say the request left. vllm: vLLM's renderer runs in
-    the worker's image processes and vLLM gets finished inputs; vllm-thread: vLLM renders
-    the decoded images itself (--image-pool thread)."""
+    reach the server, whose own gauges say the request left. vllm-process: vLLM's renderer
+    runs in two image processes and vLLM gets finished inputs, with its caches off (where
+    vLLM names images by a per-process counter: names must not collide across processes,
+    or jobs of other image sizes break the engine)."""
     engine, pool = engine.partition("-")[::2]
     tiny_model = tiny_models(family)
     uris = put_images(e, 4, w=320, h=240)
@@ -309,16 +316,23 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
         )
         assert proc.poll() is None, log_text(e, "engine")[-3000:]
         ready = next(line for line in log_text(e, "engine").splitlines() if "image pool ready" in line)
-        assert json.loads(ready)["renders"] is (engine == "vllm" and pool != "thread"), ready
-        await run_jobs(e, uris, inside, image_tokens(family), counts_images=engine != "openai")
+        assert json.loads(ready)["renders"] is (pool == "process"), ready
+        await run_jobs(
+            e, uris, inside, image_tokens(family), counts_images=engine != "openai", sizes=pool == "process"
+        )
         assert stop_worker(proc, timeout=120) == 0
 
 
 async def run_jobs(
-    e: Env, uris: list[str], inside: Callable[[], float], per_image: int, counts_images: bool
+    e: Env, uris: list[str], inside: Callable[[], float], per_image: int, counts_images: bool, sizes: bool
 ) -> None:
+    """`sizes`: the extra jobs' photos come in four sizes (the same size otherwise)."""
     jobs = jobs_for(e, uris)
-    extra = [caption(uris[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(12)]
+    more = uris
+    if sizes:
+        shapes = [(320, 240), (240, 320), (640, 160), (200, 500)]
+        more = [put_images(e, 1, prefix=f"sized{w}x{h}", w=w, h=h)[0] for w, h in shapes]
+    extra = [caption(more[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(16)]
     async with Client(
         e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}
     ) as client:

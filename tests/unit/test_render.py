@@ -125,10 +125,10 @@ async def test_a_renderer_that_cannot_start_stops_the_worker_at_start(tmp_path: 
         def renderer(self) -> Any:
             return FailingFactory()
 
-    settings = WorkerSettings(image_workers=1)
+    settings = WorkerSettings(image_pool="process", image_workers=1)
     async with Fetcher(settings) as fetcher:
         pipeline = Pipeline(settings, fetcher, NoRenderer())
-        assert pipeline.images.kind == "process"  # auto: the engine has a renderer
+        assert pipeline.images.renders
         try:
             with pytest.raises(Exception, match="image processes could not start"):
                 await pipeline.start()
