@@ -297,15 +297,7 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
                 metrics_port=port,
                 max_in_flight=32,
                 env=ENV,
-                args=(
-                    "--engine",
-                    engine,
-                    "--model",
-                    str(tiny_model),
-                    "--image-pool",
-                    pool or "auto",
-                    *FLAGS[engine],
-                ),
+                args=("--engine", engine, "--model", str(tiny_model), *FLAGS[engine], *POOL_FLAGS[pool]),
             )
 
             def inside() -> float:
