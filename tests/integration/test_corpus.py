@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import boto3
 import msgspec
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from bench.common import peak_rss_mib
@@ -19,14 +20,19 @@ from vlmq.schemas.codec import decode_dead_letter
 MAX_RSS_MIB = 1024
 
 
-async def test_every_corpus_case_ends_as_documented(e: Env) -> None:
+@pytest.mark.parametrize("image_pool", ["thread", "process"])
+async def test_every_corpus_case_ends_as_documented(e: Env, image_pool: str) -> None:
+    """process: the images are decoded in the worker's image processes; every decoder
+    failure crosses back as the job's typed error."""
     corpus = cases()
     assert len(corpus) >= 50
     s3 = boto3.client("s3", endpoint_url=e.s3)
     for case in corpus:
         for key, body in case.objects.items():
             s3.put_object(Bucket=e.bucket, Key=key, Body=body)
-    w = start_worker(e, "w", allowed_buckets=e.bucket, **CORPUS_SETTINGS)
+    w = start_worker(
+        e, "w", allowed_buckets=e.bucket, image_pool=image_pool, image_workers=2, **CORPUS_SETTINGS
+    )
     producer = AIOKafkaProducer(
         bootstrap_servers=e.kafka, acks="all", enable_idempotence=False, max_request_size=16 * 1024 * 1024
     )
