@@ -326,6 +326,10 @@ class Stack:
         }
         if "redis-1" in self.services:
             env["VLMQ_REDIS_TOPOLOGY"] = "cluster"
+        if self.services["kafka"].pid is not None:
+            # tansu holds every fetch until fetch_max_wait_ms even when records arrive (Kafka
+            # answers at once): at aiokafka's 500 ms that was a job's whole added latency.
+            env["VLMQ_FETCH_MAX_WAIT_MS"] = "10"
         if self.services["s3"].pid is not None:
             env.update(AWS_ENV)
         return env

@@ -149,14 +149,12 @@ class Client:
         if self._producer is None:
             # No idempotent producer: tansu's memory storage rejects it, and the job id
             # de-duplicates downstream anyway.
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
-                acks="all",
-                enable_idempotence=False,
-                linger_ms=5,
-                max_batch_size=1 << 20,
-                **(self.settings.kafka_options() | self._kafka_options),
-            )
+            # linger_ms and max_batch_size are defaults (an online service may want
+            # linger_ms=0); acks=all is not negotiable: a submitted job is a stored job.
+            options: dict[str, Any] = {"linger_ms": 5, "max_batch_size": 1 << 20}
+            options |= self.settings.kafka_options() | self._kafka_options
+            options |= {"acks": "all", "enable_idempotence": False}
+            producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, **options)
             try:
                 with self._reaching_kafka():
                     await producer.start()

@@ -90,6 +90,7 @@ def make_consumer(settings: WorkerSettings) -> AIOKafkaConsumer:
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.session_timeout_ms // 4,
         max_poll_interval_ms=settings.max_poll_interval_ms,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         **settings.kafka_options(),
     )
 

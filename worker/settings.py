@@ -54,6 +54,11 @@ class WorkerSettings(Connection, kw_only=True):
     # Kafka group session and poll limits (aiokafka's names).
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
+    # How long the broker may hold a fetch that has no new records (aiokafka's name). Kafka
+    # answers a fetch as soon as a record arrives, so this only paces idle polling; tansu
+    # holds every fetch to the end, which made it a job's whole added latency at low load:
+    # the local stack sets 10 (docs/performance.md).
+    fetch_max_wait_ms: int = 500
     # -- images
     # Images one job may carry.
     max_images_per_job: int = 16
