@@ -115,13 +115,14 @@ class Pipeline:
         if not job.images:
             return await self._generate(job, attempt, Prepared([]), timings)
         blobs = await self._fetch(job, timings)
+        pixels = self._pixels(job)
         # Bytes of prepared inputs are bounded from before they exist until the engine answers.
-        held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(hi for _, hi in self._pixels(job)))
+        held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(hi for _, hi in pixels))
         try:
             await self._admit()
             t0 = time.perf_counter()
             try:
-                prepared = await self.images.prepare(blobs, self._pixels(job), job.messages)
+                prepared = await self.images.prepare(blobs, pixels, job.messages)
             finally:
                 self._preparing -= 1
             timings.preprocess_s = time.perf_counter() - t0
