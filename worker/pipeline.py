@@ -128,10 +128,10 @@ class Pipeline:
             timings.preprocess_s = time.perf_counter() - t0
             metrics.STAGE.labels("preprocess").observe(timings.preprocess_s)
             del blobs
-            held = await self.budget.resize(held, prepared.nbytes)
+            held = self.budget.resize(held, prepared.nbytes)
             return await self._generate(job, attempt, prepared, timings)
         finally:
-            await self.budget.release(held)
+            self.budget.release(held)
 
     async def _fetch(self, job: Job, timings: Timings) -> list[bytes]:
         t0 = time.perf_counter()

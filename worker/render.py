@@ -115,27 +115,34 @@ def _prepare(blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[M
 class RenderBudget:
     """Bytes of prepared inputs held at once (a weighted semaphore). A job reserves an
     estimate before it is prepared, trues it up once its size is known, and gives it back
-    when the engine has answered. One job larger than the whole budget still runs, alone."""
+    when the engine has answered. One job larger than the whole budget still runs, alone.
+    Giving back never waits, so a job cancelled twice cannot leak its bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self._cond = asyncio.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire(self, n: int) -> int:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
-            self.held += n
+        while self.held and self.held + n > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.held += n
         return n
 
-    async def resize(self, old: int, new: int) -> int:
-        async with self._cond:
-            self.held += new - old
-            self._cond.notify_all()
+    def resize(self, old: int, new: int) -> int:
+        self.held += new - old
+        for waiter in self._waiters:  # each rechecks; those that still do not fit wait again
+            if not waiter.done():
+                waiter.set_result(None)
         return new
 
-    async def release(self, n: int) -> None:
-        await self.resize(n, 0)
+    def release(self, n: int) -> None:
+        self.resize(n, 0)
 
 
 def _raise_fd_limit() -> None:

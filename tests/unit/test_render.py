@@ -142,12 +142,17 @@ async def test_the_budget_holds_bytes_and_lets_one_oversized_job_run_alone() -> 
     blocked = asyncio.ensure_future(budget.acquire(60))
     await asyncio.sleep(0.01)
     assert not blocked.done()
-    a = await budget.resize(a, 30)  # the real size turned out smaller
+    a = budget.resize(a, 30)  # the real size turned out smaller
     assert await asyncio.wait_for(blocked, 1) == 60 and budget.held == 90
-    await budget.release(a)
-    await budget.release(60)
+    budget.release(a)
+    budget.release(60)
     assert await asyncio.wait_for(budget.acquire(500), 1) == 500  # alone: runs
     assert budget.held == 500
+    gone = asyncio.ensure_future(budget.acquire(10))  # a job cancelled while it waits
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    budget.release(500)
+    assert budget.held == 0 and await asyncio.wait_for(budget.acquire(100), 1) == 100
 
 
 async def test_images_are_prepared_no_further_ahead_than_the_engines_queue(tmp_path: Path) -> None:
