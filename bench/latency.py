@@ -40,7 +40,9 @@ from vlmq.schemas import Job, JobState, Message
 STAGES = ("produce", "to_worker", "engine", "finish", "added", "total")
 
 
-async def start_worker(env: dict[str, str], step_ms: int) -> tuple[asyncio.subprocess.Process, str]:
+async def start_worker(
+    env: dict[str, str], step_ms: int, fetch_max_wait_ms: int | None
+) -> tuple[asyncio.subprocess.Process, str]:
     """`vlmq worker --engine fake`: each job one token after `step_ms`."""
     topic, port = f"lat-{uuid.uuid4().hex[:8]}", free_port()
     wenv = {
@@ -51,6 +53,8 @@ async def start_worker(env: dict[str, str], step_ms: int) -> tuple[asyncio.subpr
         "VLMQ_METRICS_PORT": str(port),
         "VLMQ_LOG_LEVEL": "WARNING",
     }
+    if fetch_max_wait_ms is not None:  # else the stack's (10 on tansu)
+        wenv["VLMQ_FETCH_MAX_WAIT_MS"] = str(fetch_max_wait_ms)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vlmq.worker", "--engine", "fake",
         "-e", f"step_ms={step_ms}", "-e", "completion_tokens=1", env=wenv,
@@ -113,7 +117,7 @@ def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
 
 
 async def scenario(env: dict[str, str], step_ms: int, args: argparse.Namespace) -> dict[str, Any]:
-    proc, topic = await start_worker(env, step_ms)
+    proc, topic = await start_worker(env, step_ms, args.fetch_max_wait_ms)
     rows: dict[str, Any] = {}
     try:
         kafka = {"linger_ms": args.linger_ms}
@@ -144,6 +148,7 @@ async def main() -> None:
     ap.add_argument(
         "--linger-ms", type=int, default=5, help="the client producer's linger_ms (vlmq's default 5)"
     )
+    ap.add_argument("--fetch-max-wait-ms", type=int, default=None, help="the worker's (default: the stack's)")
     ap.add_argument("--name", default="latency")
     args = ap.parse_args()
     stack, env = await asyncio.to_thread(start_stack)
@@ -163,7 +168,7 @@ async def main() -> None:
             "worker": "one `vlmq worker --engine fake` process, completion_tokens=1",
             "client": "one Client; submit() then wait() per job",
             "client_linger_ms": args.linger_ms,
-            "worker_fetch_max_wait_ms": os.environ.get("VLMQ_FETCH_MAX_WAIT_MS", "default"),
+            "worker_fetch_max_wait_ms": args.fetch_max_wait_ms or int(env.get("VLMQ_FETCH_MAX_WAIT_MS", 500)),
             "jobs_per_scenario": args.jobs,
             "rates_per_s": args.rates,
             "stack": "tansu, redis-server, moto_server on this machine",
