@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from vlmq.core.settings import LEASE_S, Connection
 
@@ -58,7 +59,7 @@ class WorkerSettings(Connection, kw_only=True):
     # answers a fetch as soon as a record arrives, so this only paces idle polling; tansu
     # holds every fetch to the end, which made it a job's whole added latency at low load:
     # the local stack sets 10 (docs/performance.md).
-    fetch_max_wait_ms: int = 500
+    fetch_max_wait_ms: Annotated[int, Meta(ge=0)] = 500
     # -- images
     # Images one job may carry.
     max_images_per_job: int = 16
@@ -94,13 +95,13 @@ class WorkerSettings(Connection, kw_only=True):
     image_pool: Literal["process", "thread"] = "thread"
     # Processes or threads of that pool; 0: CPU cores - 4 processes (the engine's front end
     # and core and this event loop keep a core each), or one thread per core.
-    image_workers: int = 0
+    image_workers: Annotated[int, Meta(ge=0)] = 0
     # Bytes of prepared inputs (decoded images or rendered tensors) held at once, from
     # preparing until the engine answers; Qwen-VL's tensors are ~24 MB per image.
-    max_render_bytes: int = 8 * 1024**3
+    max_render_bytes: Annotated[int, Meta(ge=1)] = 8 * 1024**3
     # Jobs being prepared plus jobs waiting inside the engine (its own queue): images are
     # prepared no further ahead of the engine than this.
-    engine_waiting_target: int = 64
+    engine_waiting_target: Annotated[int, Meta(ge=1)] = 64
     # -- results
     # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
     allowed_result_topics: list[str] = msgspec.field(default_factory=list)

@@ -100,3 +100,14 @@ def test_a_bad_setting_value_names_its_env_var_and_flag(monkeypatch: pytest.Monk
     monkeypatch.setenv("VLMQ_MAX_IN_FLIGHT", "many")
     with pytest.raises(SettingsError, match="VLMQ_MAX_IN_FLIGHT or --max-in-flight"):
         WorkerSettings.load()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("VLMQ_ENGINE_WAITING_TARGET", "0"), ("VLMQ_IMAGE_WORKERS", "-1"), ("VLMQ_MAX_RENDER_BYTES", "0")],
+)
+def test_image_stage_limits_are_bounded(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    """A waiting target of 0 would hold every image job forever: refused at start."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=var):
+        WorkerSettings.load()
