@@ -31,7 +31,7 @@ from vlmq.schemas.job import (
 from vlmq.worker import metrics
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.fetch import Budget, Fetcher
-from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, DecodeLimits, ImagePool, Prepared, RenderBudget
+from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, ImagePool, Prepared, RenderBudget
 from vlmq.worker.settings import WorkerSettings
 
 log = structlog.get_logger("vlmq.pipeline")
@@ -42,10 +42,7 @@ class Pipeline:
         self.settings = settings
         self.fetcher = fetcher
         self.engine = engine
-        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
-        kind = settings.image_pool
-        factory = engine.renderer() if kind == "process" else None
-        self.images = ImagePool(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
+        self.images = ImagePool.for_engine(engine, settings, settings.image_pool)
         self.budget = RenderBudget(settings.max_render_bytes)
         self._preparing = 0
         self._gate = asyncio.Lock()  # FIFO: only the first job in line watches the engine

@@ -1,13 +1,10 @@
 """Stage: fetched bytes -> what the engine takes, off the event loop.
 
-Decode, EXIF, resize (preprocess.load_image) and, where the engine has one, the engine's own
-renderer (chat template, tokenizer, HF image processor) run in a pool of processes; the
-event loop only does I/O. On an H200 vLLM's front-end process, which does this under one
-GIL, held the GPU below what the model can do; rendering in 12 processes and handing vLLM
-finished inputs went 2-10 % past that old ceiling (docs/performance.md).
-
-`pool="thread"` keeps decode and resize in threads of the worker (the engine renders): for
-engines without a renderer, where a process hop buys nothing.
+Decode, EXIF and resize (preprocess.load_image) run in a pool: threads of the worker (the
+default; the engine then renders the images into its input), or processes, where an engine
+with a renderer (vLLM) also renders there: chat template, tokenizer, HF image processor,
+and the engine gets finished inputs. On an H200 with vLLM 0.26 the process pool was the
+slower of the two (docs/performance.md); it is there for engines whose front end saturates.
 
 Finished inputs hold tensors (Qwen-VL's pixel_values are ~24 MB per image at the default
 pixel budget): they cross from the pool through shared memory (torch's multiprocessing
@@ -33,6 +30,9 @@ from vlmq.worker.preprocess import load_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+    from vlmq.worker.engines.base import Engine
+    from vlmq.worker.settings import WorkerSettings
 
 log = structlog.get_logger("vlmq.render")
 
@@ -68,6 +68,10 @@ class Prepared(msgspec.Struct):
     rendered: Any = None
     nbytes: int = 0
 
+    @classmethod
+    def decoded(cls, images: list[Image]) -> Prepared:
+        return cls(images, nbytes=sum(i.width * i.height * 3 for i in images))  # RGB bytes
+
 
 # One per pool process, set by _init.
 _RENDERER: Renderer | None = None
@@ -100,7 +104,7 @@ def _prepare(blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[M
     assert _LIMITS is not None
     images = _decode(_LIMITS, blobs, pixels)
     if _RENDERER is None:
-        return Prepared(images, nbytes=sum(i.width * i.height * 3 for i in images))
+        return Prepared.decoded(images)
     try:
         rendered, nbytes = _RENDERER.render(messages, images)
     except VlmqError:
@@ -176,6 +180,15 @@ class ImagePool:
         self._alone: Executor | None = None  # where jobs run again after their pool broke
         self._alone_lock = asyncio.Lock()
 
+    @classmethod
+    def for_engine(
+        cls, engine: Engine, settings: WorkerSettings, kind: Literal["process", "thread"]
+    ) -> ImagePool:
+        """The pool a worker with these settings runs for this (started) engine."""
+        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
+        factory = engine.renderer() if kind == "process" else None
+        return cls(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
+
     @property
     def renders(self) -> bool:
         """Whether prepared jobs are finished engine inputs (else decoded images)."""
@@ -210,7 +223,7 @@ class ImagePool:
             images = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _decode, self.limits, blobs, pixels
             )
-            return Prepared(images, nbytes=sum(i.width * i.height * 3 for i in images))
+            return Prepared.decoded(images)
         # A process that dies (a decoder crash, the OOM killer) breaks the whole pool and
         # every job in it: the pool restarts, and each of those jobs is tried again alone, in
         # a process of its own, where dying can only be its own doing.

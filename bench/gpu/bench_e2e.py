@@ -48,7 +48,7 @@ from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, 
 from vlmq.worker.engines import make_engine
 from vlmq.worker.engines.base import EngineRequest
 from vlmq.worker.preprocess import load_image
-from vlmq.worker.render import DecodeLimits, ImagePool
+from vlmq.worker.render import ImagePool
 from vlmq.worker.samples import photo
 from vlmq.worker.service import Worker
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
@@ -126,10 +126,7 @@ async def render(
 
 async def render_pool(engine: Any, settings: WorkerSettings) -> ImagePool:
     """The worker's process pool with the engine's renderer (what --image-pool process runs)."""
-    limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
-    pool = ImagePool(
-        limits, pool="process", workers=settings.pool_workers("process"), renderer=engine.renderer()
-    )
+    pool = ImagePool.for_engine(engine, settings, "process")
     await pool.warm()
     return pool
 

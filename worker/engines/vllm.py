@@ -1,11 +1,10 @@
 """vLLM, in process: `AsyncLLM` with continuous batching; every request submitted at once.
 
 Prompts come from the model's own chat template (processor, else tokenizer), so each
-model family gets its own image placeholders. With the worker's image processes (the
-default) each process builds vLLM's own renderer from this engine's config and hands over a
-finished input (token ids, processed image tensors, hashes, placeholders): vLLM then skips
-its front-end preprocessing, which otherwise runs under one GIL and starves the GPU. Else
-the images go in as PIL, already resized by the worker, in `multi_modal_data`.
+model family gets its own image placeholders; images go in as PIL, already resized by the
+worker, in `multi_modal_data`. With `--image-pool process` each image process instead builds
+vLLM's own renderer from this engine's config and hands over a finished input (token ids,
+processed image tensors, names, placeholders), and vLLM skips its front-end preprocessing.
 
 The multimodal processor cache is off by default (`mm_processor_cache_gb=0`): in a backlog
 each image comes once, and finished inputs are rendered without it. Engine options keep
