@@ -46,6 +46,10 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=50000)
     ap.add_argument("--chunk", type=int, default=2000)
     ap.add_argument("--redis-cluster", action="store_true", help="compare with a local Redis Cluster")
+    ap.add_argument(
+        "--linger-ms", type=int, default=5, help="both producers' linger_ms (the client's default 5)"
+    )
+    ap.add_argument("--name", default="submit")
     args = ap.parse_args()
     stack, env = await asyncio.to_thread(start_stack)
     try:
@@ -65,7 +69,11 @@ async def main() -> None:
         ]
 
         producer = AIOKafkaProducer(
-            bootstrap_servers=kafka, acks="all", enable_idempotence=False, linger_ms=5, max_batch_size=1 << 20
+            bootstrap_servers=kafka,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=args.linger_ms,
+            max_batch_size=1 << 20,
         )
         await producer.start()
         encoded = [encode_job(j) for j in jobs]
@@ -79,7 +87,9 @@ async def main() -> None:
         base = args.jobs / (time.perf_counter() - t0)
         await producer.stop()
 
-        async with Client(kafka, redis, topic=sdk_topic) as client:
+        async with Client(
+            kafka, redis, topic=sdk_topic, kafka_options={"linger_ms": args.linger_ms}
+        ) as client:
             await client.submit_many(jobs[:10])  # connect outside the timing, as raw did
             t0 = time.perf_counter()
             report = await client.submit_many(jobs[10:], chunk=args.chunk)
@@ -90,7 +100,7 @@ async def main() -> None:
             f"raw aiokafka: {base:,.0f} jobs/s; submit_many: {value:,.0f} jobs/s; vlmq bulk submit: {cli:,.0f}"
         )
         write_result(
-            "submit",
+            args.name,
             "jobs/s",
             base,
             value,
@@ -98,6 +108,7 @@ async def main() -> None:
                 "jobs": args.jobs,
                 "chunk": args.chunk,
                 "acks": "all",
+                "linger_ms": args.linger_ms,
                 "partitions": 8,
                 "job": "caption, one s3:// image, msgpack",
             },
