@@ -1,10 +1,11 @@
 """The `vlmq` command: one root that merges each room's commands.
 
 `vlmq submit|status|wait|cancel|bulk` come from the SDK (`vlmq.producer.cli`), `vlmq
-worker` from the worker (`vlmq.worker.cli`), `vlmq stack` from `vlmq.deploy.cli`, and
-`vlmq demo` from here. Each room's command module imports only light things at the top
-(typer, rich, settings), so `vlmq --help` works with the base install; the worker's
-Pillow, aiobotocore and engines load when `vlmq worker` runs.
+worker` from the worker (`vlmq.worker.cli`), `vlmq stack` from `vlmq.deploy.cli`, `vlmq
+api` from `vlmq.api.cli`, and `vlmq demo` from here. Each room's command module imports
+only light things at the top (typer, rich, settings), so `vlmq --help` works with the
+base install; the worker's Pillow, aiobotocore and engines load when `vlmq worker` runs,
+FastAPI when `vlmq api serve` does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from vlmq.api.cli import app as api_app
 from vlmq.cli.demo import demo
 from vlmq.cli.errors import Exit, UserError, explain
 from vlmq.deploy.cli import app as stack_app
@@ -38,6 +40,7 @@ schema_app = typer.Typer(help="The wire contract.", no_args_is_help=True)
 app.add_typer(client_app)
 app.add_typer(worker_app)
 app.add_typer(stack_app, name="stack")
+app.add_typer(api_app, name="api")
 app.add_typer(schema_app, name="schema")
 app.command("demo")(demo)
 

@@ -9,6 +9,7 @@ submits go in chunks, exports write row by row, so millions of rows need little 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -17,12 +18,8 @@ import msgspec
 
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT, batch_job_id, caption, moderate
 from vlmq.schemas.codec import decode_job
-from vlmq.schemas.errors import VlmqError
-from vlmq.schemas.job import (
-    Job,
-    JobState,
-    Result,
-)
+from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.job import Job, JobState, Result, Usage
 
 OPENAI_URL = "/v1/chat/completions"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -34,6 +31,7 @@ class BadLine(msgspec.Struct, frozen=True):
     line: int
     reason: str
     key: str | None = None
+    code: str = "invalid_request"  # OpenAI-style
 
 
 Item = Job | BadLine
@@ -97,7 +95,29 @@ def from_openai_batch(lines: Iterable[str], batch_id: str, *, allow_https: bool 
     "body": {"model", "messages", "max_tokens", ...}}` per line. Image parts are
     `{"type": "image_url", "image_url": {"url": ...}}` with s3://, data: (and https:// when
     `allow_https`)."""
-    return _parse(lines, "custom_id", lambda row, key: _openai_job(row, key, batch_id, allow_https))
+    reader = OpenAIReader(batch_id, allow_https=allow_https)
+    for n, line in enumerate(lines, 1):
+        if item := reader.line(n, line):
+            yield item
+
+
+class OpenAIReader:
+    """OpenAI Batch API input one line at a time (the API server reads files from S3 in
+    pieces); it remembers the custom ids it has seen, so a duplicate is a bad line."""
+
+    def __init__(self, batch_id: str, *, allow_https: bool = False) -> None:
+        self.batch_id, self.allow_https = batch_id, allow_https
+        self.seen: set[str] = set()
+
+    def line(self, n: int, text: str | bytes) -> Item | None:
+        """Line `n` as a job or a BadLine; None for a blank line."""
+        return _parse_line(
+            n,
+            text,
+            "custom_id",
+            self.seen,
+            lambda row, key: _openai_job(row, key, self.batch_id, self.allow_https),
+        )
 
 
 def _parse(
@@ -106,21 +126,29 @@ def _parse(
     """JSONL lines -> jobs, or BadLine(line number, reason); keys must be unique."""
     seen: set[str] = set()
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            yield build(row, _key(row, key_field, seen))
-        except _Bad as exc:
-            yield BadLine(n, str(exc), exc.key)
-        except ValueError as exc:
-            yield BadLine(n, f"not JSON: {exc}")
+        if item := _parse_line(n, line, key_field, seen, build):
+            yield item
+
+
+def _parse_line(
+    n: int, line: str | bytes, key_field: str, seen: set[str], build: Callable[[dict[str, Any], str], Job]
+) -> Item | None:
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+        return build(row, _key(row, key_field, seen))
+    except _Bad as exc:
+        return BadLine(n, str(exc), exc.key, exc.code)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        return BadLine(n, f"not JSON: {exc}", code="invalid_json_line")
 
 
 class _Bad(ValueError):
-    def __init__(self, reason: str, key: str | None = None) -> None:
+    def __init__(self, reason: str, key: str | None = None, code: str = "invalid_request") -> None:
         super().__init__(reason)
         self.key = key
+        self.code = code
 
 
 def _key(row: Any, field: str, seen: set[str]) -> str:
@@ -128,18 +156,20 @@ def _key(row: Any, field: str, seen: set[str]) -> str:
         raise _Bad("a line must be a JSON object")
     key = row.get(field)
     if not isinstance(key, str) or not key:
-        raise _Bad(f"`{field}` is missing or not a string")
+        raise _Bad(f"`{field}` is missing or not a string", code="missing_required_parameter")
+    if len(key) > 512:
+        raise _Bad(f"`{field}` is longer than 512 characters")
     if key in seen:
-        raise _Bad(f"duplicate {field} {key!r}", key)
+        raise _Bad(f"duplicate {field} {_shown(key)}", key, "duplicate_custom_id")
     seen.add(key)
     return key
 
 
 def _openai_job(row: dict[str, Any], key: str, batch_id: str, allow_https: bool) -> Job:
     if row.get("method", "POST") != "POST":
-        raise _Bad(f"method must be POST, not {row.get('method')!r}", key)
+        raise _Bad(f"method must be POST, not {_shown(row.get('method'))}", key, "invalid_method")
     if row.get("url") != OPENAI_URL:
-        raise _Bad(f"url must be {OPENAI_URL}, not {row.get('url')!r}", key)
+        raise _Bad(f"url must be {OPENAI_URL}, not {_shown(row.get('url'))}", key, "invalid_url")
     body = row.get("body")
     if not isinstance(body, dict):
         raise _Bad("`body` is missing or not an object", key)
@@ -151,6 +181,10 @@ def _openai_job(row: dict[str, Any], key: str, batch_id: str, allow_https: bool)
     sampling = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if k in body}
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    if body.get("stream"):
+        raise _Bad("stream is not supported here", key, "unsupported_parameter")
+    if body.get("n", 1) != 1:
+        raise _Bad("n must be 1", key, "unsupported_parameter")
     raw = {
         "job_id": batch_job_id(batch_id, key),
         "batch_id": batch_id,
@@ -179,14 +213,19 @@ def _openai_part(p: Any, i: int, key: str, allow_https: bool) -> dict[str, Any]:
     if kind == "text" and isinstance(p.get("text"), str):
         return {"type": "text", "text": p["text"]}
     if kind != "image_url":
-        raise _Bad(f"body.messages[{i}]: unsupported content part {kind!r}", key)
+        raise _Bad(
+            f"body.messages[{i}]: unsupported content part {_shown(kind)}", key, "unsupported_parameter"
+        )
     url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) else None
     if not isinstance(url, str):
         raise _Bad(f"body.messages[{i}]: image_url.url is missing", key)
     allowed = ("s3://", "data:") + (("https://",) if allow_https else ())
     if not url.startswith(allowed):
         raise _Bad(
-            f"body.messages[{i}]: image URL scheme not allowed: {url[:40]!r} (use {', '.join(allowed)})", key
+            f"body.messages[{i}]: image URL scheme not allowed: {_shown(url[:40])}"
+            f" (use {', '.join(allowed)})",
+            key,
+            "invalid_image_url",
         )
     return {"type": "image", "uri": url}
 
@@ -198,7 +237,12 @@ def _openai_format(fmt: Any, key: str) -> dict[str, Any] | None:
         schema = (fmt.get("json_schema") or {}).get("schema")
         if isinstance(schema, dict):
             return {"type": "json_schema", "schema": schema}
-    raise _Bad(f"response_format not supported: {json.dumps(fmt)[:80]}", key)
+    raise _Bad(f"response_format not supported: {_shown(fmt)}", key, "unsupported_parameter")
+
+
+def _shown(value: Any) -> str:
+    """A value from a user's line, for a message: JSON, never a Python repr."""
+    return json.dumps(value, default=str)[:80]
 
 
 def _validated(raw: bytes, key: str) -> Job:
@@ -231,34 +275,87 @@ async def export(
     return n_out, n_err
 
 
+# HTTP status and OpenAI error type per failure code; others are the server's (500).
+_CLIENT_ERRORS = {
+    ErrorCode.UNKNOWN_MODEL: (404, "invalid_request_error", "model_not_found"),
+    ErrorCode.PROMPT_TOO_LONG: (400, "invalid_request_error", "context_length_exceeded"),
+}
+_SERVER_CODES = {ErrorCode.ENGINE_ERROR, ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.POISON}
+UNFINISHED = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was not executed: the batch was cancelled.",
+}
+_FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
+
+
 def openai_output(r: Result) -> dict[str, Any]:
-    """One line of the OpenAI Batch API output (or error) file for a result."""
+    """One line of the OpenAI Batch API output (or error) file for a result: a success's
+    body is a ChatCompletion; a failed request has its HTTP status and an OpenAI error
+    body; a cancelled or expired one has `error` (batch_cancelled, batch_expired)."""
     custom_id = r.metadata.get("custom_id", r.metadata.get("key", r.job_id))
-    line: dict[str, Any] = {"id": f"vlmq_{r.job_id}", "custom_id": custom_id}
-    if r.state is not JobState.SUCCEEDED:
-        code = r.error.code.value if r.error else r.state.value
-        msg = r.error.message if r.error else f"job {r.state.value}"
-        return line | {"response": None, "error": {"code": code, "message": msg}}
-    usage = r.usage
-    body = {
+    if r.state is JobState.SUCCEEDED:
+        response = {"status_code": 200, "request_id": r.job_id, "body": chat_completion(r)}
+        return openai_line(r.job_id, custom_id, response=response)
+    if r.state is JobState.FAILED and r.error is not None:
+        status, kind, code = http_error(r.error.code)
+        body = {"error": {"message": public(r.error.message), "type": kind, "param": None, "code": code}}
+        return openai_line(
+            r.job_id, custom_id, response={"status_code": status, "request_id": r.job_id, "body": body}
+        )
+    code = "batch_expired" if r.state is JobState.EXPIRED else "batch_cancelled"
+    return openai_line(r.job_id, custom_id, error={"code": code, "message": UNFINISHED[code]})
+
+
+def openai_line(
+    job_id: str,
+    custom_id: str,
+    *,
+    response: dict[str, Any] | None = None,
+    error: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {"id": f"batch_req_{job_id}", "custom_id": custom_id, "response": response, "error": error}
+
+
+def http_error(code: ErrorCode) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, code) for a job's failure code."""
+    if code in _CLIENT_ERRORS:
+        return _CLIENT_ERRORS[code]
+    if code in _SERVER_CODES:
+        return 500, "server_error", code.value
+    return 400, "invalid_request_error", code.value
+
+
+def public(message: str) -> str:
+    """A job's error message for someone outside: no object reprs, no traceback."""
+    message = message.split("Traceback (most recent", maxsplit=1)[0]
+    message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", message)
+    return message.strip()[:1000]
+
+
+def chat_completion(r: Result) -> dict[str, Any]:
+    """A succeeded job as an OpenAI ChatCompletion object."""
+    usage = r.usage or Usage()
+    finish = r.finish_reason if r.finish_reason in _FINISH_REASONS else "stop"
+    return {
         "id": f"chatcmpl-{r.job_id}",
         "object": "chat.completion",
         "created": int(r.timings.finished_at if r.timings and r.timings.finished_at else 0),
-        "model": r.model,
+        "model": r.model or "",
         "choices": [
             {
                 "index": 0,
-                "finish_reason": r.finish_reason or "stop",
-                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": finish,
+                "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": None,
             }
         ],
         "usage": {
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-            "total_tokens": (usage.prompt_tokens + usage.completion_tokens) if usage else 0,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         },
+        "system_fingerprint": None,
     }
-    return line | {"response": {"status_code": 200, "request_id": r.job_id, "body": body}, "error": None}
 
 
 def read_lines(path: Path) -> Iterator[str]:

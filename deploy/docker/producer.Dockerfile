@@ -1,4 +1,4 @@
-# vlmq producer SDK and CLI, without torch, vLLM or Pillow.
+# vlmq producer SDK, CLI and API server (vlmq api serve), without torch, vLLM or Pillow.
 #   docker build -f deploy/docker/producer.Dockerfile -t vlmq:cli .
 FROM python:3.12.8-slim-bookworm AS build
 WORKDIR /src
@@ -7,9 +7,10 @@ COPY schemas ./schemas
 COPY core ./core
 COPY producer ./producer
 COPY worker ./worker
+COPY api ./api
 COPY cli ./cli
 COPY deploy/__init__.py deploy/stack.py deploy/cli.py ./deploy/
-RUN python -m venv /opt/vlmq && /opt/vlmq/bin/pip install --no-cache-dir .
+RUN python -m venv /opt/vlmq && /opt/vlmq/bin/pip install --no-cache-dir '.[api]'
 
 FROM python:3.12.8-slim-bookworm
 RUN useradd --system --uid 10001 --create-home vlmq

@@ -20,6 +20,7 @@ COPY schemas ./schemas
 COPY core ./core
 COPY producer ./producer
 COPY worker ./worker
+COPY api ./api
 COPY cli ./cli
 COPY deploy/__init__.py deploy/stack.py deploy/cli.py ./deploy/
 RUN python3 -m venv /opt/vlmq \

@@ -180,7 +180,8 @@ def test_openai_batch_file_bad_lines_reported_rest_submitted_and_exported(e: Env
     outputs = {json.loads(x)["custom_id"]: json.loads(x) for x in res.read_text().splitlines()}
     errors = {json.loads(x)["custom_id"]: json.loads(x) for x in err.read_text().splitlines()}
     assert set(outputs) == {f"req-{i}" for i in range(6)} | {"req-json", "dup"}
-    assert errors["req-missing"]["error"]["code"] == "image_not_found"
+    missing = errors["req-missing"]["response"]
+    assert (missing["status_code"], missing["body"]["error"]["code"]) == (400, "image_not_found")
     assert json.loads(outputs["req-json"]["response"]["body"]["choices"][0]["message"]["content"])[
         "label"
     ] in ("cat", "dog")

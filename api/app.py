@@ -1,0 +1,301 @@
+"""The HTTP routes: OpenAI's Files, Batches, Models and chat completions.
+
+FastAPI (on Starlette and uvicorn) because the request body is a stream we can read
+ourselves (uploads go to S3 as they arrive), dependencies carry the tenant, and it is what
+OpenAI-compatible servers (vLLM's among them) are built on. Bodies are msgspec Structs,
+decoded and encoded by msgspec like every other vlmq object; pydantic is not involved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException
+
+from vlmq.api.driver import Driver, file_key, live_counts
+from vlmq.api.objects import (
+    ENDPOINTS,
+    TERMINAL,
+    WINDOW,
+    ApiError,
+    Batch,
+    BatchCreate,
+    ErrorBody,
+    FileDeleted,
+    FileObject,
+)
+from vlmq.api.online import Failure, complete
+from vlmq.api.records import Records, Tenant, new_id
+from vlmq.api.settings import ApiSettings
+from vlmq.api.storage import Storage
+from vlmq.api.upload import Refused, receive
+from vlmq.producer.client import Client
+
+log = structlog.get_logger("vlmq.api")
+
+
+class Ctx:
+    """What every route needs; built at start-up, one per process."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.s = settings
+        self.client = Client(settings=settings)
+        self.records = Records(self.client.redis, settings.files_bucket)
+        self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
+        self.driver = Driver(settings, self.records, self.storage, self.client)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(obj), status, headers, media_type="application/json")
+
+
+async def tenant(request: Request) -> Tenant:
+    """The caller's tenant from `Authorization: Bearer <key>` (401 without a known key)."""
+    records: Records = request.app.state.ctx.records
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    found = await records.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    if found is None:
+        raise Failure(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+    return found
+
+
+async def writer(t: Annotated[Tenant, Depends(tenant)]) -> Tenant:
+    if not t.may_write:
+        raise Failure(403, "this API key may only read", "permission_error", "insufficient_permissions")
+    return t
+
+
+Reader = Annotated[Tenant, Depends(tenant)]
+Writer = Annotated[Tenant, Depends(writer)]
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    ctx = Ctx(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        import asyncio
+
+        await ctx.storage.start(settings.create_bucket)
+        task = asyncio.create_task(ctx.driver.run())
+        log.info("api ready", host=settings.host, port=settings.port, models=settings.aliases())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await ctx.client.close()
+            await ctx.storage.close()
+
+    app = FastAPI(title="vlmq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    _errors(app)
+    _routes(app, ctx)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(Failure)
+    async def failure(_: Request, exc: Failure) -> Response:
+        return json_response(
+            ErrorBody(ApiError(exc.message, exc.kind, exc.param, exc.code)), exc.status, exc.headers
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http(_: Request, exc: HTTPException) -> Response:
+        return json_response(ErrorBody(ApiError(str(exc.detail), "invalid_request_error")), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("request failed", path=request.url.path)
+        body = ErrorBody(ApiError("the server failed; its log has the details", "server_error"))
+        return json_response(body, 500)
+
+
+def _routes(app: FastAPI, ctx: Ctx) -> None:
+    s, records, storage = ctx.s, ctx.records, ctx.storage
+
+    async def owned_file(t: Tenant, file_id: str) -> tuple[FileObject, str]:
+        found = await records.file(t.name, file_id)
+        if found is None:
+            raise Failure(404, f"No such File object: {file_id[:64]}", param="id")
+        return found
+
+    async def owned_batch(t: Tenant, batch_id: str) -> Batch:
+        found = await records.batch(batch_id, t.name)
+        if found is None:
+            raise Failure(404, f"No such Batch object: {batch_id[:64]}", param="batch_id")
+        return found[1]
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        await records.redis.ping()
+        return json_response({"ok": True})
+
+    @app.get("/v1/models")
+    async def models(_: Reader) -> Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "vlmq"} for m in s.aliases()]
+        return json_response({"object": "list", "data": data})
+
+    # -- files -----------------------------------------------------------------------------
+
+    @app.post("/v1/files")
+    async def create_file(request: Request, t: Writer) -> Response:
+        file_id = new_id("file-")
+        out = storage.writer(file_key(t.name, file_id))
+        try:
+            form = await receive(
+                request.stream(),
+                request.headers.get("content-type", ""),
+                out,
+                s.max_file_bytes,
+                s.max_file_lines,
+            )
+            if form.fields.get("purpose") != "batch":
+                raise Refused("purpose must be batch (the only purpose served here)", 400, "purpose")
+            expires_s = _expires_after(form.fields)
+            await out.close()
+        except Refused as exc:
+            await out.abort()
+            raise Failure(exc.status, str(exc), param=exc.param) from None
+        except BaseException:
+            await out.abort()
+            raise
+        if not await records.reserve(t.name, "file_bytes", form.size, s.tenant_max_file_bytes):
+            await storage.delete(out.key)
+            raise Failure(
+                413, f"the tenant's files would pass {s.tenant_max_file_bytes} bytes", code="quota_exceeded"
+            )
+        now = int(time.time())
+        obj = FileObject(
+            id=file_id,
+            bytes=form.size,
+            created_at=now,
+            filename=form.filename or "upload.jsonl",
+            purpose="batch",
+            expires_at=now + expires_s,
+        )
+        await records.put_file(t.name, obj, out.key)
+        return json_response(obj)
+
+    def _expires_after(fields: dict[str, str]) -> int:
+        anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+        if anchor is None and seconds is None:
+            return s.file_ttl_s
+        if (
+            anchor != "created_at"
+            or not (seconds or "").isdigit()
+            or not 3600 <= int(seconds or 0) <= 2_592_000
+        ):
+            raise Refused(
+                "expires_after needs anchor created_at and 3600 <= seconds <= 2592000", 400, "expires_after"
+            )
+        return int(seconds or 0)
+
+    @app.get("/v1/files")
+    async def list_files(
+        t: Reader,
+        after: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+        order: str = "desc",
+        purpose: str | None = None,
+    ) -> Response:
+        page = await records.page(FileObject, t.name, after, limit, newest_first=order != "asc")
+        if purpose:
+            page.data = [f for f in page.data if f.purpose == purpose]
+        return json_response(page)
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(file_id: str, t: Reader) -> Response:
+        return json_response((await owned_file(t, file_id))[0])
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, t: Reader) -> Response:
+        _, key = await owned_file(t, file_id)
+        return StreamingResponse(storage.chunks(key), media_type="application/jsonl")
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, t: Writer) -> Response:
+        await owned_file(t, file_id)
+        for batch_id in await records.active():
+            found = await records.batch(batch_id, t.name)
+            if found and found[1].input_file_id == file_id:
+                raise Failure(409, f"file {file_id} is the input of batch {batch_id}, which has not ended")
+        key = await records.drop_file(t.name, file_id)
+        if key is not None:
+            await storage.delete(key)
+        return json_response(FileDeleted(file_id))
+
+    # -- batches ---------------------------------------------------------------------------
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request, t: Writer) -> Response:
+        try:
+            req = msgspec.json.decode(await request.body(), type=BatchCreate)
+        except msgspec.DecodeError as exc:
+            raise Failure(400, f"invalid request: {exc}") from None
+        if req.endpoint not in ENDPOINTS:
+            raise Failure(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+        if not WINDOW.match(req.completion_window):
+            raise Failure(400, "completion_window must be 24h", param="completion_window")
+        obj, _ = await owned_file(t, req.input_file_id)
+        if obj.purpose != "batch":
+            raise Failure(400, "the input file must have purpose batch", param="input_file_id")
+        now = int(time.time())
+        b = Batch(
+            id=new_id("batch_"),
+            endpoint=req.endpoint,
+            input_file_id=req.input_file_id,
+            completion_window=req.completion_window,
+            status="validating",
+            created_at=now,
+            expires_at=int(now + s.completion_window_s),
+            metadata=req.metadata,
+        )
+        if req.output_expires_after:
+            await records.set_progress(b.id, output_expires_s=req.output_expires_after.seconds)
+        await records.put_batch(t.name, b)
+        return json_response(b)
+
+    async def with_live_counts(b: Batch) -> Batch:
+        if b.status in TERMINAL or b.status == "validating":
+            return b
+        lines = (await records.progress(b.id)).get("lines", 0)
+        counts = await ctx.client.store.batch_counts(b.id)
+        return msgspec.structs.replace(b, request_counts=live_counts(lines, counts))
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str, t: Reader) -> Response:
+        return json_response(await with_live_counts(await owned_batch(t, batch_id)))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, t: Writer) -> Response:
+        b = await owned_batch(t, batch_id)
+        if b.status in ("validating", "in_progress"):
+            cancelling = msgspec.structs.replace(b, status="cancelling", cancelling_at=int(time.time()))
+            if await records.move(t.name, cancelling, ("validating", "in_progress")):
+                return json_response(await with_live_counts(cancelling))
+            b = await owned_batch(t, batch_id)
+        if b.status in ("cancelling", "cancelled"):
+            return json_response(await with_live_counts(b))
+        raise Failure(409, f"Cannot cancel a batch with status {b.status}.", param="batch_id")
+
+    @app.get("/v1/batches")
+    async def list_batches(
+        t: Reader, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> Response:
+        page = await records.page(Batch, t.name, after, limit)
+        page.data = [await with_live_counts(b) for b in page.data]
+        return json_response(page)
+
+    # -- online ----------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, _: Writer) -> Response:
+        return json_response(await complete(await request.body(), s, records, ctx.client))
