@@ -65,7 +65,13 @@ def serve(
     if not settings.models:
         raise typer.BadParameter("name at least one model: --model NAME or VLMQ_MODELS", param_hint="--model")
     configure(settings.log_format, settings.log_level)
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        Console(stderr=True).print(
+            "[red]error:[/] the API server needs the api extra: pip install 'vlmq[api]'"
+        )
+        raise typer.Exit(2) from None
 
     from vlmq.api.app import create_app
 

@@ -224,7 +224,8 @@ class Driver:
         jobs: list[Job] = []
         async for item in self._items(b.id, key, obj.bytes, p["next_offset"], p["next_line"]):
             if isinstance(item, Job):  # every line was checked while validating
-                jobs.append(item)
+                # Past the window a worker ends it `expired` rather than starting it.
+                jobs.append(msgspec.structs.replace(item, deadline=b.expires_at))
                 if len(jobs) >= room:
                     break
         if not jobs:

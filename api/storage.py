@@ -29,7 +29,12 @@ class Storage:
         if create_bucket:
             with contextlib.suppress(ClientError):  # already there (ours)
                 await self.s3.create_bucket(Bucket=self.bucket)
-        await self.s3.head_bucket(Bucket=self.bucket)  # fail at start, not at the first upload
+        try:  # fail at start, not at the first upload
+            await self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            raise RuntimeError(
+                f"cannot use the files bucket {self.bucket} ({exc}): create it, or start with --create-bucket"
+            ) from None
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -145,7 +145,8 @@ def rows(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
 
-def test_the_sdk_batch_example_runs_unchanged(e: Env, api: Api, tmp_path: Path) -> None:
+@pytest.mark.topologies
+def test_the_sdk_batch_example_runs_unchanged(e: Env, api: Api, tmp_path: Path, topology: str) -> None:
     """OpenAI's own flow: upload, create, poll, download; results equal `vlmq bulk`'s."""
     uris = put_images(e, 6, w=64, h=48)
     lines = [line(f"req-{i}", uris[i]) for i in range(6)]
@@ -261,6 +262,52 @@ def test_requests_and_limits_are_refused_with_openai_errors(e: Env, api: Api, tm
         )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).files.list()
+
+
+def test_tenant_quotas(e: Env, api: Api, tmp_path: Path) -> None:
+    """Files past a tenant's bytes are refused; a batch that would take its queued requests
+    past the limit fails at validation, and nothing of it is sent."""
+    client = api.client(api.start(tenant_max_file_bytes=3000, tenant_max_queued=5))
+    small = upload(client, tmp_path, [line(f"r{i}") for i in range(6)])  # ~1.4 kB
+    with pytest.raises(openai.APIStatusError, match="would pass 3000 bytes") as full:
+        upload(client, tmp_path, [line(f"r{i}") for i in range(12)], "big.jsonl")
+    assert full.value.status_code == 413
+    batch = client.batches.create(
+        input_file_id=small, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    failed = wait_status(client, batch.id, {"failed", "in_progress"})
+    assert failed.status == "failed" and failed.errors
+    assert [x.code for x in failed.errors.data] == ["request_limit_exceeded"]
+    client.files.delete(small)  # gives its bytes back
+    upload(client, tmp_path, [line(f"r{i}") for i in range(12)], "big.jsonl")
+
+
+def test_batches_share_the_workers_and_online_requests_go_first(e: Env, api: Api, tmp_path: Path) -> None:
+    """A small batch created after a big one ends long before it (each has a window of
+    requests in the queue, not its whole file), and an online request made meanwhile is
+    answered while both batches still run."""
+    start_worker(e, "w", engine_args="step_ms=20,max_num_seqs=4", max_in_flight=8)
+    base = api.start(batch_window=8)
+    client = api.client(base)
+    big = client.batches.create(
+        input_file_id=upload(client, tmp_path, [line(f"b{i}") for i in range(200)], "big.jsonl"),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    wait_until(lambda: _completed(client, big.id) >= 8, "the big batch under way", 60)
+    small = client.batches.create(
+        input_file_id=upload(client, tmp_path, [line(f"s{i}") for i in range(16)], "small.jsonl"),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    t0 = time.monotonic()
+    answer = client.chat.completions.create(**json.loads(line("now"))["body"])
+    online_s = time.monotonic() - t0
+    assert answer.choices[0].message.content
+    wait_status(client, small.id, {"completed"}, 120)
+    left = client.batches.retrieve(big.id)
+    assert left.status == "in_progress" and left.request_counts and left.request_counts.completed < 200
+    print(f"online answer in {online_s:.2f} s beside two batches")
 
 
 def test_tenants_see_only_their_own(e: Env, api: Api, tmp_path: Path) -> None:
