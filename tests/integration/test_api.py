@@ -203,6 +203,27 @@ def test_the_sdk_batch_example_runs_unchanged(e: Env, api: Api, tmp_path: Path, 
         assert r["response"]["body"]["choices"][0]["message"]["content"] == theirs
 
 
+def test_openais_own_example_runs_with_only_base_url_and_key(e: Env, api: Api, tmp_path: Path) -> None:
+    start_worker(e, "w")
+    base = api.start()
+    src = tmp_path / "batchinput.jsonl"
+    src.write_text("\n".join(line(f"request-{i}") for i in range(3)) + "\n")
+    env = {**os.environ, "OPENAI_BASE_URL": base, "OPENAI_API_KEY": api.key("example")}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "examples/openai_batch.py", str(src)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stderr.startswith("completed"), proc.stderr[-2000:]
+    got = sorted(json.loads(x)["custom_id"] for x in proc.stdout.splitlines() if x.strip())
+    assert got == [f"request-{i}" for i in range(3)]
+
+
 BAD_LINES = [
     ("{not json", "invalid_json_line"),
     (json.dumps({"method": "POST"}), "missing_required_parameter"),
@@ -333,6 +354,8 @@ def test_tenants_see_only_their_own(e: Env, api: Api, tmp_path: Path) -> None:
     assert [b.id for b in reader.batches.list()] == [batch.id]
     with pytest.raises(openai.PermissionDeniedError):
         reader.batches.cancel(batch.id)
+    with pytest.raises(openai.ConflictError, match="has not ended"):
+        acme.files.delete(file_id)  # the input of a batch that still runs
     with pytest.raises(openai.PermissionDeniedError):
         reader.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
 
