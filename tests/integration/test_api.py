@@ -297,7 +297,7 @@ def test_tenant_quotas(e: Env, api: Api, tmp_path: Path) -> None:
         input_file_id=small, endpoint="/v1/chat/completions", completion_window="24h"
     )
     failed = wait_status(client, batch.id, {"failed", "in_progress"})
-    assert failed.status == "failed" and failed.errors
+    assert failed.status == "failed" and failed.errors and failed.errors.data
     assert [x.code for x in failed.errors.data] == ["request_limit_exceeded"]
     client.files.delete(small)  # gives its bytes back
     upload(client, tmp_path, [line(f"r{i}") for i in range(12)], "big.jsonl")

@@ -8,6 +8,7 @@ import pytest
 from openai.types import Batch as SdkBatch
 from openai.types import FileObject as SdkFile
 from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
 
 from vlmq.api.objects import Batch, BatchError, BatchUsage, Errors, FileObject, RequestCounts
 from vlmq.producer.bulk import openai_output
@@ -47,7 +48,7 @@ def full_batch() -> Batch:
         ),
     ],
 )
-def test_fields_are_the_sdks(ours: msgspec.Struct, theirs: type) -> None:
+def test_fields_are_the_sdks(ours: msgspec.Struct, theirs: type[BaseModel]) -> None:
     raw = msgspec.to_builtins(ours)
     assert set(raw) == set(theirs.model_fields)
     parsed = theirs.model_validate(raw)
