@@ -139,6 +139,7 @@ def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, A
         "images_per_s": round(n / dt, 2),
         "output_tokens_per_s": round(tokens / dt, 1),
         "gpu_util_mean_pct": gpu.mean,
+        "gpu_util_per_gpu_pct": gpu.per_gpu,
         "mean_prompt_tokens": round(sum(o.prompt_tokens for o in outs) / n, 1),
         "mean_output_tokens": round(tokens / n, 1),
     }
@@ -215,6 +216,7 @@ async def through_vlmq(
         "images_per_s": round(n / (end - start), 2),
         "output_tokens_per_s": round(tokens / (end - start), 1),
         "gpu_util_mean_pct": gpu.mean,
+        "gpu_util_per_gpu_pct": gpu.per_gpu,
         "mean_prompt_tokens": round(sum(r.usage.prompt_tokens for r in results if r.usage) / n, 1),
         "mean_output_tokens": round(tokens / n, 1),
         "stage_means_s": {k: mean(k) for k in ("fetch_s", "preprocess_s", "engine_s", "ttft_s")},

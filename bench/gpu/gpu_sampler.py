@@ -8,17 +8,18 @@ from typing import Any
 
 
 class GpuSampler:
-    """Mean utilization of GPU `index` every 0.2 s while open; None where there is no GPU.
-    NVML counts the time any kernel runs, not how full the GPU is: judge by images/s."""
+    """Mean utilization of every GPU every 0.2 s while open (`mean`: GPU 0; `per_gpu`: each);
+    None where there is no GPU. NVML counts the time any kernel runs, not how full the GPU
+    is: judge by images/s."""
 
-    def __init__(self, index: int = 0) -> None:
-        self.samples: list[int] = []
+    def __init__(self) -> None:
+        self.samples: list[list[int]] = []
         self._stop = threading.Event()
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
             self._nvml: Any = pynvml
         except Exception:
             self._nvml = None
@@ -30,11 +31,17 @@ class GpuSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)
+            self.samples.append([self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles])
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
 
     @property
+    def per_gpu(self) -> list[float] | None:
+        if not self.samples:
+            return None
+        return [round(statistics.fmean(col), 1) for col in zip(*self.samples, strict=True)]
+
+    @property
     def mean(self) -> float | None:
-        return round(statistics.fmean(self.samples), 1) if self.samples else None
+        return self.per_gpu[0] if self.per_gpu else None

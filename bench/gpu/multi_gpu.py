@@ -2,8 +2,9 @@
 or double-finished when one of them is stopped mid-run.
 
 Real `vlmq worker --engine vllm` processes pinned with CUDA_VISIBLE_DEVICES, on one topic
-and group, Kafka/Redis/S3 local. Phase A: worker 0 alone, batch A. Phase B: worker 1 joins
-(the group rebalances), batch B. Phase C: batch C, worker 1 gets SIGTERM when a third of it
+and group, Kafka/Redis/S3 local. Each phase starts on warm engines (an unmeasured warm-up
+batch first). Phase A: worker 0 alone, batch A. Phase B: worker 1 joins (the group
+rebalances), batch B. Phase C: batch C, worker 1 gets SIGTERM when a third of it
 is done. Every job of C must end once, succeeded.
 
     python bench/gpu/multi_gpu.py --model /tmp/models/qwen2-vl-7b --images 1000
@@ -29,6 +30,7 @@ from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
 from bench.gpu.bench_e2e import make_images, shapes, write_manifest
+from bench.gpu.gpu_sampler import GpuSampler
 from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 from vlmq.schemas import keys
@@ -85,11 +87,12 @@ async def measure(env: dict[str, str], batch: str, n: int, on_third: Any = None)
     redis = Redis.from_url(env["VLMQ_REDIS_URL"])
     store = StateStore(redis)
     fired = False
-    while (c := await store.batch_counts(batch)).finished < n:
-        if on_third and not fired and c.finished >= n // 3:
-            on_third()
-            fired = True
-        await asyncio.sleep(0.25)
+    with GpuSampler() as gpu:
+        while (c := await store.batch_counts(batch)).finished < n:
+            if on_third and not fired and c.finished >= n // 3:
+                on_third()
+                fired = True
+            await asyncio.sleep(0.25)
     results = [r async for r in store.iter_batch(batch)]
     pipe = redis.pipeline(transaction=False)
     for r in results:
@@ -105,6 +108,7 @@ async def measure(env: dict[str, str], batch: str, n: int, on_third: Any = None)
         "succeeded": sum(r.state.value == "succeeded" for r in results),
         "ended_once": sum(w == 1 for w in writes),
         "workers": sorted({r.worker or "" for r in results}),
+        "gpu_util_per_gpu_pct": gpu.per_gpu,
     }
 
 
@@ -114,6 +118,7 @@ async def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--engine", default="vllm", help="vllm, or fake for a dry run on the CPU")
+    ap.add_argument("--warmup", type=int, default=256, help="unmeasured images before each phase's workers")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-multi-"))
     blobs = make_images(shapes("1024x768", args.images))
@@ -134,6 +139,10 @@ async def main() -> None:
         w0, p0 = start_worker(env, 0, args.model, tmp, args.max_num_seqs, args.engine)
         procs.append(w0)
         wait_until(lambda: worker_ready(p0), "worker gpu0", timeout=600)
+        # Warm-up batches (not measured): a fresh vLLM engine JIT-compiles kernels on its
+        # first requests; the phases compare warm engines.
+        submit(env, "warm0", args.warmup, tmp)
+        await measure(env, "warm0", args.warmup)
         submit(env, "A", args.images, tmp)
         a = await measure(env, "A", args.images)
         print("1 worker", a, flush=True)
@@ -141,6 +150,9 @@ async def main() -> None:
         procs.append(w1)
         wait_until(lambda: worker_ready(p1), "worker gpu1", timeout=600)
         await asyncio.sleep(8)  # let the group settle on both members
+        submit(env, "warm1", args.warmup * 2, tmp)  # half of it reaches the new worker
+        warm = await measure(env, "warm1", args.warmup * 2)
+        print("warm-up on both", warm, flush=True)
         submit(env, "B", args.images, tmp)
         b = await measure(env, "B", args.images)
         print("2 workers", b, flush=True)
@@ -159,6 +171,7 @@ async def main() -> None:
                 "max_num_seqs": args.max_num_seqs,
                 "device": hardware(),
                 "layout": "one vlmq worker per GPU (CUDA_VISIBLE_DEVICES), one consumer group, 16 partitions",
+                "warmup_images": args.warmup,
             },
             one_worker=a,
             two_workers=b,

@@ -90,6 +90,7 @@ def _figures(path: str, dt: float, gpu: GpuSampler) -> dict[str, Any]:
         "images_per_s": round(len(lines) / dt, 2),
         "output_tokens_per_s": round(tokens / dt, 1),
         "gpu_util_mean_pct": gpu.mean,
+        "gpu_util_per_gpu_pct": gpu.per_gpu,
     }
 
 
