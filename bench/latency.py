@@ -41,10 +41,11 @@ STAGES = ("produce", "to_worker", "engine", "finish", "added", "total")
 
 
 async def start_worker(
-    env: dict[str, str], step_ms: int, fetch_max_wait_ms: int | None
+    env: dict[str, str], step_ms: int, fetch_max_wait_ms: int | None, topic: str | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
-    """`vlmq worker --engine fake`: each job one token after `step_ms`."""
-    topic, port = f"lat-{uuid.uuid4().hex[:8]}", free_port()
+    """`vlmq worker --engine fake`: each job one token after `step_ms`; on a new topic (and
+    group), or on `topic` (a worker replacing one)."""
+    topic, port = topic or f"lat-{uuid.uuid4().hex[:8]}", free_port()
     wenv = {
         **os.environ,
         **env,

@@ -22,6 +22,11 @@ from redis.exceptions import NoScriptError, SlotNotCoveredError
 from vlmq.core.topology import AnyRedis
 
 NAMES = ("enqueue", "sent", "unqueue", "cancel", "claim", "finish", "lease")
+# Scripts that take many jobs in one call: (keys per job, shared leading arguments). A
+# job's own arguments follow the shared ones. `now` (argument 1) may differ between calls
+# of one tick: the merged call takes the first one's.
+MANY = {"claim": (4, 4)}
+VARYING = {1}
 WAIT_MS = 5000  # how long WAIT blocks for the replicas; then the calls are retried
 
 
@@ -49,9 +54,48 @@ class Scripts:
 
     async def run(self, calls: Sequence[Call], *, durable: bool = False) -> list[Any]:
         """The replies in order; an error reply is its exception, in its place. A dropped
-        connection raises (every call in the pipeline may or may not have run)."""
+        connection raises (every call in the pipeline may or may not have run). Calls of a
+        script that takes many jobs (claim) are merged: one call per slot."""
         if not calls:
             return []
+        merged, members = self._merge(calls)
+        replies = await self._run(merged, durable)
+        out: list[Any] = [None] * len(calls)
+        for call, reply, idx in zip(merged, replies, members, strict=True):
+            if call.script not in MANY or isinstance(reply, BaseException):
+                for i in idx:
+                    out[i] = reply
+            else:
+                for n, i in enumerate(idx):
+                    out[i] = reply[n]
+        return out
+
+    def _merge(self, calls: Sequence[Call]) -> tuple[list[Call], list[list[int]]]:
+        """Calls of a MANY script with the same shared arguments (and slot, on a cluster) as
+        one call: their keys and per-job arguments in order. The other calls as they are."""
+        merged: list[Call] = []
+        members: list[list[int]] = []
+        group_of: dict[tuple[Any, ...], int] = {}
+        for i, c in enumerate(calls):
+            per_job = MANY.get(c.script)
+            if per_job is None:
+                merged.append(c)
+                members.append([i])
+                continue
+            n_keys, head = per_job
+            tag = c.keys[0].partition("}")[0] if self.cluster is not None else ""
+            group = (c.script, tag, *(a for j, a in enumerate(c.args[:head]) if j not in VARYING))
+            if group not in group_of:
+                group_of[group] = len(merged)
+                merged.append(Call(c.script, [], list(c.args[:head])))
+                members.append([])
+            g = group_of[group]
+            merged[g].keys.extend(c.keys[:n_keys])
+            merged[g].args.extend(c.args[head:])
+            members[g].append(i)
+        return merged, members
+
+    async def _run(self, calls: Sequence[Call], durable: bool) -> list[Any]:
         replies = await self._pipeline(calls, durable)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:

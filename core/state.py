@@ -177,7 +177,7 @@ class StateStore:
     async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = LEASE_S) -> Claim:
         """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
         keys_ = [*self._job_keys(job_id, batch_id)[:3], keys.cancel_key(job_id)]
-        args = [batch_id or "", worker, time.time(), self.ttl_s, lease_s]
+        args = [worker, time.time(), self.ttl_s, lease_s, batch_id or ""]
         st, detail = await self._call(Call("claim", keys_, args))
         match _s(st):
             case "conflict":

@@ -61,6 +61,30 @@ async def test_claim_finish_first_terminal_write_wins(redis: AnyRedis) -> None:
     assert 0 < await redis.ttl(keys.batch_key(keys.shard(job), batch)) <= 60
 
 
+async def test_a_ticks_claims_are_one_script_call_per_slot(redis: AnyRedis, topology: str) -> None:
+    """300 concurrent claims of a coalescing store (the worker's) run as one `claim` call
+    on one Redis, one per slot on a cluster, and each caller gets its own job's answer."""
+    store = StateStore(redis, ttl_s=60, coalesce=True)
+    jobs, batch = _ids(300), uuid.uuid4().hex
+    await store.enqueue_many([(j, batch, time.time()) for j in jobs])
+    done = Result(job_id=jobs[0], state=JobState.SUCCEEDED, batch_id=batch)
+    assert (await store.claim(jobs[0], batch, "w")).granted and await store.finish(done)
+    sent: list[int] = []
+    run = store.scripts._run
+
+    async def counting(calls, durable):  # type: ignore[no-untyped-def]
+        sent.append(sum(c.script == "claim" for c in calls))
+        return await run(calls, durable)
+
+    store.scripts._run = counting  # type: ignore[method-assign]
+    claims = await asyncio.gather(*(store.claim(j, batch, "w") for j in jobs))
+    assert claims[0].state is JobState.SUCCEEDED and not claims[0].granted  # ended: skipped
+    assert all(c.granted and c.attempt == 1 for c in claims[1:])
+    slots = len({keys.shard(j) for j in jobs}) if topology == "cluster" else 1
+    assert sum(sent) == slots, sent
+    assert (await store.batch_counts(batch)).running == 299
+
+
 async def test_a_job_never_enqueued_is_counted_when_claimed(redis: AnyRedis) -> None:
     store = StateStore(redis, ttl_s=60)
     (job,), batch = _ids(), uuid.uuid4().hex
