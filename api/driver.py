@@ -153,8 +153,8 @@ class Driver:
     async def _items(
         self, batch_id: str, key: str, size: int, start: int = 0, first_line: int = 1
     ) -> AsyncIterator[Any]:
-        """The file's lines from byte `start` as jobs (model mapped, batch priority, the
-        window's deadline) or BadLines; each job comes with the offset after its line."""
+        """The file's lines from byte `start` as jobs (model mapped, batch priority; their
+        line number and the offset after the line in metadata) or BadLines."""
         reader = OpenAIReader(batch_id, allow_https=self.s.allow_https)
         n = first_line - 1
         async for line, offset in self.storage.lines(key, start, size):

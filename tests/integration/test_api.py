@@ -129,6 +129,14 @@ def upload(client: openai.OpenAI, tmp: Path, lines: list[str], name: str = "in.j
         return client.files.create(file=f, purpose="batch").id
 
 
+def start_batch(client: openai.OpenAI, tmp: Path, lines: list[str]) -> Batch:
+    """Upload `lines` and start a chat-completions batch on them."""
+    file_id = upload(client, tmp, lines)
+    return client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
 def wait_status(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 120) -> Batch:
     deadline = time.monotonic() + timeout
     while True:
@@ -239,11 +247,7 @@ BAD_LINES = [
 def test_a_malformed_file_fails_validation_with_every_line(e: Env, api: Api, tmp_path: Path) -> None:
     client = api.client(api.start())
     lines = [bad for bad, _ in BAD_LINES] + [line("ok-1")]  # the last duplicates ok-1
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = start_batch(client, tmp_path, lines)
     failed = wait_status(client, batch.id, {"failed", "in_progress", "completed"})
     assert failed.status == "failed" and failed.failed_at and failed.errors and failed.errors.data
     got = [(x.line, x.code) for x in failed.errors.data]
@@ -380,11 +384,7 @@ def test_cancel_mid_batch_keeps_partial_results(e: Env, api: Api, tmp_path: Path
     start_worker(e, "w", engine_args="step_ms=40,max_num_seqs=4")
     client = api.client(api.start(batch_window=8, cancel_grace_s=30))
     lines = [line(f"r{i}") for i in range(60)]
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = start_batch(client, tmp_path, lines)
     wait_until(lambda: _completed(client, batch.id) >= 4, "4 requests done", 60)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at
@@ -407,11 +407,7 @@ def test_a_batch_past_its_window_expires_with_partial_results(e: Env, api: Api, 
     wait_until(lambda: "partitions assigned" in log_text(e, "w"), "the worker's partitions", 60)
     client = api.client(api.start(completion_window_s=6, batch_window=4))
     lines = [line(f"r{i}") for i in range(40)]
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = start_batch(client, tmp_path, lines)
     assert batch.expires_at == batch.created_at + 6
     done = wait_status(client, batch.id, {"expired", "completed"}, 60)
     assert done.status == "expired" and done.expired_at and done.request_counts
@@ -428,11 +424,7 @@ def test_kill_9_of_the_api_and_a_second_replica_lose_and_duplicate_nothing(
     first, second = api.start("api-1"), api.start("api-2")
     client, other = api.client(first), None
     lines = [line(f"r{i}") for i in range(300)]
-    batch = client.batches.create(
-        input_file_id=upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = start_batch(client, tmp_path, lines)
     wait_until(lambda: client.batches.retrieve(batch.id).status == "in_progress", "in progress", 60)
     api.kill(first)  # whichever held the lease, the other one finishes the batch
     other = openai.OpenAI(base_url=second, api_key=client.api_key, max_retries=0)
