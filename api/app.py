@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
+from vlmq.api.dashboard.views import Dashboard, mount
 from vlmq.api.driver import Driver, file_key, live_counts
 from vlmq.api.objects import (
     ENDPOINTS,
@@ -50,6 +51,7 @@ class Ctx:
         self.records = Records(self.client.redis, settings.files_bucket)
         self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
         self.driver = Driver(settings, self.records, self.storage, self.client)
+        self.dashboard = Dashboard(settings, self.client, self.records) if settings.dashboard else None
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -83,20 +85,36 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         import asyncio
 
-        await ctx.storage.start(settings.create_bucket)
-        task = asyncio.create_task(ctx.driver.run())
+        tasks = []
+        if settings.openai_routes:
+            await ctx.storage.start(settings.create_bucket)
+            tasks.append(asyncio.create_task(ctx.driver.run()))
+        if ctx.dashboard is not None:
+            tasks.append(asyncio.create_task(ctx.dashboard.run_sampler()))
         log.info("api ready", host=settings.host, port=settings.port, models=settings.aliases())
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            if ctx.dashboard is not None:
+                await ctx.dashboard.close()
             await ctx.client.close()
             await ctx.storage.close()
 
     app = FastAPI(title="vlmq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     _errors(app)
-    _routes(app, ctx)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        await ctx.records.redis.ping()
+        return json_response({"ok": True})
+
+    if settings.openai_routes:
+        _routes(app, ctx)
+    if ctx.dashboard is not None:
+        mount(app, ctx.dashboard)
     return app
 
 
@@ -132,11 +150,6 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
         if found is None:
             raise Failure(404, f"No such Batch object: {batch_id[:64]}", param="batch_id")
         return found[1]
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        await records.redis.ping()
-        return json_response({"ok": True})
 
     @app.get("/v1/models")
     async def models(_: Reader) -> Response:

@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from vlmq.api.records import Records
+from vlmq.api.records import Records, Scope
 from vlmq.api.settings import ApiSettings
 from vlmq.core.logs import configure
 from vlmq.core.topology import connect_redis
@@ -57,13 +57,33 @@ def serve(
     allow_https: Annotated[
         bool | None, Opt("--allow-https/--no-allow-https", help="Accept https:// images [VLMQ_ALLOW_HTTPS]")
     ] = None,
+    dashboard: Annotated[
+        bool | None,
+        Opt("--dashboard/--no-dashboard", help="Serve the pages under /dashboard [VLMQ_DASHBOARD]"),
+    ] = None,
     log_format: Annotated[str | None, Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
 ) -> None:
-    """Serve /v1/files, /v1/batches, /v1/chat/completions and /v1/models (any number of replicas)."""
+    """Serve /v1/files, /v1/batches, /v1/chat/completions, /v1/models and the dashboard
+    at /dashboard (any number of replicas)."""
     flags = {k: v for k, v in locals().items() if v is not None}
     settings = ApiSettings.load(flags)
     if not settings.models:
         raise typer.BadParameter("name at least one model: --model NAME or VLMQ_MODELS", param_hint="--model")
+    _run(settings)
+
+
+def dashboard(
+    host: Annotated[str | None, Opt(help="Address to listen on [VLMQ_HOST]")] = None,
+    port: Annotated[int | None, Opt(help="Port [VLMQ_PORT]")] = None,
+    log_format: Annotated[str | None, Opt(help="auto | json | console [VLMQ_LOG_FORMAT]")] = None,
+) -> None:
+    """Serve only the dashboard (batches, jobs, workers) at /dashboard, without the OpenAI API.
+    Log in with a key from `vlmq api key create NAME --admin`."""
+    flags = {k: v for k, v in locals().items() if v is not None}
+    _run(ApiSettings.load({**flags, "dashboard": True, "openai_routes": False}))
+
+
+def _run(settings: ApiSettings) -> None:
     configure(settings.log_format, settings.log_level)
     try:
         import uvicorn
@@ -84,11 +104,15 @@ def key_create(
         str, typer.Argument(help="The tenant the key acts for (it sees only its own files and batches).")
     ],
     read_only: Annotated[
-        bool, Opt("--read-only", help="May list and read, not upload, create or cancel.")
+        bool, Opt("--read-only", help="May list and read, not upload, create, cancel or retry.")
+    ] = False,
+    admin: Annotated[
+        bool, Opt("--admin", help="An operator's key: the dashboard shows it every batch and the workers.")
     ] = False,
 ) -> None:
     """Print a new API key (shown once: only its hash is kept)."""
-    key = asyncio.run(_with_records(lambda r: r.create_key(tenant, "read" if read_only else "write")))
+    scope: Scope = "read" if read_only else "write"
+    key = asyncio.run(_with_records(lambda r: r.create_key(tenant, scope, admin)))
     out.print(key, highlight=False, soft_wrap=True)
 
 

@@ -75,6 +75,7 @@ def hash_key(api_key: str) -> str:
 class Tenant(msgspec.Struct, frozen=True):
     name: str
     scope: Scope
+    admin: bool = False  # an operator's key: every batch (bulk ones too) and the workers
 
     @property
     def may_write(self) -> bool:
@@ -98,12 +99,12 @@ class Records:
 
     # -- API keys ------------------------------------------------------------------------
 
-    async def create_key(self, tenant: str, scope: Scope = "write") -> str:
+    async def create_key(self, tenant: str, scope: Scope = "write", admin: bool = False) -> str:
         """A new API key for `tenant`; only its hash is stored, so this is the one time it is seen."""
         api_key = f"sk-vlmq-{secrets.token_urlsafe(32)}"
         await self.redis.hset(
             f"{P}:key:{hash_key(api_key)}",
-            mapping={"tenant": tenant, "scope": scope, "created_at": int(time.time())},
+            mapping={"tenant": tenant, "scope": scope, "admin": int(admin), "created_at": int(time.time())},
         )
         return api_key
 
@@ -115,7 +116,7 @@ class Records:
         if not row:
             return None
         r = {_s(k): _s(v) for k, v in row.items()}
-        return Tenant(r["tenant"], "write" if r.get("scope") == "write" else "read")
+        return Tenant(r["tenant"], "write" if r.get("scope") == "write" else "read", r.get("admin") == "1")
 
     async def reserve(self, tenant: str, counter: str, n: int, limit: int) -> bool:
         """Count `n` more against the tenant's `counter` unless it would pass `limit`."""

@@ -69,6 +69,19 @@ class ApiSettings(Connection, kw_only=True):
     online_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     # Accept https:// image URLs in requests (workers must allow them too).
     allow_https: bool = False
+    # -- the dashboard (/dashboard)
+    # Serve the dashboard's pages (`vlmq dashboard` serves only them).
+    dashboard: bool = True
+    # Serve the OpenAI routes (/v1); off for `vlmq dashboard`.
+    openai_routes: bool = True
+    # Seconds between points of each running batch's series (its rate, ETA and chart).
+    sample_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    # The workers' consumer group (the workers page's partitions and lag).
+    worker_group: str = "vlmq-workers"
+    # Seconds a dashboard login lasts (the cookie that holds the key).
+    session_s: Annotated[int, Meta(ge=60)] = 8 * 3600
+    # The worker's fetch rules for thumbnails of input images (those of `vlmq worker`).
+    thumb_max_bytes: Annotated[int, Meta(ge=1)] = 20 * MB
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 

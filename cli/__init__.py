@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vlmq.api.cli import app as api_app
+from vlmq.api.cli import dashboard
 from vlmq.cli.demo import demo
 from vlmq.cli.errors import Exit, UserError, explain
 from vlmq.deploy.cli import app as stack_app
@@ -43,6 +44,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(api_app, name="api")
 app.add_typer(schema_app, name="schema")
 app.command("demo")(demo)
+app.command("dashboard")(dashboard)
 
 
 @schema_app.command("export")

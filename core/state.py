@@ -43,6 +43,7 @@ class Claim(msgspec.Struct, frozen=True):
     recorded_batch: str | None = None  # set on a conflict
     leased_until: float | None = None  # set while another worker's lease holds
     cancel_requested: bool = False  # the caller ends it `cancelled` instead of running it
+    retry_base: int = 0  # attempts before the job's last retry (max_attempts counts from it)
 
     @property
     def granted(self) -> bool:
@@ -176,9 +177,10 @@ class StateStore:
 
     async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = LEASE_S) -> Claim:
         """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
-        keys_ = [*self._job_keys(job_id, batch_id)[:3], keys.cancel_key(job_id)]
+        sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
+        keys_ = [*self._job_keys(job_id, batch_id), keys.cancel_key(job_id), sub_batch]
         args = [worker, time.time(), self.ttl_s, lease_s, batch_id or ""]
-        st, detail = await self._call(Call("claim", keys_, args))
+        st, detail, *base = await self._call(Call("claim", keys_, args))
         match _s(st):
             case "conflict":
                 return Claim(None, recorded_batch=_s(detail))
@@ -186,7 +188,7 @@ class StateStore:
                 return Claim(JobState.RUNNING, leased_until=float(detail))
             case "cancel":
                 return Claim(JobState.CANCELLED, int(detail), cancel_requested=True)
-        return Claim(JobState(_s(st)), int(detail))
+        return Claim(JobState(_s(st)), int(detail), retry_base=int(base[0]) if base else 0)
 
     @staticmethod
     def _job_keys(job_id: str, batch_id: str | None) -> list[str]:
@@ -236,6 +238,49 @@ class StateStore:
             None if reply in ("requested", "missing") else JobState(reply),
             reply != "missing",
         )
+
+    async def index_batches(self, batch_ids: Iterable[str], now: float) -> None:
+        """Note batches as submitted (first time wins), for the dashboard's list; batches
+        older than the results' TTL leave the index as their jobs' keys expire."""
+        scores = {b: now for b in batch_ids}
+        if not scores:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(keys.BATCHES_KEY, scores, nx=True)
+        pipe.zremrangebyscore(keys.BATCHES_KEY, "-inf", now - self.ttl_s)
+        await pipe.execute()
+
+    async def batches(self) -> list[tuple[str, float]]:
+        """Every indexed batch with when it was first submitted, newest first."""
+        rows: list[Any] = await self.redis.zrevrange(keys.BATCHES_KEY, 0, -1, withscores=True)
+        return [(_s(row[0]), float(row[1])) for row in rows]
+
+    async def retry(self, job_ids: Sequence[str]) -> list[str]:
+        """Ask for failed jobs to run again (the caller then sends their messages again):
+        the ones that were failed and are now marked. A claim takes each mark once, so
+        however often a message is resent, one more attempt runs."""
+        calls = [Call("retry", [keys.submitted_key(j)], [keys.job_key(j)]) for j in job_ids]
+        replies = await self.scripts.run(calls)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [j for j, r in zip(job_ids, replies, strict=True) if int(r)]
+
+    async def cancel_batch(self, batch_id: str) -> None:
+        """Cancel a whole batch: every job of it that a worker claims from now on ends
+        `cancelled`, and the workers abort the ones they run. Ended jobs stay as they are."""
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(keys.SHARDS):
+            pipe.hset(keys.batch_submitted_key(shard, batch_id), "cancelled", "1")
+            pipe.expire(keys.batch_submitted_key(shard, batch_id), self.ttl_s)
+        await pipe.execute()
+        await self.redis.publish(keys.CANCEL_CHANNEL, keys.batch_cancel_message(batch_id))
+
+    async def batch_cancelled(self, batch_id: str) -> bool:
+        return bool(await self.redis.hget(keys.batch_submitted_key(0, batch_id), "cancelled"))
+
+    async def note_dead_letter(self, job_id: str, partition: int, offset: int) -> None:
+        await self._call(Call("deadletter", [keys.job_key(job_id)], [f"{partition}:{offset}"]))
 
     async def recorded_batch(self, job_id: str) -> str | None:
         """The batch the job's records name (the worker's record, else the submit record)."""

@@ -215,6 +215,22 @@ class Client:
         await self._settle(in_flight, report, progress)
         return report
 
+    async def resend(self, jobs: Sequence[Job]) -> None:
+        """Send jobs whose records exist again (a retry: see StateStore.retry), without a
+        new submit record; returns once Kafka acknowledged every one."""
+        producer = await self._kafka()
+        acks = []
+        for job in jobs:
+            value, headers = validated(job, self.content_type)
+            with self._reaching_kafka():
+                acks.append(
+                    await producer.send(
+                        self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
+                    )
+                )
+        with self._reaching_kafka():
+            await asyncio.gather(*acks)
+
     async def _send_chunk(self, jobs: Sequence[Job], report: SubmitReport) -> _Sent:
         """Validate, enqueue in Redis, hand to the producer; acks are awaited by `_settle`."""
         now = time.time()
@@ -223,6 +239,7 @@ class Client:
         producer = await self._kafka()
         with self._reaching_redis():
             states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
+            await self.store.index_batches({j.batch_id for j in jobs if j.batch_id}, now)
         sent = _Sent(jobs=list(jobs))
         for job, (value, headers), got in zip(jobs, encoded, states, strict=True):
             if not got.must_send:

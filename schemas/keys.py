@@ -24,6 +24,22 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: payload is a job_id (a cancel re
 PRODUCER_KEYS = f"{PREFIX}:{{??}}:sub:*"  # ACL pattern of what a producer may write
 
 
+BATCHES_KEY = f"{PREFIX}:{{ix}}:sub:batches"  # zset: batch_id -> first submit (the dashboard's index)
+
+
+WORKERS_KEY = f"{PREFIX}:{{workers}}:seen"  # zset: worker_id -> its last heartbeat
+
+
+def worker_key(worker_id: str) -> str:
+    """A worker's last heartbeat (core/workers.py), expiring after three missed beats."""
+    return f"{PREFIX}:{{workers}}:beat:{worker_id}"
+
+
+def batch_cancel_message(batch_id: str) -> str:
+    """What goes on CANCEL_CHANNEL to cancel a whole batch: a space, which no job id has."""
+    return f"batch {batch_id}"
+
+
 def shard(job_id: str) -> int:
     return zlib.crc32(job_id.encode()) % SHARDS
 

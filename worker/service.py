@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import time
@@ -23,6 +24,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
+from vlmq.core import workers
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
 from vlmq.core.state import Claim, StateStore
@@ -130,6 +132,8 @@ class Worker:
         self.ledger = OffsetLedger()
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._jobs: dict[str, asyncio.Future[Result]] = {}  # job_id -> its pipeline run
+        self.ended = 0  # jobs this worker ended (its heartbeat's jobs/s)
+        self._batch_of: dict[str, str] = {}  # job_id -> batch_id, of the runs in _jobs
         self._user_cancelled: set[str] = set()
         self._cancelling: set[asyncio.Task[None]] = set()  # ending queued jobs on request
         self._slot_freed = asyncio.Event()
@@ -214,6 +218,7 @@ class Worker:
             asyncio.create_task(self._supervised("cancel listener", self._cancels)),
             asyncio.create_task(self._supervised("redis probe", self._probe_redis)),
             asyncio.create_task(self._supervised("leases", self._renew_leases)),
+            asyncio.create_task(self._supervised("heartbeats", self._heartbeats)),
         ]
         self._started = True
         log.info("worker ready", engine=self.engine.name, model=self.engine.model)
@@ -224,6 +229,8 @@ class Worker:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            with contextlib.suppress(RedisError, OSError):
+                await workers.gone(self.store.redis, self.settings.worker_id)
             await self._commit(None)
         if self._fatal is not None:
             log.error("worker stopped on an unrecoverable error", error=repr(self._fatal))
@@ -336,7 +343,7 @@ class Worker:
         if claim.cancel_requested:
             result = self.pipeline.result(job, JobState.CANCELLED, claim.attempt)
         else:
-            result = self._refused(job, claim.attempt) or await self._run_cancellable(job, claim.attempt)
+            result = self._refused(job, claim) or await self._run_cancellable(job, claim.attempt)
         await self._publish(job, result, msg)
 
     async def _claim(self, job: Job) -> Claim:
@@ -354,10 +361,13 @@ class Worker:
             log.debug("running elsewhere; waiting for its end or its lease", until=claim.leased_until)
             await asyncio.sleep(min(max(claim.leased_until - time.time(), 0.05), s.lease_s) + random.random())
 
-    def _refused(self, job: Job, attempt: int) -> Result | None:
-        """The job's end when it must not run: delivered too often, or past its deadline."""
-        if attempt > self.settings.max_attempts:
-            message = f"delivered {attempt} times without ending (max_attempts {self.settings.max_attempts})"
+    def _refused(self, job: Job, claim: Claim) -> Result | None:
+        """The job's end when it must not run: delivered too often (since its last retry),
+        or past its deadline."""
+        attempt = claim.attempt
+        if attempt - claim.retry_base > self.settings.max_attempts:
+            times = attempt - claim.retry_base
+            message = f"delivered {times} times without ending (max_attempts {self.settings.max_attempts})"
             return self.pipeline.result(job, JobState.FAILED, attempt, error=Error(ErrorCode.POISON, message))
         if job.deadline is not None and time.time() > job.deadline:
             error = Error(ErrorCode.TIMEOUT, "deadline passed before the job started")
@@ -367,6 +377,8 @@ class Worker:
     async def _run_cancellable(self, job: Job, attempt: int) -> Result:
         run = asyncio.ensure_future(self.pipeline.run(job, attempt))
         self._jobs[job.job_id] = run
+        if job.batch_id:
+            self._batch_of[job.job_id] = job.batch_id
         try:
             return await run
         except asyncio.CancelledError:
@@ -377,6 +389,7 @@ class Worker:
             raise
         finally:
             self._jobs.pop(job.job_id, None)
+            self._batch_of.pop(job.job_id, None)
             self._user_cancelled.discard(job.job_id)
 
     async def _publish(self, job: Job, result: Result, msg: ConsumerRecord) -> None:
@@ -386,6 +399,7 @@ class Worker:
             metrics.SKIPPED.inc()
             return
         metrics.JOBS.labels(result.state.value).inc()
+        self.ended += 1
         log.info(
             "job ended", state=result.state.value, error=result.error.code.value if result.error else None
         )
@@ -442,13 +456,43 @@ class Worker:
         value, headers = encode_dead_letter(dead)
         metrics.ERRORS.labels(error.code.value).inc()  # every failure has exactly one dead letter
         key = job_id.encode() if job_id else None
-        await through_outage(
+        sent = await through_outage(
             lambda: self.producer.send_and_wait(self.settings.dlq_topic, value, key=key, headers=headers),
             OUTAGE_S,
         )
         metrics.DEAD_LETTERS.inc()
+        if job_id is not None:  # for its page and a retry: where the original bytes are kept
+            await through_outage(
+                lambda: self.store.note_dead_letter(job_id, sent.partition, sent.offset), OUTAGE_S
+            )
 
     # -- cancel, commit, revoke, drain ---------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        """Say who this worker is and how busy, for the dashboard (core/workers.py)."""
+        every, started, last = self.settings.heartbeat_s, time.time(), self.ended
+        while True:
+            stats = self.engine.stats()
+            b = workers.Beat(
+                worker=self.settings.worker_id,
+                pid=os.getpid(),
+                engine=self.engine.name,
+                model=self.engine.model,
+                started_at=started,
+                at=time.time(),
+                interval_s=every,
+                in_flight=len(self._tasks),
+                engine_running=int(stats.get("running", 0)),
+                engine_waiting=int(stats.get("waiting", 0)),
+                jobs_per_s=round((self.ended - last) / every, 2),
+                ended=self.ended,
+                gpu_busy=await asyncio.to_thread(workers.gpu_busy),
+                partitions=sorted(tp.partition for tp in self.consumer.assignment()),
+            )
+            last = self.ended
+            with contextlib.suppress(RedisError, OSError):  # a missed beat is not an outage
+                await workers.beat(self.store.redis, b)
+            await asyncio.sleep(every)
 
     async def _supervised(self, name: str, helper: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Keep a helper running: a crash is logged and counted, readiness says so, and the
@@ -508,6 +552,11 @@ class Worker:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     def _cancel(self, job_id: str) -> None:
+        kind, _, batch_id = job_id.partition(" ")
+        if kind == "batch" and batch_id:  # a whole batch: abort what runs here (see keys)
+            for running in [j for j, b in self._batch_of.items() if b == batch_id]:
+                self._cancel(running)
+            return
         run = self._jobs.get(job_id)
         if run is not None and not run.done():
             log.info("aborting cancelled job", job_id=job_id)

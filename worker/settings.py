@@ -43,6 +43,8 @@ class WorkerSettings(Connection, kw_only=True):
     # Deliveries of one job before it fails as `poison` without running (a job that kills
     # its worker each time would otherwise go round the fleet forever).
     max_attempts: int = 3
+    # Seconds between heartbeats in Redis (the dashboard's workers page); 3 missed: gone.
+    heartbeat_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
     # Seconds a claim holds a running job; renewed every third of it while the job runs. A
     # second delivery waits for the holder; a dead worker's jobs are taken over after this.
     lease_s: float = LEASE_S

@@ -1,23 +1,58 @@
 -- A worker takes jobs: each queued (or never seen, or running on a worker whose lease ran
--- out) -> running, with a lease: owner + expiry, renewed while it runs (lease.lua).
+-- out, or failed with a retry requested) -> running, with a lease: owner + expiry, renewed
+-- while it runs (lease.lua).
 -- One call claims any number of jobs of one slot (the worker sends one call per slot per
 -- loop tick); each job's answer is one of:
---   {state, attempt}: running now with this attempt; or a terminal job as it is (skip it);
+--   {state, attempt, base}: running now with this attempt (`base`: the attempts before
+--     its last retry, so a retried job has max_attempts again); or a terminal job as it is
+--     (skip it);
 --   {'leased', lease_until}: another worker's lease on the running job holds: the caller
 --     waits and asks again, so a job never runs twice at once;
 --   {'conflict', recorded batch_id}: the record written at submit names another batch than
 --     the message: the message is not trusted, and nothing is written;
---   {'cancel', attempt}: a cancel was requested: the caller ends it `cancelled`.
--- KEYS: per job: job, sub, batch (this shard's counters; a placeholder when none), cancel
+--   {'cancel', attempt}: a cancel was requested (for the job, or for its whole batch): the
+--     caller ends it `cancelled`.
+-- A retry (the producer's `retry` field on the submit record of a failed job) is taken
+-- once: the field is removed as the job leaves `failed`, so a second delivery of the
+-- resent message finds the job running or ended and skips it.
+-- KEYS: per job: job, sub, batch (this shard's counters; a placeholder when none), done
+--       (this shard's done list), cancel, sub batch (this shard's submit counters, where a
+--       batch cancel is recorded)
 -- ARGV: worker, now, ttl_s, lease_s, then per job: batch_id ("" when none)
-local function claim(k1, k2, k3, k4, batch, worker, now, ttl, lease_s)
+local function cancelled(k5, k6, batch)
+  if redis.call('EXISTS', k5) == 1 then return true end
+  return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
+end
+
+local function retried(k1, k2, k3, k4, st, job_id)
+  if st ~= 'failed' or redis.call('HGET', k2, 'retry') ~= '1' then return false end
+  redis.call('HDEL', k2, 'retry')
+  redis.call('HDEL', k1, 'record')
+  redis.call('HSET', k1, 'retry_base', redis.call('HGET', k1, 'attempt') or '0')
+  redis.call('HINCRBY', k1, 'retries', 1)
+  if redis.call('HGET', k1, 'batch_id') then
+    redis.call('HINCRBY', k3, 'failed', -1)
+    redis.call('HINCRBY', k3, 'running', 1)
+    redis.call('LREM', k4, 1, job_id)
+  end
+  return true
+end
+
+local function claim(k1, k2, k3, k4, k5, k6, batch, worker, now, ttl, lease_s)
   local st, owner, lease, attempt, recorded = unpack(redis.call('HMGET', k1,
     'state', 'worker', 'lease_until', 'attempt', 'batch_id'))
-  if st and st ~= 'running' then return {st, tonumber(attempt or '0')} end
+  local job_id = string.match(k1, ':job:(.*)$')
+  local again = false
+  if st and st ~= 'running' then
+    if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st, job_id) then
+      return {st, tonumber(attempt or '0')}
+    end
+    again = true
+  end
   local submitted = redis.call('EXISTS', k2) == 1
   if not st and submitted then recorded = redis.call('HGET', k2, 'batch_id') end
   if (st or submitted) and (recorded or '') ~= batch then return {'conflict', recorded or ''} end
-  if redis.call('EXISTS', k4) == 1 then return {'cancel', tonumber(attempt or '0')} end
+  if not again and cancelled(k5, k6, batch) then return {'cancel', tonumber(attempt or '0')} end
   if st == 'running' and owner ~= worker and tonumber(lease or '0') > tonumber(now) then
     return {'leased', lease}
   end
@@ -32,13 +67,13 @@ local function claim(k1, k2, k3, k4, batch, worker, now, ttl, lease_s)
     redis.call('HINCRBY', k3, 'running', 1)
     redis.call('EXPIRE', k3, ttl)
   end
-  return {'running', n}
+  return {'running', n, tonumber(redis.call('HGET', k1, 'retry_base') or '0')}
 end
 
 local out = {}
-for j = 0, #KEYS / 4 - 1 do
-  local k = 4 * j
-  out[j + 1] = claim(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], ARGV[5 + j],
-    ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+for j = 0, #KEYS / 6 - 1 do
+  local k = 6 * j
+  out[j + 1] = claim(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
+    KEYS[k + 6], ARGV[5 + j], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 end
 return out

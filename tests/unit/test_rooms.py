@@ -1,7 +1,7 @@
 """The rooms depend one way. Read from the source (every import, the lazy ones inside
 functions too), so a new arrow fails here before anyone has to untangle it.
 
-    cli  ->  api  ->  producer
+    cli  ->  api  ->  producer, worker (its image fetcher, for thumbnails)
     cli  ->  producer, worker, deploy  ->  core  ->  schemas
 
 The SDK (producer) never imports the worker and the worker never imports the SDK: what
@@ -19,7 +19,7 @@ ALLOWED = {
     "producer": {"producer", "core", "schemas"},
     "worker": {"worker", "core", "schemas"},
     "deploy": {"deploy", "core", "schemas"},
-    "api": {"api", "producer", "core", "schemas"},
+    "api": {"api", "producer", "worker", "core", "schemas"},  # worker: its fetch rules (thumbnails)
     "cli": {"cli", "api", "producer", "worker", "deploy", "core", "schemas"},
 }
 

@@ -1,0 +1,349 @@
+"""What the dashboard shows, read from where it already lives: batch counters and job
+records in Redis (core/state.py), worker heartbeats (core/workers.py), dead letters in
+Kafka. The only state the dashboard adds is a short time series per batch, sampled by
+whichever API replica holds the sampler's lease (so the rate, the ETA and the chart are
+the same on every replica, and nothing is lost when one restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from vlmq.api.records import P, Records, Tenant
+from vlmq.core import workers
+from vlmq.core.state import BatchCounts, StateStore
+from vlmq.producer.client import Client
+from vlmq.schemas import keys
+from vlmq.schemas.codec import decode_dead_letter, decode_job
+from vlmq.schemas.errors import VlmqError
+from vlmq.schemas.job import DeadLetter, Job, JobState, Result
+
+SERIES_LEN = 720  # samples kept per batch: an hour at the default 5 s
+RATE_WINDOW_S = 60.0
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Sample(msgspec.Struct, array_like=True):
+    at: float
+    finished: int
+    failed: int
+
+
+class BatchRow(msgspec.Struct, kw_only=True):
+    id: str
+    created_at: float
+    counts: BatchCounts
+    ended_at: float | None = None
+    rate: float = 0.0  # jobs ended per second over the last minute
+    eta_s: float | None = None
+    status: str = "running"  # queued, running, completed, cancelled; an OpenAI batch's own status
+    openai: bool = False
+    cancelled: bool = False
+
+    @property
+    def done_pct(self) -> float:
+        return 100.0 * self.counts.finished / self.counts.total if self.counts.total else 0.0
+
+
+def series_key(batch_id: str) -> str:
+    return f"{P}:series:{batch_id}"
+
+
+def _rate(samples: Sequence[Sample]) -> float:
+    """Jobs ended per second over the last minute of samples."""
+    if len(samples) < 2:
+        return 0.0
+    last = samples[-1]
+    first = next((s for s in samples if s.at >= last.at - RATE_WINDOW_S), samples[0])
+    span = last.at - first.at
+    return (last.finished - first.finished) / span if span > 0 else 0.0
+
+
+class Board:
+    """Reads for the pages, and the few writes they may ask for (cancel, retry)."""
+
+    def __init__(self, client: Client, records: Records, dlq_topic: str) -> None:
+        self.client, self.records = client, records
+        self.store: StateStore = client.store
+        self.letters = DeadLetters(client.settings.kafka_bootstrap, dlq_topic)
+
+    async def close(self) -> None:
+        await self.letters.close()
+
+    # -- batches --------------------------------------------------------------------------
+
+    async def batch_ids(self, t: Tenant) -> list[tuple[str, float]]:
+        """(id, created) of the batches `t` may see: all of them for an admin key, else
+        the tenant's own OpenAI batches."""
+        if t.admin:
+            return await self.store.batches()
+        ids = await self.records.redis.zrevrange(f"{P}:batches:{t.name}", 0, -1, withscores=True)
+        return [(_s(row[0]), float(row[1])) for row in ids]
+
+    async def visible(self, t: Tenant, batch_id: str) -> bool:
+        if t.admin:
+            return True
+        return await self.records.batch(batch_id, t.name) is not None
+
+    async def row(self, batch_id: str, created_at: float) -> BatchRow:
+        counts = await self.store.batch_counts(batch_id)
+        samples = await self.samples(batch_id)
+        row = BatchRow(id=batch_id, created_at=created_at, counts=counts, rate=_rate(samples))
+        row.cancelled = await self.store.batch_cancelled(batch_id)
+        found = await self.records.batch(batch_id)
+        if found is not None:
+            row.openai, row.status = True, found[1].status
+            row.ended_at = (
+                float(found[1].completed_at or found[1].cancelled_at or found[1].expired_at or 0) or None
+            )
+        else:
+            row.status = _status(counts, row.cancelled)
+        if row.ended_at is None and counts.total and counts.finished >= counts.total and samples:
+            row.ended_at = next((s.at for s in samples if s.finished >= counts.total), samples[-1].at)
+        left = counts.total - counts.finished
+        row.eta_s = left / row.rate if row.rate > 0 and left > 0 else None
+        return row
+
+    async def rows(self, t: Tenant) -> list[BatchRow]:
+        return [await self.row(b, at) for b, at in await self.batch_ids(t)]
+
+    async def samples(self, batch_id: str) -> list[Sample]:
+        raw = await self.records.redis.lrange(series_key(batch_id), 0, -1)
+        return [msgspec.json.decode(r, type=Sample) for r in raw]
+
+    async def sample(self, batch_id: str) -> None:
+        """One more point of the batch's series (the sampler's, under its lease)."""
+        c = await self.store.batch_counts(batch_id)
+        pipe = self.records.redis.pipeline(transaction=False)
+        key = series_key(batch_id)
+        pipe.rpush(key, msgspec.json.encode(Sample(time.time(), c.finished, c.failed)))
+        pipe.ltrim(key, -SERIES_LEN, -1)
+        pipe.expire(key, 7 * 24 * 3600)
+        await pipe.execute()
+
+    # -- failures, jobs -------------------------------------------------------------------
+
+    async def failures(self, batch_id: str, scan: int = 20_000, examples: int = 3) -> FailureGroups:
+        """Failed jobs grouped by error code, with a few examples each; at most `scan`
+        ended jobs are read (a page must stay fast on a million-job batch)."""
+        groups = FailureGroups()
+        async for r in self.store.iter_batch(batch_id):
+            groups.scanned += 1
+            if r.state is JobState.FAILED and r.error is not None:
+                g = groups.by_code.setdefault(r.error.code.value, FailureGroup(r.error.code.value))
+                g.count += 1
+                if len(g.examples) < examples:
+                    g.examples.append(r)
+            if groups.scanned >= scan:
+                groups.capped = True
+                break
+        return groups
+
+    async def job(self, job_id: str) -> JobView | None:
+        result = await self.store.get(job_id)
+        if result is None:
+            return None
+        raw = await self.records.redis.hgetall(keys.job_key(job_id))
+        fields = {_s(k): _s(v) for k, v in raw.items() if _s(k) != "record"}
+        dead = await self.dead_letter(fields.get("dead_letter"))
+        job = _job_of(dead)
+        return JobView(result=result, fields=fields, dead=dead, job=job)
+
+    async def dead_letter(self, position: str | None) -> DeadLetter | None:
+        if not position or ":" not in position:
+            return None
+        p, _, o = position.partition(":")
+        return await self.letters.get(int(p), int(o))
+
+    # -- actions --------------------------------------------------------------------------
+
+    async def retry(self, batch_id: str, code: str | None = None) -> RetryReport:
+        """Run a batch's failed jobs (all, or those of one error code) once more: their
+        messages, read back from the dead letters, are sent again. A claim takes each
+        retry mark once, so a double click, two operators or a resend after a crash still
+        give each job one more attempt, and one more terminal write."""
+        report = RetryReport()
+        failed = [r async for r in self._failed(batch_id, code)]
+        for i in range(0, len(failed), 500):
+            jobs = await self._originals(failed[i : i + 500], report)
+            marked = set(await self.store.retry([j.job_id for j in jobs]))
+            again = [j for j in jobs if j.job_id in marked]
+            report.skipped += len(jobs) - len(again)
+            await self.client.resend(again)
+            report.resent += len(again)
+        return report
+
+    async def _failed(self, batch_id: str, code: str | None) -> AsyncIterator[Result]:
+        async for r in self.store.iter_batch(batch_id):
+            if r.state is JobState.FAILED and (code is None or (r.error and r.error.code.value == code)):
+                yield r
+
+    async def _originals(self, failed: Sequence[Result], report: RetryReport) -> list[Job]:
+        """The jobs as submitted, from their dead letters; the ones that cannot be read
+        back (a dead letter gone with the topic's retention, or cut at 256 KiB) are counted."""
+        pipe = self.records.redis.pipeline(transaction=False)
+        for r in failed:
+            pipe.hget(keys.job_key(r.job_id), "dead_letter")
+        jobs = []
+        for pos in await pipe.execute():
+            job = _job_of(await self.dead_letter(_s(pos) if pos else None))
+            if job is None:
+                report.unreadable += 1
+            else:
+                jobs.append(job)
+        return jobs
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.store.cancel_batch(batch_id)
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def workers(self) -> list[workers.Beat]:
+        return await workers.alive(self.records.redis)
+
+    async def lag(self, group: str, topic: str) -> list[PartitionLag]:
+        return await self.letters.lag(group, topic)
+
+
+class FailureGroup(msgspec.Struct):
+    code: str
+    count: int = 0
+    examples: list[Result] = []
+
+
+class FailureGroups(msgspec.Struct):
+    by_code: dict[str, FailureGroup] = {}
+    scanned: int = 0
+    capped: bool = False
+
+
+class JobView(msgspec.Struct):
+    result: Result
+    fields: dict[str, str]
+    dead: DeadLetter | None
+    job: Job | None
+
+
+class RetryReport(msgspec.Struct):
+    resent: int = 0
+    skipped: int = 0  # no longer failed (retried already, or cancelled meanwhile)
+    unreadable: int = 0
+
+
+class PartitionLag(msgspec.Struct):
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+def _status(c: BatchCounts, cancelled: bool) -> str:
+    if c.total and c.finished >= c.total:
+        return "cancelled" if cancelled and c.cancelled else "completed"
+    if cancelled:
+        return "cancelling"
+    return "queued" if c.finished == 0 and c.running == 0 else "running"
+
+
+def _job_of(dead: DeadLetter | None) -> Job | None:
+    if dead is None or (dead.payload_size or 0) > len(dead.payload):
+        return None
+    try:
+        return decode_job(dead.payload)
+    except VlmqError:  # the message was never a job (that is why it is a dead letter)
+        return None
+
+
+class DeadLetters:
+    """Reads dead letters back by position, and the jobs topic's end offsets and a
+    consumer group's commits (the workers page's lag). One consumer, no group, assigned by
+    hand; dead letters never change, so the last few hundred are kept in memory."""
+
+    def __init__(self, bootstrap: str, topic: str, cache: int = 512) -> None:
+        self.bootstrap, self.topic, self.size = bootstrap, topic, cache
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+        self._cache: OrderedDict[tuple[int, int], DeadLetter | None] = OrderedDict()
+
+    async def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
+
+    async def get(self, partition: int, offset: int) -> DeadLetter | None:
+        if (partition, offset) in self._cache:
+            return self._cache[(partition, offset)]
+        async with self._lock:
+            consumer = await self._started()
+            tp = TopicPartition(self.topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            got = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
+        records = [m for m in got.get(tp, []) if m.offset == offset]
+        dead = decode_dead_letter(records[0].value) if records and records[0].value else None
+        self._cache[(partition, offset)] = dead
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return dead
+
+    async def lag(self, group: str, topic: str) -> list[PartitionLag]:
+        """Per partition of `topic`: the group's committed offset and the end offset. The
+        end is the high watermark of a fetch at the committed offset (with ListOffsets
+        as the floor): tansu's ListOffsets counts record batches, not records."""
+        async with self._lock:
+            consumer = await self._started()
+            parts = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+            tps = [TopicPartition(topic, p) for p in parts]
+            if not tps:
+                return []
+            committed = await _committed(self.bootstrap, group, tps)
+            ends = await consumer.end_offsets(tps)
+            consumer.assign(tps)
+            for tp in tps:  # one record back: a fetch that returns none may carry no watermark
+                consumer.seek(tp, max(committed.get(tp, 0) - 1, 0))
+            await consumer.getmany(*tps, timeout_ms=500, max_records=len(tps))
+            high = {tp: max(ends.get(tp, 0), consumer.highwater(tp) or 0) for tp in tps}
+        return [PartitionLag(tp.partition, committed.get(tp), high[tp]) for tp in tps]
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()  # aiokafka: no public refresh
+    return consumer.partitions_for_topic(topic) or set()
+
+
+async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The group's committed offsets, read by a consumer of that group that never joins
+    it (no subscribe: `committed` asks the coordinator, the members are not disturbed)."""
+    if not tps:
+        return {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        out = {}
+        for tp in tps:
+            offset = await consumer.committed(tp)
+            if offset is not None:
+                out[tp] = offset
+        return out
+    finally:
+        await consumer.stop()

@@ -1,0 +1,382 @@
+"""The dashboard's pages: server-rendered Jinja2, live by htmx polling (a page asks for
+its own live fragment every few seconds; no build step, one vendored script).
+
+Auth is the API's keys: a login form puts the key in an HttpOnly, SameSite=Strict cookie
+(so a form on another site cannot post with it), or a client sends `Authorization:
+Bearer`. A tenant's key sees its own OpenAI batches; an admin key (`vlmq api key create
+NAME --admin`) sees every batch and the workers. Read-only keys see, never act. Anything
+not visible answers 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import msgspec
+import structlog
+from fastapi import Depends, FastAPI, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from vlmq.api.dashboard.data import BatchRow, Board, series_key
+from vlmq.api.dashboard.thumbs import Thumbs
+from vlmq.api.records import P, Records, Tenant
+from vlmq.api.settings import ApiSettings
+from vlmq.producer.bulk import export
+from vlmq.producer.client import Client
+from vlmq.schemas import keys
+from vlmq.schemas.job import Job, TextPart
+
+log = structlog.get_logger("vlmq.dashboard")
+HERE = Path(__file__).parent
+COOKIE = "vlmq_key"
+PAGE = 25
+SORTS = {
+    "created": lambda r: -r.created_at,
+    "progress": lambda r: r.done_pct,
+    "failed": lambda r: -r.counts.failed,
+    "rate": lambda r: -r.rate,
+}
+STATES = ("queued", "running", "completed", "cancelling", "cancelled", "failed", "expired", "in_progress")
+templates = Jinja2Templates(directory=HERE / "templates")
+
+
+class Login(Exception):
+    """No valid key: the page sends the browser to the login form."""
+
+
+class Missing(Exception):
+    """Not there, or not the caller's: both look the same."""
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "—"
+
+
+def _fmt_span(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = int(s)
+    return f"{s // 3600}h {s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def _fmt_ms(s: float | None) -> str:
+    return f"{s * 1000:.1f} ms" if s is not None else "—"
+
+
+def _prompt(job: Job | None) -> str:
+    if job is None:
+        return ""
+    text = " ".join(p.text for m in job.messages for p in m.parts if isinstance(p, TextPart))
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _flash(done: str) -> str:
+    """The one-line report of the action a page was sent back to after."""
+    kind, _, rest = done.partition("-")
+    if kind == "retry":
+        sent, _, skipped = rest.partition("-")
+        return f"Retry: {sent} failed job(s) sent again, {skipped or 0} could not be (see the log)."
+    if kind == "cancel":
+        return "Cancel requested: queued jobs end cancelled, running ones are aborted."
+    if done == "no-retry-openai":
+        return "An OpenAI batch is final once it completes: resubmit its failed lines as a new batch."
+    if done == "no-retry-cancelled":
+        return "The batch was cancelled: its failed jobs are not retried."
+    return ""
+
+
+templates.env.filters.update(time=_fmt_time, span=_fmt_span, ms=_fmt_ms, prompt=_prompt, flash=_flash)
+
+
+class Dashboard:
+    def __init__(self, settings: ApiSettings, client: Client, records: Records) -> None:
+        self.s = settings
+        self.board = Board(client, records, settings.dlq_topic)
+        self.thumbs = Thumbs(settings)
+
+    async def run_sampler(self) -> None:
+        """Forever, on the replica that holds the sampler's lease: one point per running
+        batch every `sample_s`. A pass that fails is logged and tried again."""
+        while True:
+            try:
+                if await self.board.records.lease("~sampler", self.s.replica_id, self.s.sample_s * 3):
+                    await self._sample_pass()
+            except Exception as exc:  # Redis away: the next pass tries again
+                log.warning("sampler pass failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(self.s.sample_s)
+
+    async def _sample_pass(self) -> None:
+        redis = self.board.records.redis
+        ended_key = f"{P}:ended"
+        for batch_id, _ in await self.board.store.batches():
+            if await redis.sismember(ended_key, batch_id):
+                continue
+            await self.board.sample(batch_id)
+            c = await self.board.store.batch_counts(batch_id)
+            if c.total and c.finished >= c.total:
+                await redis.sadd(ended_key, batch_id)
+
+    async def close(self) -> None:
+        await self.board.close()
+        await self.thumbs.close()
+
+
+def mount(app: FastAPI, dash: Dashboard) -> None:
+    """The dashboard's routes under /dashboard, and its error pages."""
+    app.mount("/dashboard/static", StaticFiles(directory=HERE / "static"), name="dashboard-static")
+
+    @app.exception_handler(Login)
+    async def to_login(request: Request, _: Login) -> Response:
+        return RedirectResponse(f"/dashboard/login?next={quote(request.url.path)}", 303)
+
+    @app.exception_handler(Missing)
+    async def missing(request: Request, _: Missing) -> Response:
+        return page(request, "missing.html", {}, 404)
+
+    _pages(app, dash)
+    _actions(app, dash)
+
+
+def page(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, ctx, status_code=status)
+
+
+async def viewer(request: Request) -> Tenant:
+    records: Records = request.app.state.ctx.records
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    key = bearer.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
+    found = await records.tenant(key) if key else None
+    if found is None:
+        raise Login()
+    return found
+
+
+async def actor(t: Annotated[Tenant, Depends(viewer)]) -> Tenant:
+    if not t.may_write:
+        raise Missing()  # a read-only key has no buttons; a forged post finds nothing
+    return t
+
+
+Viewer = Annotated[Tenant, Depends(viewer)]
+Actor = Annotated[Tenant, Depends(actor)]
+
+
+def _pages(app: FastAPI, dash: Dashboard) -> None:
+    board = dash.board
+
+    @app.get("/dashboard/login", response_class=HTMLResponse)
+    async def login_form(request: Request, next: str = "/dashboard/batches", failed: int = 0) -> Response:
+        return page(request, "login.html", {"next": next, "failed": failed})
+
+    @app.post("/dashboard/login")
+    async def login(
+        request: Request, key: Annotated[str, Form()], next: Annotated[str, Form()] = ""
+    ) -> Response:
+        records: Records = request.app.state.ctx.records
+        target = next if next.startswith("/dashboard/") else "/dashboard/batches"
+        if await records.tenant(key.strip()) is None:
+            return RedirectResponse(f"/dashboard/login?failed=1&next={quote(target)}", 303)
+        out = RedirectResponse(target, 303)
+        out.set_cookie(COOKIE, key.strip(), max_age=dash.s.session_s, httponly=True, samesite="strict")
+        return out
+
+    @app.post("/dashboard/logout")
+    async def logout() -> Response:
+        out = RedirectResponse("/dashboard/login", 303)
+        out.delete_cookie(COOKIE)
+        return out
+
+    @app.get("/dashboard")
+    async def home() -> Response:
+        return RedirectResponse("/dashboard/batches", 303)
+
+    @app.get("/dashboard/batches", response_class=HTMLResponse)
+    async def batches(
+        request: Request, t: Viewer, state: str = "", sort: str = "created", page_no: int = 1
+    ) -> Response:
+        rows = await board.rows(t)
+        if state in STATES:
+            rows = [r for r in rows if r.status == state]
+        rows.sort(key=SORTS.get(sort, SORTS["created"]))
+        pages = max(1, -(-len(rows) // PAGE))
+        page_no = min(max(page_no, 1), pages)
+        ctx = {
+            "t": t,
+            "rows": rows[(page_no - 1) * PAGE : page_no * PAGE],
+            "state": state,
+            "sort": sort,
+            "page_no": page_no,
+            "pages": pages,
+            "states": STATES,
+            "sorts": list(SORTS),
+        }
+        live = request.headers.get("hx-request") == "true"
+        return page(request, "_batches_table.html" if live else "batches.html", ctx)
+
+    @app.get("/dashboard/batches/{batch_id}", response_class=HTMLResponse)
+    async def batch(request: Request, batch_id: str, t: Viewer, done: str = "") -> Response:
+        row = await _visible_row(board, t, batch_id)
+        groups = await board.failures(batch_id)
+        samples = await board.samples(batch_id)
+        prompts = {}
+        for g in groups.by_code.values():
+            for r in g.examples:
+                view = await board.job(r.job_id)
+                prompts[r.job_id] = _prompt(view.job if view else None)
+        ctx = {"t": t, "b": row, "groups": groups, "chart": _chart(samples), "done": done, "prompts": prompts}
+        live = request.headers.get("hx-request") == "true"
+        return page(request, "_batch_live.html" if live else "batch.html", ctx)
+
+    @app.get("/dashboard/jobs/{job_id}", response_class=HTMLResponse)
+    async def job(request: Request, job_id: str, t: Viewer) -> Response:
+        view = await board.job(job_id)
+        if view is None or not await board.visible(t, view.result.batch_id or ""):
+            raise Missing()
+        return page(request, "job.html", {"t": t, "v": view, "history": _history(view)})
+
+    @app.get("/dashboard/jobs/{job_id}/images/{n}")
+    async def thumbnail(job_id: str, n: int, t: Viewer) -> Response:
+        view = await board.job(job_id)
+        if view is None or not await board.visible(t, view.result.batch_id or ""):
+            raise Missing()
+        refs = view.job.images if view.job is not None else []
+        body, media = await dash.thumbs.get(refs[n] if 0 <= n < len(refs) else None)
+        return Response(body, media_type=media, headers={"cache-control": "private, max-age=300"})
+
+    @app.get("/dashboard/workers", response_class=HTMLResponse)
+    async def workers(request: Request, t: Viewer) -> Response:
+        if not t.admin:
+            raise Missing()
+        beats = await board.workers()
+        try:
+            lag = await board.lag(dash.s.worker_group, dash.s.jobs_topic)
+        except Exception as exc:  # Kafka away: the page still shows the workers
+            log.warning("lag unavailable", error=f"{type(exc).__name__}: {exc}")
+            lag = []
+        ctx = {"t": t, "beats": beats, "lag": lag, "now": time.time()}
+        live = request.headers.get("hx-request") == "true"
+        return page(request, "_workers_live.html" if live else "workers.html", ctx)
+
+
+def _actions(app: FastAPI, dash: Dashboard) -> None:
+    board = dash.board
+
+    @app.post("/dashboard/batches/{batch_id}/cancel")
+    async def cancel(batch_id: str, t: Actor) -> Response:
+        row = await _visible_row(board, t, batch_id)
+        found = await board.records.batch(batch_id) if row.openai else None
+        if found is not None:  # as OpenAI's cancel route does: its driver winds it down
+            tenant, b = found
+            cancelling = msgspec.structs.replace(b, status="cancelling", cancelling_at=int(time.time()))
+            await board.records.move(tenant, cancelling, ("validating", "in_progress"))
+        else:
+            await board.cancel(batch_id)
+        return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done=cancel", 303)
+
+    @app.post("/dashboard/batches/{batch_id}/retry")
+    async def retry(batch_id: str, t: Actor, code: Annotated[str, Form()] = "") -> Response:
+        row = await _visible_row(board, t, batch_id)
+        if row.openai or row.cancelled:
+            why = "openai" if row.openai else "cancelled"
+            return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done=no-retry-{why}", 303)
+        report = await board.retry(batch_id, code or None)
+        await board.records.redis.srem(f"{P}:ended", batch_id)
+        log.info("retry", batch=batch_id, code=code or None, **msgspec.structs.asdict(report))
+        done = f"retry-{report.resent}-{report.skipped + report.unreadable}"
+        return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done={done}", 303)
+
+    @app.get("/dashboard/batches/{batch_id}/export")
+    async def export_batch(batch_id: str, t: Viewer, format: str = "jsonl") -> Response:
+        await _visible_row(board, t, batch_id)
+        openai = format == "openai"
+
+        async def lines() -> AsyncIterator[bytes]:
+            buf = io.BytesIO()
+            batch: list[Any] = []
+            async for r in board.store.iter_batch(batch_id):
+                batch.append(r)
+                if len(batch) >= 500:
+                    yield await _export(batch, buf, openai)
+                    batch = []
+            yield await _export(batch, buf, openai)
+
+        name = f"{batch_id}{'-openai' if openai else ''}.jsonl"
+        headers = {"content-disposition": f'attachment; filename="{quote(name)}"'}
+        return StreamingResponse(lines(), media_type="application/jsonl", headers=headers)
+
+
+async def _export(results: list[Any], buf: io.BytesIO, openai: bool) -> bytes:
+    async def each() -> AsyncIterator[Any]:
+        for r in results:
+            yield r
+
+    buf.seek(0)
+    buf.truncate()
+    await export(each(), buf, openai=openai)
+    return buf.getvalue()
+
+
+async def _visible_row(board: Board, t: Tenant, batch_id: str) -> BatchRow:
+    if not await board.visible(t, batch_id):
+        raise Missing()
+    created = await board.store.redis.zscore(keys.BATCHES_KEY, batch_id)
+    row = await board.row(batch_id, float(created or 0))
+    if not row.counts.total and not row.openai:
+        raise Missing()
+    return row
+
+
+def _chart(samples: list[Any], width: int = 640, height: int = 160) -> dict[str, Any]:
+    """Throughput and failures per interval as SVG polylines (no chart library)."""
+    points = [
+        (
+            b.at,
+            (b.finished - a.finished) / max(b.at - a.at, 1e-6),
+            (b.failed - a.failed) / max(b.at - a.at, 1e-6),
+        )
+        for a, b in itertools.pairwise(samples)
+    ]
+    if not points:
+        return {"ok": [], "bad": [], "peak": 0.0, "width": width, "height": height, "span": 0}
+    t0, t1 = points[0][0], points[-1][0]
+    peak = max(*(p[1] for p in points), 1e-6)
+
+    def xy(t: float, v: float) -> str:
+        x = (t - t0) / max(t1 - t0, 1e-6) * width
+        return f"{x:.1f},{height - v / peak * (height - 10):.1f}"
+
+    return {
+        "ok": " ".join(xy(t, v) for t, v, _ in points),
+        "bad": " ".join(xy(t, f) for t, _, f in points),
+        "peak": peak,
+        "width": width,
+        "height": height,
+        "span": t1 - t0,
+    }
+
+
+def _history(v: Any) -> list[tuple[str, float | None, str]]:
+    """The job's states with when they happened, from its records and its dead letter."""
+    r, tm = v.result, v.result.timings
+    out: list[tuple[str, float | None, str]] = [("queued", tm.submitted_at if tm else None, "submitted")]
+    if v.dead is not None and v.fields.get("retries"):
+        out.append(("failed", v.dead.at, f"{v.dead.error.code.value}: {v.dead.error.message}"))
+        out.append(("retried", None, f"retry {v.fields['retries']}"))
+    if tm and tm.started_at:
+        out.append(("running", tm.started_at, f"attempt {r.attempt} on {r.worker or '?'}"))
+    if r.state.terminal:
+        why = f"{r.error.code.value}: {r.error.message}" if r.error else ""
+        out.append((r.state.value, tm.finished_at if tm else None, why))
+    return out
+
+
+__all__ = ["Dashboard", "mount", "series_key"]
