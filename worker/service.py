@@ -133,6 +133,7 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._jobs: dict[str, asyncio.Future[Result]] = {}  # job_id -> its pipeline run
         self.ended = 0  # jobs this worker ended (its heartbeat's jobs/s)
+        self._serving: dict[str, asyncio.Event] = {}  # job_id -> set when its delivery here ends
         self._batch_of: dict[str, str] = {}  # job_id -> batch_id, of the runs in _jobs
         self._user_cancelled: set[str] = set()
         self._cancelling: set[asyncio.Task[None]] = set()  # ending queued jobs on request
@@ -331,6 +332,18 @@ class Worker:
             await self._fail_recorded(msg, error, job.job_id if job else invalid_job_id(msg.value, msg.key))
 
     async def _serve_job(self, job: Job, msg: ConsumerRecord) -> None:
+        # Two deliveries of one job here (a resend, a retry sent twice) take turns: claimed
+        # together in one tick, both would be granted, as this worker's own lease is.
+        while (first := self._serving.get(job.job_id)) is not None:
+            await first.wait()
+        self._serving[job.job_id] = turn = asyncio.Event()
+        try:
+            await self._serve_claimed(job, msg)
+        finally:
+            del self._serving[job.job_id]
+            turn.set()
+
+    async def _serve_claimed(self, job: Job, msg: ConsumerRecord) -> None:
         claim = await self._claim(job)
         if claim.conflict:
             error = Error(ErrorCode.INVALID_JOB, f"batch_id {job.batch_id!r} is not the job's batch")
@@ -351,8 +364,6 @@ class Worker:
         it ends (the claim then says so and the job is skipped) or its lease runs out."""
         s = self.settings
         while True:
-            if (mine := self._jobs.get(job.job_id)) is not None:  # a second delivery, here
-                await asyncio.wait([mine])
             claim = await through_outage(
                 lambda: self.store.claim(job.job_id, job.batch_id, s.worker_id, s.lease_s), OUTAGE_S
             )
