@@ -121,15 +121,20 @@ class Board:
         raw = await self.records.redis.lrange(series_key(batch_id), 0, -1)
         return [msgspec.json.decode(r, type=Sample) for r in raw]
 
-    async def sample(self, batch_id: str) -> None:
-        """One more point of the batch's series (the sampler's, under its lease)."""
+    async def sample(self, batch_id: str, created_at: float) -> BatchCounts:
+        """One more point of the batch's series (the sampler's, under its lease); the first
+        one comes after a zero at the batch's start, so even a short batch has a line."""
         c = await self.store.batch_counts(batch_id)
-        pipe = self.records.redis.pipeline(transaction=False)
+        redis = self.records.redis
         key = series_key(batch_id)
+        pipe = redis.pipeline(transaction=False)
+        if not await redis.exists(key):
+            pipe.rpush(key, msgspec.json.encode(Sample(created_at, 0, 0)))
         pipe.rpush(key, msgspec.json.encode(Sample(time.time(), c.finished, c.failed)))
         pipe.ltrim(key, -SERIES_LEN, -1)
         pipe.expire(key, 7 * 24 * 3600)
         await pipe.execute()
+        return c
 
     # -- failures, jobs -------------------------------------------------------------------
 
@@ -212,7 +217,7 @@ class Board:
         return await workers.alive(self.records.redis)
 
     async def lag(self, group: str, topic: str) -> list[PartitionLag]:
-        return await self.letters.lag(group, topic)
+        return await lag(self.client.settings.kafka_bootstrap, group, topic)
 
 
 class FailureGroup(msgspec.Struct):
@@ -268,9 +273,8 @@ def _job_of(dead: DeadLetter | None) -> Job | None:
 
 
 class DeadLetters:
-    """Reads dead letters back by position, and the jobs topic's end offsets and a
-    consumer group's commits (the workers page's lag). One consumer, no group, assigned by
-    hand; dead letters never change, so the last few hundred are kept in memory."""
+    """Reads dead letters back by position: one consumer, no group, assigned by hand;
+    dead letters never change, so the last few hundred are kept in memory."""
 
     def __init__(self, bootstrap: str, topic: str, cache: int = 512) -> None:
         self.bootstrap, self.topic, self.size = bootstrap, topic, cache
@@ -301,49 +305,38 @@ class DeadLetters:
             self._cache.popitem(last=False)
         return dead
 
-    async def lag(self, group: str, topic: str) -> list[PartitionLag]:
-        """Per partition of `topic`: the group's committed offset and the end offset. The
-        end is the high watermark of a fetch at the committed offset (with ListOffsets
-        as the floor): tansu's ListOffsets counts record batches, not records."""
-        async with self._lock:
-            consumer = await self._started()
-            parts = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
-            tps = [TopicPartition(topic, p) for p in parts]
-            if not tps:
-                return []
-            committed = await _committed(self.bootstrap, group, tps)
-            ends = await consumer.end_offsets(tps)
-            consumer.assign(tps)
-            for tp in tps:  # one record back: a fetch that returns none may carry no watermark
-                consumer.seek(tp, max(committed.get(tp, 0) - 1, 0))
-            await consumer.getmany(*tps, timeout_ms=500, max_records=len(tps))
-            high = {tp: max(ends.get(tp, 0), consumer.highwater(tp) or 0) for tp in tps}
-        return [PartitionLag(tp.partition, committed.get(tp), high[tp]) for tp in tps]
-
     async def close(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
 
 
+async def lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag]:
+    """Per partition of `topic`: the group's committed offset and the end offset, read by
+    a consumer of that group that never joins it (assigned by hand: the members are not
+    disturbed). The end is the high watermark of a fetch at the committed offset, with
+    ListOffsets as the floor: tansu's ListOffsets counts record batches, not records."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()  # with no topic of its own, its metadata has every topic
+    try:
+        parts = consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        ends = await consumer.end_offsets(tps)
+        consumer.assign(tps)
+        for tp in tps:  # one record back: a fetch that returns none may carry no watermark
+            consumer.seek(tp, max((committed[tp] or 0) - 1, 0))
+        await consumer.getmany(*tps, timeout_ms=500, max_records=len(tps))
+        return [
+            PartitionLag(tp.partition, committed[tp], max(ends.get(tp, 0), consumer.highwater(tp) or 0))
+            for tp in tps
+        ]
+    finally:
+        await consumer.stop()
+
+
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     await consumer._client.force_metadata_update()  # aiokafka: no public refresh
     return consumer.partitions_for_topic(topic) or set()
-
-
-async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    """The group's committed offsets, read by a consumer of that group that never joins
-    it (no subscribe: `committed` asks the coordinator, the members are not disturbed)."""
-    if not tps:
-        return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        out = {}
-        for tp in tps:
-            offset = await consumer.committed(tp)
-            if offset is not None:
-                out[tp] = offset
-        return out
-    finally:
-        await consumer.stop()

@@ -39,6 +39,7 @@ log = structlog.get_logger("vlmq.dashboard")
 HERE = Path(__file__).parent
 COOKIE = "vlmq_key"
 PAGE = 25
+ENDED = f"{P}:ended"  # zset: batch_id -> when the sampler saw it end (it samples it no more)
 SORTS = {
     "created": lambda r: -r.created_at,
     "progress": lambda r: r.done_pct,
@@ -116,14 +117,14 @@ class Dashboard:
 
     async def _sample_pass(self) -> None:
         redis = self.board.records.redis
-        ended_key = f"{P}:ended"
-        for batch_id, _ in await self.board.store.batches():
-            if await redis.sismember(ended_key, batch_id):
+        ended = {b.decode() if isinstance(b, bytes) else b for b in await redis.zrange(ENDED, 0, -1)}
+        for batch_id, created_at in await self.board.store.batches():
+            if batch_id in ended:
                 continue
-            await self.board.sample(batch_id)
-            c = await self.board.store.batch_counts(batch_id)
-            if c.total and c.finished >= c.total:
-                await redis.sadd(ended_key, batch_id)
+            c = await self.board.sample(batch_id, created_at)
+            if c.total and c.finished >= c.total:  # no more points, until a retry reopens it
+                await redis.zadd(ENDED, {batch_id: time.time()})
+        await redis.zremrangebyscore(ENDED, "-inf", time.time() - self.board.store.ttl_s)
 
     async def close(self) -> None:
         await self.board.close()
@@ -289,7 +290,7 @@ def _actions(app: FastAPI, dash: Dashboard) -> None:
             why = "openai" if row.openai else "cancelled"
             return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done=no-retry-{why}", 303)
         report = await board.retry(batch_id, code or None)
-        await board.records.redis.srem(f"{P}:ended", batch_id)
+        await board.records.redis.zrem(ENDED, batch_id)
         log.info("retry", batch=batch_id, code=code or None, **msgspec.structs.asdict(report))
         done = f"retry-{report.resent}-{report.skipped + report.unreadable}"
         return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done={done}", 303)
