@@ -27,6 +27,9 @@ from vlmq.schemas.job import DeadLetter, Job, JobState, Result
 
 SERIES_LEN = 720  # samples kept per batch: an hour at the default 5 s
 RATE_WINDOW_S = 60.0
+KEEP_S = 7 * 24 * 3600  # a batch's series and summary outlive it this long
+LISTED = 500  # the newest batches a list shows (sorted and filtered among these)
+SUMMARIES = f"{P}:summary"  # hash: batch_id -> its Summary, as the sampler last saw it
 
 
 def _s(v: Any) -> str:
@@ -53,6 +56,39 @@ class BatchRow(msgspec.Struct, kw_only=True):
     @property
     def done_pct(self) -> float:
         return 100.0 * self.counts.finished / self.counts.total if self.counts.total else 0.0
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    """A batch as the sampler last saw it: what the list shows."""
+
+    counts: BatchCounts
+    rate: float = 0.0
+    cancelled: bool = False
+    ended_at: float | None = None
+
+
+def _summary(counts: BatchCounts, samples: Sequence[Sample], cancelled: bool) -> Summary:
+    ended = None
+    if counts.total and counts.finished >= counts.total and samples:
+        ended = next((s.at for s in samples if s.finished >= counts.total), samples[-1].at)
+    return Summary(counts=counts, rate=_rate(samples), cancelled=cancelled, ended_at=ended)
+
+
+def _row(batch_id: str, created_at: float, s: Summary, openai_status: str | None) -> BatchRow:
+    """A list or page row: an OpenAI batch shows its own status, a bulk one its counts'."""
+    c = s.counts
+    left = c.total - c.finished
+    return BatchRow(
+        id=batch_id,
+        created_at=created_at,
+        counts=c,
+        ended_at=s.ended_at,
+        rate=s.rate,
+        eta_s=left / s.rate if s.rate > 0 and left > 0 else None,
+        status=openai_status or _status(c, s.cancelled),
+        openai=openai_status is not None,
+        cancelled=s.cancelled,
+    )
 
 
 def series_key(batch_id: str) -> str:
@@ -96,34 +132,49 @@ class Board:
         return await self.records.batch(batch_id, t.name) is not None
 
     async def row(self, batch_id: str, created_at: float) -> BatchRow:
+        """One batch, read live (the batch page)."""
         counts = await self.store.batch_counts(batch_id)
         samples = await self.samples(batch_id)
-        row = BatchRow(id=batch_id, created_at=created_at, counts=counts, rate=_rate(samples))
-        row.cancelled = await self.store.batch_cancelled(batch_id)
         found = await self.records.batch(batch_id)
-        if found is not None:
-            row.openai, row.status = True, found[1].status
-            row.ended_at = (
-                float(found[1].completed_at or found[1].cancelled_at or found[1].expired_at or 0) or None
-            )
-        else:
-            row.status = _status(counts, row.cancelled)
-        if row.ended_at is None and counts.total and counts.finished >= counts.total and samples:
-            row.ended_at = next((s.at for s in samples if s.finished >= counts.total), samples[-1].at)
-        left = counts.total - counts.finished
-        row.eta_s = left / row.rate if row.rate > 0 and left > 0 else None
-        return row
+        status = found[1].status if found is not None else None
+        return _row(
+            batch_id,
+            created_at,
+            _summary(counts, samples, await self.store.batch_cancelled(batch_id)),
+            status,
+        )
 
-    async def rows(self, t: Tenant) -> list[BatchRow]:
-        return [await self.row(b, at) for b, at in await self.batch_ids(t)]
+    async def rows(self, t: Tenant, limit: int = LISTED) -> list[BatchRow]:
+        """The newest `limit` batches `t` may see, from the sampler's summaries (a list of
+        many batches costs one read each, not one per shard each); a batch not sampled
+        yet is read live."""
+        ids = (await self.batch_ids(t))[:limit]
+        if not ids:
+            return []
+        redis = self.records.redis
+        pipe = redis.pipeline(transaction=False)
+        pipe.hmget(SUMMARIES, [b for b, _ in ids])
+        for b, _ in ids:
+            pipe.hget(f"{P}:batch:{b}", "status")
+        summaries, *statuses = await pipe.execute()
+        out = []
+        for (b, at), raw, status in zip(ids, summaries, statuses, strict=True):
+            if raw is None:
+                out.append(await self.row(b, at))
+            else:
+                out.append(
+                    _row(b, at, msgspec.json.decode(raw, type=Summary), _s(status) if status else None)
+                )
+        return out
 
     async def samples(self, batch_id: str) -> list[Sample]:
         raw = await self.records.redis.lrange(series_key(batch_id), 0, -1)
         return [msgspec.json.decode(r, type=Sample) for r in raw]
 
-    async def sample(self, batch_id: str, created_at: float) -> BatchCounts:
-        """One more point of the batch's series (the sampler's, under its lease); the first
-        one comes after a zero at the batch's start, so even a short batch has a line."""
+    async def sample(self, batch_id: str, created_at: float) -> Summary:
+        """One more point of the batch's series and its summary for the list (the
+        sampler's, under its lease); the first point comes after a zero at the batch's
+        start, so even a short batch has a line."""
         c = await self.store.batch_counts(batch_id)
         redis = self.records.redis
         key = series_key(batch_id)
@@ -132,9 +183,11 @@ class Board:
             pipe.rpush(key, msgspec.json.encode(Sample(created_at, 0, 0)))
         pipe.rpush(key, msgspec.json.encode(Sample(time.time(), c.finished, c.failed)))
         pipe.ltrim(key, -SERIES_LEN, -1)
-        pipe.expire(key, 7 * 24 * 3600)
+        pipe.expire(key, KEEP_S)
         await pipe.execute()
-        return c
+        summary = _summary(c, await self.samples(batch_id), await self.store.batch_cancelled(batch_id))
+        await redis.hset(SUMMARIES, batch_id, msgspec.json.encode(summary))
+        return summary
 
     # -- failures, jobs -------------------------------------------------------------------
 

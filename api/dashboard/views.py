@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from vlmq.api.dashboard.data import BatchRow, Board, series_key
+from vlmq.api.dashboard.data import SUMMARIES, BatchRow, Board
 from vlmq.api.dashboard.thumbs import Thumbs
 from vlmq.api.records import P, Records, Tenant
 from vlmq.api.settings import ApiSettings
@@ -56,6 +56,10 @@ class Login(Exception):
 
 class Missing(Exception):
     """Not there, or not the caller's: both look the same."""
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -117,14 +121,18 @@ class Dashboard:
 
     async def _sample_pass(self) -> None:
         redis = self.board.records.redis
-        ended = {b.decode() if isinstance(b, bytes) else b for b in await redis.zrange(ENDED, 0, -1)}
-        for batch_id, created_at in await self.board.store.batches():
+        ended = {_s(b) for b in await redis.zrange(ENDED, 0, -1)}
+        indexed = await self.board.store.batches()
+        for batch_id, created_at in indexed:
             if batch_id in ended:
                 continue
-            c = await self.board.sample(batch_id, created_at)
+            c = (await self.board.sample(batch_id, created_at)).counts
             if c.total and c.finished >= c.total:  # no more points, until a retry reopens it
                 await redis.zadd(ENDED, {batch_id: time.time()})
         await redis.zremrangebyscore(ENDED, "-inf", time.time() - self.board.store.ttl_s)
+        gone = {_s(b) for b in await redis.hkeys(SUMMARIES)} - {b for b, _ in indexed}
+        if gone:  # batches whose jobs expired have left the index: their summaries go too
+            await redis.hdel(SUMMARIES, *gone)
 
     async def close(self) -> None:
         await self.board.close()
@@ -378,6 +386,3 @@ def _history(v: Any) -> list[tuple[str, float | None, str]]:
         why = f"{r.error.code.value}: {r.error.message}" if r.error else ""
         out.append((r.state.value, tm.finished_at if tm else None, why))
     return out
-
-
-__all__ = ["Dashboard", "mount", "series_key"]
