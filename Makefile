@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-dev
 ENGINES_VENV ?= .venv-engines
 ENGINES_STAMP := $(ENGINES_VENV)/.installed
 
-.PHONY: demo test unit pythons integration engines engines-test lint typecheck deploy-check lock clean
+.PHONY: demo test unit pythons integration engines engines-test lint typecheck deploy-check lock clean browser
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,7 @@ deploy-check: $(STAMP)
 		deploy/k8s/scaledobject.yaml deploy/k8s/tp2/scaledobject.yaml
 	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/servicemonitor.schema.json \
 		deploy/k8s/servicemonitor.yaml
+	$(BIN)/python deploy/grafana/check.py deploy/grafana/vlmq.json
 
 # Fast feedback first: lint, types and the unit tests (no servers, seconds); then the other
 # venvs are built side by side (pip only, no test runs meanwhile); then the unit tests on the
@@ -66,7 +67,14 @@ PY_STAMPS := $(foreach v,$(PY_VERSIONS),.venv-py$(v)/.installed)
 pythons: $(PY_STAMPS)
 	for v in $(PY_VERSIONS); do bash tests/pythons/run.sh test $$v || exit 1; done
 
-integration: $(STAMP)
+# The dashboard's browser tests drive Debian's Chromium (Playwright's own download cannot
+# reach its CDN here): installed once, with sudo when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+integration: $(STAMP) browser
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 engines-test: $(STAMP) $(ENGINES_STAMP)
