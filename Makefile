@@ -45,7 +45,7 @@ deploy-check: $(STAMP)
 		deploy/k8s/scaledobject.yaml deploy/k8s/tp2/scaledobject.yaml
 	$(BIN)/check-jsonschema --schemafile deploy/k8s/schemas/servicemonitor.schema.json \
 		deploy/k8s/servicemonitor.yaml
-	$(BIN)/python deploy/grafana/check.py deploy/grafana/vlmq.json
+	$(BIN)/python tests/deploy/check_grafana.py deploy/grafana/vlmq.json
 
 # Fast feedback first: lint, types and the unit tests (no servers, seconds); then the other
 # venvs are built side by side (pip only, no test runs meanwhile); then the unit tests on the

@@ -12,7 +12,7 @@ import promql_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "vlmq.json"
-checker: dict[str, Any] = runpy.run_path(str(ROOT / "deploy" / "grafana" / "check.py"))
+checker: dict[str, Any] = runpy.run_path(str(ROOT / "tests" / "deploy" / "check_grafana.py"))
 
 
 def test_the_dashboard_passes() -> None:
