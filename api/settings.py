@@ -67,8 +67,8 @@ class ApiSettings(Connection, kw_only=True):
     online_max_queued: Annotated[int, Meta(ge=1)] = 256
     # Seconds an online request waits for its answer before it fails with 504.
     online_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
-    # Accept https:// image URLs in requests (workers must allow them too).
-    allow_https: bool = False
+    # Accept https:// image URLs in requests (workers check each one: worker/web.py).
+    allow_https: bool = True
     # -- the dashboard (/dashboard)
     # Serve the dashboard's pages (`vlmq dashboard` serves only them).
     dashboard: bool = True

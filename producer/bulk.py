@@ -90,11 +90,11 @@ def _manifest_job(row: dict[str, Any], key: str, batch_id: str, preset: Preset) 
     return _validated(msgspec.json.encode(line_preset.job(row["image"], job_id, batch_id, key)), key)
 
 
-def from_openai_batch(lines: Iterable[str], batch_id: str, *, allow_https: bool = False) -> Iterator[Item]:
+def from_openai_batch(lines: Iterable[str], batch_id: str, *, allow_https: bool = True) -> Iterator[Item]:
     """OpenAI Batch API input: `{"custom_id", "method": "POST", "url": "/v1/chat/completions",
     "body": {"model", "messages", "max_tokens", ...}}` per line. Image parts are
-    `{"type": "image_url", "image_url": {"url": ...}}` with s3://, data: (and https:// when
-    `allow_https`)."""
+    `{"type": "image_url", "image_url": {"url": ...}}` with s3://, data: and https:// (unless
+    not `allow_https`; the worker checks every URL: see worker/web.py)."""
     reader = OpenAIReader(batch_id, allow_https=allow_https)
     for n, line in enumerate(lines, 1):
         if item := reader.line(n, line):
@@ -105,7 +105,7 @@ class OpenAIReader:
     """OpenAI Batch API input one line at a time (the API server reads files from S3 in
     pieces); it remembers the custom ids it has seen, so a duplicate is a bad line."""
 
-    def __init__(self, batch_id: str, *, allow_https: bool = False) -> None:
+    def __init__(self, batch_id: str, *, allow_https: bool = True) -> None:
         self.batch_id, self.allow_https = batch_id, allow_https
         self.seen: set[str] = set()
 

@@ -90,7 +90,9 @@ def submit(
     suffix: Annotated[
         list[str] | None, typer.Option(help="Object name endings to take (repeatable).")
     ] = None,
-    allow_https: Annotated[bool, typer.Option(help="Accept https:// image URLs in --openai files.")] = False,
+    allow_https: Annotated[
+        bool, typer.Option(help="Accept https:// image URLs in --openai files (workers check each one).")
+    ] = True,
     chunk: Annotated[int, typer.Option(help="Jobs per produce round trip.")] = 2000,
     rejected: Annotated[Path | None, typer.Option(help="Write rejected lines here (JSONL).")] = None,
 ) -> None:

@@ -27,6 +27,7 @@ from vlmq.core.retry import retry, within
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ImageRef
 from vlmq.worker.settings import WorkerSettings
+from vlmq.worker.web import Resolve, WebFetcher, system_resolve
 
 
 class _Transient(Exception):
@@ -60,10 +61,12 @@ class Budget:
 class Fetcher:
     """Use as `async with Fetcher(settings) as f: data = await f.fetch(ref)`."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, resolve: Resolve = system_resolve) -> None:
         self.settings = settings
+        self.resolve = resolve  # host name -> addresses, for web images (tests give their own)
         self._stack = contextlib.AsyncExitStack()
         self._s3: Any = None
+        self._web: WebFetcher | None = None
 
     async def __aenter__(self) -> Fetcher:
         config = AioConfig(
@@ -75,6 +78,7 @@ class Fetcher:
         self._s3 = await self._stack.enter_async_context(
             get_session().create_client("s3", endpoint_url=self.settings.s3_endpoint_url, config=config)
         )
+        self._web = await self._stack.enter_async_context(WebFetcher(self.settings, self.resolve))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -91,6 +95,9 @@ class Fetcher:
             data = self._data_uri(uri, charge)
         elif uri.startswith("file://"):
             data = await asyncio.to_thread(self._read_file, uri, charge)
+        elif uri.startswith(("https://", "http://")):
+            assert self._web is not None, "use `async with Fetcher(...)`"
+            data = await self._web.fetch(uri, charge)
         else:
             raise VlmqError(
                 ErrorCode.URI_NOT_ALLOWED, f"{uri.split(':', 1)[0]}:// images are not enabled on this worker"

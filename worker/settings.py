@@ -84,6 +84,21 @@ class WorkerSettings(Connection, kw_only=True):
     allowed_buckets: list[str] = msgspec.field(default_factory=list)
     # Folders file:// images may come from; empty: file:// is refused.
     allowed_file_roots: list[str] = msgspec.field(default_factory=list)
+    # -- images by URL (worker/web.py: every hop's addresses checked, the connection pinned)
+    # Schemes of image URLs: "https" (the default), "http"; empty: no web images at all.
+    url_schemes: list[Literal["https", "http"]] = msgspec.field(default_factory=lambda: ["https"])
+    # Hosts images may come from (`cdn.example.com`; `.example.com` with its subdomains);
+    # empty: any public host.
+    url_allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Networks exempt from the refusal of non-public addresses (an internal CDN: 10.1.0.0/16).
+    url_allowed_networks: list[str] = msgspec.field(default_factory=list)
+    url_max_redirects: Annotated[int, Meta(ge=0, le=20)] = 3
+    url_connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    # Seconds between two reads of a body; and for a whole image (a server that trickles bytes).
+    url_read_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    url_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    # A CA bundle for https images (a private CA); default: the system's.
+    url_ca_file: str | None = None
     # Image formats Pillow may open (its format names; JPEG includes iPhone MPO files);
     # anything else is `image_corrupt`, so a rarely used decoder is never reached.
     image_formats: list[str] = msgspec.field(

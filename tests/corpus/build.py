@@ -376,7 +376,7 @@ def cases() -> list[Case]:
         ),
         Case(
             "uri-https",
-            "https:// (off by default: no SSRF)",
+            "https:// to the cloud metadata address (SSRF)",
             "uri_not_allowed",
             _img_job("x", "https://169.254.169.254/latest/meta-data"),
         ),

@@ -98,7 +98,7 @@ BAD_OPENAI = [
         "scheme not allowed",
     ),
     (
-        '{"custom_id": "https", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}]}]}}',
+        '{"custom_id": "ftp", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.jpg"}}]}]}}',
         "scheme not allowed",
     ),
     (

@@ -1,0 +1,243 @@
+"""Images by http(s) URL, safe by default against server-side request forgery.
+
+Before each hop (the URL, then every redirect, at most `url_max_redirects`) the host is
+resolved once and every address it resolves to is checked: loopback, private, link-local
+(cloud metadata: 169.254.169.254), multicast, reserved and unspecified addresses are
+refused, IPv4 and IPv6 alike (IPv4-mapped IPv6 is checked as the IPv4 it maps), unless
+`url_allowed_networks` names them. The connection then goes to the checked address
+itself (aiohttp asks our resolver, which answers only with the pinned addresses), so a
+DNS answer that changes between the check and the connect (rebinding) changes nothing.
+TLS still verifies the certificate against the host name. Bytes are counted while they
+stream (`max_image_bytes`), the `Content-Type` must be an image's (or a generic binary
+type, as presigned S3/GCS URLs give) and the first bytes must be an image's magic.
+Timeouts: connect, per read, and for the whole image (a server that trickles bytes).
+Only 429, 5xx, timeouts and broken connections are retried, within `fetch_retry_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ipaddress
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from vlmq.core.retry import retry
+from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.worker.settings import WorkerSettings
+
+Resolve = Callable[[str], Awaitable[list[str]]]
+_PINNED: contextvars.ContextVar[dict[str, list[str]]] = contextvars.ContextVar("vlmq_pinned_hosts")
+_REDIRECTS = {301, 302, 303, 307, 308}
+_GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", ""}
+# The first bytes of every format the worker decodes (see `image_formats`).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class _Transient(Exception):
+    """Worth another try: 429, 5xx, a timeout, a dropped connection."""
+
+
+async def system_resolve(host: str) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class _PinnedResolver(AbstractResolver):
+    """Answers aiohttp with the addresses this fetch checked, never with a fresh lookup."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[ResolveResult]:
+        pinned = _PINNED.get({}).get(host)
+        if not pinned:
+            raise OSError(f"{host} was not checked before connecting")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=ip,
+                port=port,
+                family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for ip in pinned
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class WebFetcher:
+    """`async with WebFetcher(settings) as w: data = await w.fetch(url, charge)`."""
+
+    def __init__(self, settings: WorkerSettings, resolve: Resolve = system_resolve) -> None:
+        self.s = settings
+        self.resolve = resolve  # tests give a resolver of their own (names -> addresses)
+        self.allowed_networks = [ipaddress.ip_network(n, strict=False) for n in settings.url_allowed_networks]
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> WebFetcher:
+        tls = ssl.create_default_context(cafile=self.s.url_ca_file)
+        connector = aiohttp.TCPConnector(
+            resolver=_PinnedResolver(), use_dns_cache=False, ssl=tls, limit=self.s.max_in_flight
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self.s.url_timeout_s,
+            sock_connect=self.s.url_connect_timeout_s,
+            sock_read=self.s.url_read_timeout_s,
+        )
+        # trust_env off: no proxy from the environment carries a request past the checks.
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def fetch(self, url: str, charge: Callable[[int], None]) -> bytes:
+        shown = _short(url)
+        try:
+            return await retry(
+                lambda: self._follow(url, charge),
+                on=_Transient,
+                seconds=self.s.fetch_retry_s,
+                initial=0.2,
+                max_wait=5.0,
+            )
+        except _Transient as exc:
+            raise VlmqError(
+                ErrorCode.IMAGE_FETCH_FAILED, f"{shown} kept failing for {self.s.fetch_retry_s:.0f}s: {exc}"
+            ) from None
+
+    async def _follow(self, url: str, charge: Callable[[int], None]) -> bytes:
+        """One try: the URL and its redirects, each hop checked before it is connected to."""
+        pins: dict[str, list[str]] = {}
+        token = _PINNED.set(pins)
+        try:
+            for _ in range(self.s.url_max_redirects + 1):
+                host = await self._check(url, pins)
+                nxt = await self._get(url, host, charge)
+                if isinstance(nxt, bytes):
+                    return nxt
+                url = nxt
+            raise VlmqError(
+                ErrorCode.URI_NOT_ALLOWED,
+                f"more than {self.s.url_max_redirects} redirects (url_max_redirects)",
+            )
+        finally:
+            _PINNED.reset(token)
+
+    async def _check(self, url: str, pins: dict[str, list[str]]) -> str:
+        """The URL's host, after its scheme, name and every address it resolves to passed."""
+        parts = urlsplit(url)
+        scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+        if scheme not in self.s.url_schemes:
+            raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"{scheme}:// images are not enabled (url_schemes)")
+        if not host or parts.username or parts.password:
+            raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"{_short(url)} has no host, or has credentials")
+        if self.s.url_allowed_hosts and not any(_host_matches(host, h) for h in self.s.url_allowed_hosts):
+            raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"host {host} is not in url_allowed_hosts")
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            addresses = await self._lookup(host)
+        if not addresses:
+            raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"host {host} does not resolve")
+        # One refused address refuses the host: whoever runs its DNS chooses the answer.
+        if refused := [a for a in addresses if not self._public(a)]:
+            raise VlmqError(
+                ErrorCode.URI_NOT_ALLOWED, f"host {host} resolves to a non-public address ({refused[0]})"
+            )
+        pins[host] = addresses
+        return host
+
+    async def _lookup(self, host: str) -> list[str]:
+        try:
+            return await self.resolve(host)
+        except OSError as exc:
+            if isinstance(exc, socket.gaierror) and exc.errno in (socket.EAI_NONAME, socket.EAI_NODATA):
+                raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"host {host} does not resolve") from None
+            raise _Transient(f"DNS: {exc}") from None
+
+    def _public(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.allowed_networks):
+            return True
+        return ip.is_global and not ip.is_multicast and not ip.is_reserved
+
+    async def _get(self, url: str, host: str, charge: Callable[[int], None]) -> bytes | str:
+        """The body, or the next URL of a redirect."""
+        assert self._session is not None, "use `async with WebFetcher(...)`"
+        try:
+            async with self._session.get(url, allow_redirects=False, auto_decompress=False) as resp:
+                if resp.status in _REDIRECTS and resp.headers.get("Location"):
+                    return urljoin(url, resp.headers["Location"])
+                _raise_for(resp.status, url)
+                _check_type(resp.headers.get("Content-Type", ""), url)
+                return await self._body(resp, url, charge)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}"[:300]) from None
+        except aiohttp.ClientResponseError as exc:  # a malformed response: the server's fault
+            raise _Transient(f"bad response from {host}: {exc.message}"[:300]) from None
+
+    async def _body(self, resp: aiohttp.ClientResponse, url: str, charge: Callable[[int], None]) -> bytes:
+        cap = self.s.max_image_bytes
+        if resp.content_length is not None:
+            if resp.content_length > cap:
+                raise VlmqError(
+                    ErrorCode.IMAGE_TOO_LARGE, f"{_short(url)} is {resp.content_length} bytes > {cap}"
+                )
+            charge(resp.content_length)
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > cap:
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{_short(url)} sent over {cap} bytes")
+            if len(body) >= 16 and len(body) - len(chunk) < 16:
+                _check_magic(bytes(body[:16]), url)
+        _check_magic(bytes(body[:16]), url)
+        charge(len(body))
+        return bytes(body)
+
+
+def _raise_for(status: int, url: str) -> None:
+    if 200 <= status < 300:
+        return
+    shown = _short(url)
+    if status in (404, 410):
+        raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{shown} answered {status}")
+    if status in (401, 403):
+        raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"{shown} answered {status}")
+    if status == 429 or status >= 500:
+        raise _Transient(f"HTTP {status}")
+    raise VlmqError(ErrorCode.IMAGE_FETCH_FAILED, f"{shown} answered {status}")
+
+
+def _check_type(content_type: str, url: str) -> None:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if not (kind.startswith("image/") or kind in _GENERIC_TYPES):
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} is {kind}, not an image")
+
+
+def _check_magic(head: bytes, url: str) -> None:
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[4:8] == b"ftyp":
+        return
+    raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} does not start like an image")
+
+
+def _host_matches(host: str, allowed: str) -> bool:
+    """`example.com` is itself; `.example.com` or `*.example.com` its subdomains too."""
+    allowed = allowed.lower().lstrip("*")
+    return host == allowed.lstrip(".") or (allowed.startswith(".") and host.endswith(allowed))
+
+
+def _short(url: str) -> str:
+    """The URL as errors show it: without its query (a presigned URL's signature)."""
+    shown = url.split("?", 1)[0]
+    return shown if len(shown) <= 120 else shown[:117] + "..."
