@@ -22,7 +22,10 @@ from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import Job, JobState, Result, Usage
 
 OPENAI_URL = "/v1/chat/completions"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (
+    *(".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"),
+    *(".heic", ".heif", ".avif"),
+)
 
 
 class BadLine(msgspec.Struct, frozen=True):

@@ -18,6 +18,13 @@ from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
+try:  # HEIC/HEIF (phone photos): Pillow has no decoder of its own; AVIF it has.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # installed without the worker extra: a worker naming HEIF stops at start
+    pass
+
 
 def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen-VL's rule: sides multiples of `factor`, area within [min_pixels, max_pixels]."""

@@ -9,6 +9,8 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
+import vlmq.worker.preprocess  # noqa: F401  # registers HEIF with Pillow: photo(fmt="HEIF")
+
 
 def photo(w: int = 640, h: int = 480, seed: int = 0, fmt: str = "JPEG", **save: Any) -> bytes:
     rnd = random.Random(seed)

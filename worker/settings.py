@@ -102,7 +102,7 @@ class WorkerSettings(Connection, kw_only=True):
     # Image formats Pillow may open (its format names; JPEG includes iPhone MPO files);
     # anything else is `image_corrupt`, so a rarely used decoder is never reached.
     image_formats: list[str] = msgspec.field(
-        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"]
     )
     # Where images are decoded and resized: thread (threads of this process; the engine
     # renders them into its input) or process (a pool of processes; with vLLM each also runs

@@ -136,6 +136,8 @@ def image_cases() -> list[tuple[str, str, str, bytes]]:
         ("img-webp", "WebP", "succeeded", _save(base, "WEBP")),
         ("img-bmp", "BMP", "succeeded", _save(base, "BMP")),
         ("img-tiff", "TIFF", "succeeded", _save(base, "TIFF")),
+        ("img-heic", "HEIC (an iPhone's format)", "succeeded", _save(base, "HEIF")),
+        ("img-avif", "AVIF", "succeeded", _save(base, "AVIF")),
         ("img-wrong-ext", "PNG bytes named .jpg", "succeeded", png),
         ("img-tga", "TGA (Pillow reads it; not in image_formats)", "image_corrupt", _save(base, "TGA")),
         ("img-ico", "ICO (not in image_formats)", "image_corrupt", _save(base, "ICO")),

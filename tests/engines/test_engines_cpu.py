@@ -325,6 +325,9 @@ async def run_jobs(
         shapes = [(320, 240), (240, 320), (640, 160), (200, 500)]
         more = [put_images(e, 1, prefix=f"sized{w}x{h}", w=w, h=h)[0] for w, h in shapes]
     extra = [caption(more[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(16)]
+    for fmt in ("HEIF", "AVIF"):  # a phone's HEIC photo and a web AVIF, through the real engine
+        uri = put_images(e, 1, prefix=f"fmt-{fmt}", w=320, h=240, fmt=fmt, quality=80)[0]
+        extra.append(caption(uri, job_id=f"{e.tag}-{fmt.lower()}", max_tokens=8))
     async with Client(
         e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}
     ) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.expect import expected_text
@@ -77,6 +78,24 @@ async def test_a_job_with_two_images_succeeds_with_the_engines_answer(
     assert result.usage is not None and result.usage.image_tokens > 0
     t = result.timings
     assert t is not None and t.fetch_s is not None and t.preprocess_s is not None and t.engine_s is not None
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("HEIF", b"ftypheic"), ("AVIF", b"ftypavif")])
+async def test_phone_and_web_formats_decode_like_any_photo(
+    pipeline: Pipeline, settings: WorkerSettings, tmp_path: Path, fmt: str, magic: bytes
+) -> None:
+    """A HEIC photo (iPhones) and an AVIF image, made by the real encoders, run like a JPEG;
+    a worker whose image_formats leave them out refuses them as image_corrupt."""
+    data = photo(640, 480, seed=7, fmt=fmt, quality=80)
+    assert data[4:12] == magic
+    job = _job("Describe", _file(tmp_path, f"p.{fmt.lower()}", data))
+    result = await pipeline.run(job, attempt=1)
+    assert result.state is JobState.SUCCEEDED, result.error
+    assert result.text == expected_text(job, [data], settings)
+    strict = msgspec.structs.replace(settings, image_formats=["JPEG", "PNG"])
+    async for narrow in _pipeline(strict, FakeEngine(step_ms=1)):
+        refused = await narrow.run(job, attempt=1)
+        assert refused.error is not None and refused.error.code is ErrorCode.IMAGE_CORRUPT
 
 
 @pytest.mark.parametrize(
