@@ -48,7 +48,7 @@ class Thumbs:
             return PLACEHOLDER, "image/svg+xml"
         try:
             data = await (await self._started()).fetch(ref, Budget(self.settings.max_image_bytes))
-            return await asyncio.to_thread(_thumb, data), "image/jpeg"
+            return await asyncio.to_thread(_thumb, data, self.settings.max_image_pixels), "image/jpeg"
         except Exception as exc:  # missing, refused, corrupt: the job's page says why
             log.info("no thumbnail", uri=ref.uri[:200], error=f"{type(exc).__name__}: {exc}"[:300])
             return PLACEHOLDER, "image/svg+xml"
@@ -59,8 +59,10 @@ class Thumbs:
                 await self._fetcher.__aexit__(None, None, None)
 
 
-def _thumb(data: bytes) -> bytes:
+def _thumb(data: bytes, max_pixels: int = 64_000_000) -> bytes:
     with Image.open(io.BytesIO(data)) as img:
+        if img.size[0] * img.size[1] > max_pixels:  # from the header: a bomb is never decoded
+            raise ValueError(f"{img.size[0]}x{img.size[1]} is over {max_pixels} pixels")
         img.draft("RGB", SIZE)  # JPEG: decode at a fraction of the size
         small: Any = img.convert("RGB")
         small.thumbnail(SIZE)
