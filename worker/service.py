@@ -133,7 +133,8 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._jobs: dict[str, asyncio.Future[Result]] = {}  # job_id -> its pipeline run
         self.ended = 0  # jobs this worker ended (its heartbeat's jobs/s)
-        self._serving: dict[str, asyncio.Event] = {}  # job_id -> set when its delivery here ends
+        # job_id -> None while one delivery of it is served here; a future once another waits
+        self._serving: dict[str, asyncio.Future[None] | None] = {}
         self._batch_of: dict[str, str] = {}  # job_id -> batch_id, of the runs in _jobs
         self._user_cancelled: set[str] = set()
         self._cancelling: set[asyncio.Task[None]] = set()  # ending queued jobs on request
@@ -334,14 +335,17 @@ class Worker:
     async def _serve_job(self, job: Job, msg: ConsumerRecord) -> None:
         # Two deliveries of one job here (a resend, a retry sent twice) take turns: claimed
         # together in one tick, both would be granted, as this worker's own lease is.
-        while (first := self._serving.get(job.job_id)) is not None:
-            await first.wait()
-        self._serving[job.job_id] = turn = asyncio.Event()
+        # Nothing is allocated unless a second delivery comes: then it leaves a future to wake it.
+        while job.job_id in self._serving:
+            waiting = self._serving[job.job_id] or asyncio.get_running_loop().create_future()
+            self._serving[job.job_id] = waiting
+            await asyncio.wait([waiting])  # not `await waiting`: a cancelled waiter must not cancel it
+        self._serving[job.job_id] = None
         try:
             await self._serve_claimed(job, msg)
         finally:
-            del self._serving[job.job_id]
-            turn.set()
+            if (woken := self._serving.pop(job.job_id)) is not None and not woken.done():
+                woken.set_result(None)
 
     async def _serve_claimed(self, job: Job, msg: ConsumerRecord) -> None:
         claim = await self._claim(job)

@@ -24,8 +24,9 @@ local function cancelled(k5, k6, batch)
   return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
 end
 
-local function retried(k1, k2, k3, k4, st, job_id)
+local function retried(k1, k2, k3, k4, st)
   if st ~= 'failed' or redis.call('HGET', k2, 'retry') ~= '1' then return false end
+  local job_id = string.match(k1, ':job:(.*)$')
   redis.call('HDEL', k2, 'retry')
   redis.call('HDEL', k1, 'record')
   redis.call('HSET', k1, 'retry_base', redis.call('HGET', k1, 'attempt') or '0')
@@ -39,12 +40,11 @@ local function retried(k1, k2, k3, k4, st, job_id)
 end
 
 local function claim(k1, k2, k3, k4, k5, k6, batch, worker, now, ttl, lease_s)
-  local st, owner, lease, attempt, recorded = unpack(redis.call('HMGET', k1,
-    'state', 'worker', 'lease_until', 'attempt', 'batch_id'))
-  local job_id = string.match(k1, ':job:(.*)$')
+  local st, owner, lease, attempt, recorded, base = unpack(redis.call('HMGET', k1,
+    'state', 'worker', 'lease_until', 'attempt', 'batch_id', 'retry_base'))
   local again = false
   if st and st ~= 'running' then
-    if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st, job_id) then
+    if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st) then
       return {st, tonumber(attempt or '0')}
     end
     again = true
@@ -67,7 +67,8 @@ local function claim(k1, k2, k3, k4, k5, k6, batch, worker, now, ttl, lease_s)
     redis.call('HINCRBY', k3, 'running', 1)
     redis.call('EXPIRE', k3, ttl)
   end
-  return {'running', n, tonumber(redis.call('HGET', k1, 'retry_base') or '0')}
+  if again then base = attempt end  -- retried() just set retry_base to the attempts so far
+  return {'running', n, tonumber(base or '0')}
 end
 
 local out = {}
