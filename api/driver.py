@@ -347,11 +347,11 @@ class Driver:
                     if r.usage:
                         usage.input_tokens += r.usage.prompt_tokens
                         usage.output_tokens += r.usage.completion_tokens
-                    await out.write(enc.encode(openai_output(r)) + b"\n")
+                    await out.write(enc.encode(openai_output(r, custom_id)) + b"\n")
                     continue
                 counts.failed += 1
                 if r is not None and r.state.terminal:
-                    line = openai_output(r)
+                    line = openai_output(r, custom_id)
                 else:
                     line = openai_line(
                         job_id, custom_id, error={"code": unfinished, "message": UNFINISHED[unfinished]}

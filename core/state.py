@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -58,6 +58,12 @@ class CancelReply(msgspec.Struct, frozen=True):
     requested: bool  # the job was queued or running: a worker will end it `cancelled`
     ended: JobState | None  # the state it had already ended in
     found: bool  # False: no record of the job
+
+
+# (job id, batch id, submitted at, metadata): what `enqueue_many` records of one job.
+Queued = tuple[str, str | None, float, Mapping[str, str]]
+_META = msgspec.json.Encoder()
+_META_DECODE = msgspec.json.Decoder(dict[str, str])
 
 
 class Enqueued(msgspec.Struct, frozen=True):
@@ -141,20 +147,29 @@ class StateStore:
                 raise reply
         return list(zip(groups.values(), replies, strict=True))
 
-    async def enqueue(self, job_id: str, batch_id: str | None, submitted_at: float) -> Enqueued:
+    async def enqueue(
+        self,
+        job_id: str,
+        batch_id: str | None,
+        submitted_at: float,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Enqueued:
         """Record a job as queued, once. Says whether it is new or how far it already got."""
-        return (await self.enqueue_many([(job_id, batch_id, submitted_at)]))[0]
+        return (await self.enqueue_many([(job_id, batch_id, submitted_at, metadata or {})]))[0]
 
-    async def enqueue_many(self, items: Sequence[tuple[str, str | None, float]]) -> list[Enqueued]:
-        """`enqueue` for many jobs: one script call (per slot on a cluster), one round trip."""
+    async def enqueue_many(self, items: Sequence[Queued]) -> list[Enqueued]:
+        """`enqueue` for many jobs: one script call (per slot on a cluster), one round trip.
+        The job's metadata is kept with the record: a job cancelled before any worker saw
+        its message still ends with it (its export row keeps its key or custom_id)."""
 
         def each(i: int) -> tuple[list[str], list[Any]]:
-            job_id, batch_id, at = items[i]
+            job_id, batch_id, at, metadata = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
-            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or "", at]
+            meta = _META.encode(metadata) if metadata else b""
+            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or "", at, meta]
 
         out: list[Enqueued | None] = [None] * len(items)
-        for idx, replies in await self._per_slot("enqueue", [j for j, _, _ in items], each, [self.ttl_s]):
+        for idx, replies in await self._per_slot("enqueue", [it[0] for it in items], each, [self.ttl_s]):
             for i, reply in zip(idx, replies, strict=True):
                 out[i] = _enqueued(_s(reply))
         return [e for e in out if e is not None]
@@ -284,12 +299,16 @@ class StateStore:
 
     async def recorded_batch(self, job_id: str) -> str | None:
         """The batch the job's records name (the worker's record, else the submit record)."""
+        return (await self._recorded(job_id))[0]
+
+    async def _recorded(self, job_id: str) -> tuple[str | None, dict[str, str]]:
+        """(batch, metadata) the job's records name: the worker's record, else the submit record."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(keys.job_key(job_id), "batch_id")
-        pipe.hget(keys.submitted_key(job_id), "batch_id")
-        job_batch, sub_batch = await pipe.execute()
+        pipe.hmget(keys.submitted_key(job_id), ["batch_id", "metadata"])
+        job_batch, (sub_batch, meta) = await pipe.execute()
         found = job_batch or sub_batch
-        return _s(found) if found else None
+        return (_s(found) if found else None), _metadata(meta)
 
     async def end_recorded(
         self,
@@ -302,12 +321,14 @@ class StateStore:
     ) -> bool:
         """End a job in `state`, in the batch its record names (never one a message claims).
         A job without a record is ended without a batch. `requested`: see `finish`."""
+        batch_id, metadata = await self._recorded(job_id)
         result = Result(
             job_id=job_id,
             state=state,
             error=error,
             worker=worker,
-            batch_id=await self.recorded_batch(job_id),
+            batch_id=batch_id,
+            metadata=metadata,
             timings=Timings(finished_at=time.time()),
         )
         return await self.finish(result, requested=requested)
@@ -461,8 +482,20 @@ def _to_result(job_id: str, job: dict[Any, Any], sub: dict[Any, Any]) -> Result 
         attempt=int(w.get("attempt", 0)),
         worker=_s(w["worker"]) if "worker" in w else None,
         batch_id=_s(batch_id) if batch_id else None,
+        metadata=_metadata(p.get("metadata")),
         timings=Timings(
             submitted_at=float(submitted) if submitted else None,
             started_at=float(started) if started else None,
         ),
     )
+
+
+def _metadata(raw: Any) -> dict[str, str]:
+    """The metadata a submit record keeps; a record that cannot be read counts as none
+    (Redis is shared: a stray value must not break reading the job)."""
+    if not raw:
+        return {}
+    try:
+        return _META_DECODE.decode(raw)
+    except msgspec.DecodeError:
+        return {}

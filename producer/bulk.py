@@ -291,11 +291,12 @@ UNFINISHED = {
 _FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 
 
-def openai_output(r: Result) -> dict[str, Any]:
+def openai_output(r: Result, custom_id: str | None = None) -> dict[str, Any]:
     """One line of the OpenAI Batch API output (or error) file for a result: a success's
     body is a ChatCompletion; a failed request has its HTTP status and an OpenAI error
-    body; a cancelled or expired one has `error` (batch_cancelled, batch_expired)."""
-    custom_id = r.metadata.get("custom_id", r.metadata.get("key", r.job_id))
+    body; a cancelled or expired one has `error` (batch_cancelled, batch_expired).
+    `custom_id`: the request's, when the caller knows it (else the job's metadata says)."""
+    custom_id = custom_id or r.metadata.get("custom_id", r.metadata.get("key", r.job_id))
     if r.state is JobState.SUCCEEDED:
         response = {"status_code": 200, "request_id": r.job_id, "body": chat_completion(r)}
         return openai_line(r.job_id, custom_id, response=response)

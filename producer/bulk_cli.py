@@ -96,7 +96,7 @@ def submit(
     chunk: Annotated[int, typer.Option(help="Jobs per produce round trip.")] = 2000,
     rejected: Annotated[Path | None, typer.Option(help="Write rejected lines here (JSONL).")] = None,
 ) -> None:
-    """Submit a backlog. Safe to re-run after an interruption: nothing is sent twice."""
+    """Submit a backlog. Safe to re-run after an interruption: no job runs twice."""
     preset = bulk.Preset(prompt=prompt, labels=labels.split(",") if labels else None)
     suffixes = tuple(s.lower() for s in suffix) if suffix else bulk.IMAGE_SUFFIXES
     items = _source(batch_id, s3_prefix, manifest, openai, preset, suffixes, allow_https)

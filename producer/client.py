@@ -177,7 +177,7 @@ class Client:
         except Unavailable as exc:
             raise exc.not_submitted(job.job_id) from exc.cause
         with self._reaching_redis():
-            got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0)
+            got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0, job.metadata)
         if not got.must_send:
             return Handle(job.job_id, False, got.state)
         try:
@@ -238,7 +238,7 @@ class Client:
         encoded = [validated(j, self.content_type) for j in jobs]
         producer = await self._kafka()
         with self._reaching_redis():
-            states = await self.store.enqueue_many([(j.job_id, j.batch_id, now) for j in jobs])
+            states = await self.store.enqueue_many([(j.job_id, j.batch_id, now, j.metadata) for j in jobs])
             await self.store.index_batches({j.batch_id for j in jobs if j.batch_id}, now)
         sent = _Sent(jobs=list(jobs))
         for job, (value, headers), got in zip(jobs, encoded, states, strict=True):

@@ -259,8 +259,9 @@ def test_resume_after_a_kill_submits_each_job_once(e: Env, tmp_path: Path) -> No
     assert "already sent" in out.stderr
     counts = Counter(_messages(e, n))
     assert len(counts) == n  # every job is in Kafka
-    # At most the chunk in flight at the kill (acknowledged, not yet recorded) goes twice.
-    assert sum(counts.values()) - n <= chunk
+    # At most what was in flight at the kill goes twice: the chunk whose acks were being
+    # recorded and the next one, already handed to the producer (submit_many overlaps them).
+    assert sum(counts.values()) - n <= 2 * chunk
     assert recorded() == n
 
 

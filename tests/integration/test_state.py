@@ -66,7 +66,7 @@ async def test_a_ticks_claims_are_one_script_call_per_slot(redis: AnyRedis, topo
     on one Redis, one per slot on a cluster, and each caller gets its own job's answer."""
     store = StateStore(redis, ttl_s=60, coalesce=True)
     jobs, batch = _ids(300), uuid.uuid4().hex
-    await store.enqueue_many([(j, batch, time.time()) for j in jobs])
+    await store.enqueue_many([(j, batch, time.time(), {}) for j in jobs])
     done = Result(job_id=jobs[0], state=JobState.SUCCEEDED, batch_id=batch)
     assert (await store.claim(jobs[0], batch, "w")).granted and await store.finish(done)
     sent: list[int] = []
@@ -118,6 +118,24 @@ async def test_cancel_is_a_request_that_only_a_worker_turns_into_a_state(redis: 
     assert (counts.total, counts.queued, counts.running, counts.cancelled) == (4, 1, 0, 2)
     no_batch = StateStore._job_keys(queued, None)[2:]
     assert not any([await redis.exists(k) for k in no_batch])  # placeholders never written
+
+
+async def test_a_job_ended_while_queued_keeps_its_metadata(redis: AnyRedis) -> None:
+    store = StateStore(redis, ttl_s=60)
+    batch = uuid.uuid4().hex
+    tagged, bare = _ids(2)
+    await store.enqueue(tagged, batch, time.time(), {"custom_id": "r8", "note": "\u00e9:x"})
+    await store.enqueue(bare, batch, time.time())
+    queued = await store.get(tagged)
+    assert queued is not None and queued.metadata == {"custom_id": "r8", "note": "\u00e9:x"}
+    await store.cancel(tagged)
+    await store.cancel(bare)
+    await redis.hset(keys.submitted_key(bare), "metadata", b"\xff not json")  # a stray value
+    assert await store.end_recorded(tagged, JobState.CANCELLED, requested=True)
+    assert await store.end_recorded(bare, JobState.CANCELLED, requested=True)
+    ended, plain = await store.get_many([tagged, bare])
+    assert ended is not None and ended.state is JobState.CANCELLED and ended.metadata["custom_id"] == "r8"
+    assert plain is not None and plain.state is JobState.CANCELLED and plain.metadata == {}
 
 
 async def test_wait_wakes_on_completion_without_polling(redis: AnyRedis) -> None:
