@@ -23,15 +23,12 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from vlmq.core import s3
-from vlmq.core.retry import retry, within
+from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ImageRef
+from vlmq.worker.faults import Transient, fetch_retrying
 from vlmq.worker.settings import WorkerSettings
 from vlmq.worker.web import Resolve, WebFetcher, system_resolve
-
-
-class _Transient(Exception):
-    """A storage fault worth retrying."""
 
 
 class Budget:
@@ -113,19 +110,9 @@ class Fetcher:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"malformed S3 URI {_short(uri)}")
         if self.settings.allowed_buckets and bucket not in self.settings.allowed_buckets:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"bucket {bucket!r} is not allowed")
-        try:
-            return await retry(
-                lambda: self._get_object(bucket, key, uri, charge),
-                on=_Transient,
-                seconds=self.settings.fetch_retry_s,
-                initial=0.2,
-                max_wait=5.0,
-            )
-        except _Transient as exc:
-            raise VlmqError(
-                ErrorCode.IMAGE_FETCH_FAILED,
-                f"storage kept failing for {self.settings.fetch_retry_s:.0f}s: {exc}",
-            ) from None
+        return await fetch_retrying(
+            lambda: self._get_object(bucket, key, uri, charge), self.settings.fetch_retry_s, "storage"
+        )
 
     async def _get_object(self, bucket: str, key: str, uri: str, charge: Callable[[int], None]) -> bytes:
         async def get() -> bytes:
@@ -148,9 +135,9 @@ class Fetcher:
                 raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"{_short(uri)} does not exist") from None
             if kind == "denied":
                 raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"access to {_short(uri)} denied") from None
-            raise _Transient(f"S3 {s3.error_code(exc)}") from None
+            raise Transient(f"S3 {s3.error_code(exc)}") from None
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise _Transient(type(exc).__name__) from None
+            raise Transient(type(exc).__name__) from None
 
     def _data_uri(self, uri: str, charge: Callable[[int], None]) -> bytes:
         header, sep, payload = uri.partition(",")

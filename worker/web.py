@@ -27,8 +27,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from vlmq.core.retry import retry
 from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.worker.faults import Transient, fetch_retrying
 from vlmq.worker.settings import WorkerSettings
 
 Resolve = Callable[[str], Awaitable[list[str]]]
@@ -37,10 +37,6 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", ""}
 # The first bytes of every format the worker decodes (see `image_formats`).
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
-class _Transient(Exception):
-    """Worth another try: 429, 5xx, a timeout, a dropped connection."""
 
 
 async def system_resolve(host: str) -> list[str]:
@@ -99,19 +95,7 @@ class WebFetcher:
             await self._session.close()
 
     async def fetch(self, url: str, charge: Callable[[int], None]) -> bytes:
-        shown = _short(url)
-        try:
-            return await retry(
-                lambda: self._follow(url, charge),
-                on=_Transient,
-                seconds=self.s.fetch_retry_s,
-                initial=0.2,
-                max_wait=5.0,
-            )
-        except _Transient as exc:
-            raise VlmqError(
-                ErrorCode.IMAGE_FETCH_FAILED, f"{shown} kept failing for {self.s.fetch_retry_s:.0f}s: {exc}"
-            ) from None
+        return await fetch_retrying(lambda: self._follow(url, charge), self.s.fetch_retry_s, _short(url))
 
     async def _follow(self, url: str, charge: Callable[[int], None]) -> bytes:
         """One try: the URL and its redirects, each hop checked before it is connected to."""
@@ -161,7 +145,7 @@ class WebFetcher:
         except OSError as exc:
             if isinstance(exc, socket.gaierror) and exc.errno in (socket.EAI_NONAME, socket.EAI_NODATA):
                 raise VlmqError(ErrorCode.IMAGE_NOT_FOUND, f"host {host} does not resolve") from None
-            raise _Transient(f"DNS: {exc}") from None
+            raise Transient(f"DNS: {exc}") from None
 
     def _public(self, address: str) -> bool:
         ip = ipaddress.ip_address(address)
@@ -182,9 +166,9 @@ class WebFetcher:
                 _check_type(resp.headers.get("Content-Type", ""), url)
                 return await self._body(resp, url, charge)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise Transient(f"{type(exc).__name__}: {exc}"[:300]) from None
         except aiohttp.ClientResponseError as exc:  # a malformed response: the server's fault
-            raise _Transient(f"bad response from {host}: {exc.message}"[:300]) from None
+            raise Transient(f"bad response from {host}: {exc.message}"[:300]) from None
 
     async def _body(self, resp: aiohttp.ClientResponse, url: str, charge: Callable[[int], None]) -> bytes:
         cap = self.s.max_image_bytes
@@ -215,7 +199,7 @@ def _raise_for(status: int, url: str) -> None:
     if status in (401, 403):
         raise VlmqError(ErrorCode.IMAGE_ACCESS_DENIED, f"{shown} answered {status}")
     if status == 429 or status >= 500:
-        raise _Transient(f"HTTP {status}")
+        raise Transient(f"HTTP {status}")
     raise VlmqError(ErrorCode.IMAGE_FETCH_FAILED, f"{shown} answered {status}")
 
 
