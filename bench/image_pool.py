@@ -30,7 +30,7 @@ from PIL import Image
 from bench.common import write_result
 from vlmq.schemas.job import ImageRef, Message, TextPart
 from vlmq.worker.preprocess import smart_resize
-from vlmq.worker.render import DecodeLimits, ImagePool
+from vlmq.worker.render import DecodeLimits, ImagePool, Sizing
 from vlmq.worker.samples import photo
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 
@@ -53,7 +53,7 @@ def raw(blobs: list[bytes], workers: int) -> float:
 
 
 async def pooled(pool: ImagePool, blobs: list[bytes]) -> float:
-    px = [(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)]
+    px: list[Sizing] = [(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)]
     t0 = time.perf_counter()
     await asyncio.gather(*(pool.prepare([b], px, MESSAGES) for b in blobs))
     return len(blobs) / (time.perf_counter() - t0)

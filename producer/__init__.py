@@ -1,7 +1,7 @@
 """The vlmq producer SDK. Importable with the base install: no torch, vLLM or Pillow."""
 
 from vlmq.core.state import BatchCounts
-from vlmq.producer.builders import batch_job_id, caption, image, moderate, new_job_id, user
+from vlmq.producer.builders import batch_job_id, caption, image, moderate, new_job_id, user, video
 from vlmq.producer.client import Client, Handle, SubmitReport
 from vlmq.producer.errors import (
     JobCancelled,
@@ -33,4 +33,5 @@ __all__ = [
     "moderate",
     "new_job_id",
     "user",
+    "video",
 ]

@@ -17,6 +17,7 @@ from vlmq.schemas.job import (
     ResponseFormat,
     Sampling,
     TextPart,
+    VideoRef,
 )
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in one or two sentences."
@@ -39,8 +40,8 @@ def batch_job_id(batch_id: str, key: str) -> str:
     return f"{batch_id}:{safe}:{digest}"
 
 
-def user(*parts: str | ImageRef) -> Message:
-    """A user message from strings (text) and ImageRefs, in order."""
+def user(*parts: str | ImageRef | VideoRef) -> Message:
+    """A user message from strings (text), ImageRefs and VideoRefs, in order."""
     return Message("user", [TextPart(p) if isinstance(p, str) else p for p in parts])
 
 
@@ -60,6 +61,29 @@ def caption(
     return Job(
         job_id=job_id or new_job_id(),
         messages=[user(ImageRef(image_uri), prompt)],
+        sampling=Sampling(max_tokens=max_tokens),
+        **job,
+    )
+
+
+DEFAULT_VIDEO_PROMPT = "Describe what happens in this video."
+
+
+def video(
+    video_uri: str,
+    prompt: str = DEFAULT_VIDEO_PROMPT,
+    *,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    job_id: str | None = None,
+    max_tokens: int = 256,
+    **job: Any,
+) -> Job:
+    """A job about one video (mp4, webm, mov, mkv), given to the model as frames: `fps`
+    per second of video, or `num_frames` spread evenly (default: the worker's video_fps)."""
+    return Job(
+        job_id=job_id or new_job_id(),
+        messages=[user(VideoRef(video_uri, fps=fps, num_frames=num_frames), prompt)],
         sampling=Sampling(max_tokens=max_tokens),
         **job,
     )

@@ -53,7 +53,16 @@ def _show(result: Result, as_json: bool) -> None:
 
 @app.command()
 def submit(
-    image: Annotated[list[str], typer.Argument(help="Image URIs: s3://bucket/key, file://, data:")],
+    image: Annotated[
+        list[str] | None, typer.Argument(help="Image URIs: s3://bucket/key, https://, file://, data:")
+    ] = None,
+    video: Annotated[
+        list[str] | None, typer.Option("--video", help="A video URI (mp4, webm, mov, mkv); repeatable.")
+    ] = None,
+    fps: Annotated[float | None, typer.Option(help="Video frames sampled per second.")] = None,
+    num_frames: Annotated[
+        int | None, typer.Option(help="Video frames sampled in all (not with --fps).")
+    ] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = DEFAULT_CAPTION_PROMPT,
     labels: Annotated[
         str | None, typer.Option(help="Moderation: comma-separated labels; the answer is one of them.")
@@ -65,12 +74,13 @@ def submit(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Submit one job (a prompt about one or more images); prints its job id."""
+    """Submit one job (a prompt about images and videos); prints its job id."""
     from vlmq.producer import builders
-    from vlmq.schemas.job import ChoiceFormat, ImageRef, Job, Sampling
+    from vlmq.schemas.job import ChoiceFormat, ImageRef, Job, Sampling, VideoRef
 
     try:
-        refs = [ImageRef(u) for u in image]
+        refs: list[ImageRef | VideoRef] = [ImageRef(u) for u in image or []]
+        refs += [VideoRef(u, fps=fps, num_frames=num_frames) for u in video or []]
     except ValueError as exc:
         raise ValidationError(f"{exc}") from None
     job = Job(

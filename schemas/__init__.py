@@ -33,6 +33,7 @@ from vlmq.schemas.job import (
     TextPart,
     Timings,
     Usage,
+    VideoRef,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "TextPart",
     "Timings",
     "Usage",
+    "VideoRef",
     "VlmqError",
     "decode_dead_letter",
     "decode_job",

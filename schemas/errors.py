@@ -17,6 +17,7 @@ class ErrorCode(str, enum.Enum):
     PROMPT_TOO_LONG = "prompt_too_long"
     TOO_MANY_IMAGES = "too_many_images"
     UNSUPPORTED = "unsupported"  # the engine cannot honour a request feature
+    UNSUPPORTED_INPUT = "unsupported_input"  # an input kind (video) this worker or engine does not take
     # Images.
     URI_NOT_ALLOWED = "uri_not_allowed"  # scheme, bucket, path or host refused by policy
     IMAGE_NOT_FOUND = "image_not_found"

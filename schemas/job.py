@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import re
 import warnings
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from msgspec import Meta, Struct
 from msgspec import json as _msgspec_json
@@ -21,6 +21,8 @@ VERSION = 1
 """Schema version this code writes. It reads any version <= VERSION."""
 
 MAX_IMAGES_PER_JOB = 256  # the contract's hard cap; workers enforce a lower, configurable one
+MAX_VIDEOS_PER_JOB = 16  # likewise (workers: max_videos_per_job)
+MAX_VIDEO_FRAMES = 1024  # frames one video may ask for; workers cap lower (max_video_frames)
 MAX_TEXT_CHARS = 1_000_000  # per text part; a 10 MB prompt is never a valid job
 MAX_OUTPUT_TOKENS = 32_768
 URI_SCHEMES = ("s3://", "file://", "data:", "https://", "http://")
@@ -59,8 +61,18 @@ class TextPart(Struct, tag="text", tag_field="type", frozen=True):
     text: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 
 
+def _check_media(uri: str, min_pixels: int | None, max_pixels: int | None) -> None:
+    if not uri.startswith(URI_SCHEMES):
+        scheme = uri.split(":", 1)[0] if ":" in uri else uri[:16]
+        raise ValueError(f"unknown URI scheme {scheme!r}: use one of {', '.join(URI_SCHEMES)}")
+    if min_pixels and max_pixels and min_pixels > max_pixels:
+        raise ValueError("min_pixels must not exceed max_pixels")
+
+
 class ImageRef(Struct, tag="image", tag_field="type", frozen=True, omit_defaults=True):
     """An image by reference. `min_pixels`/`max_pixels` bound the resize (Qwen-VL style)."""
+
+    kind: ClassVar[str] = "image"  # the wire tag, for code that handles images and videos alike
 
     uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
@@ -68,14 +80,31 @@ class ImageRef(Struct, tag="image", tag_field="type", frozen=True, omit_defaults
     max_pixels: Pixels | None = None
 
     def __post_init__(self) -> None:
-        if not self.uri.startswith(URI_SCHEMES):
-            scheme = self.uri.split(":", 1)[0] if ":" in self.uri else self.uri[:16]
-            raise ValueError(f"unknown URI scheme {scheme!r}: use one of {', '.join(URI_SCHEMES)}")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError("min_pixels must not exceed max_pixels")
+        _check_media(self.uri, self.min_pixels, self.max_pixels)
 
 
-Part = TextPart | ImageRef
+class VideoRef(Struct, tag="video", tag_field="type", frozen=True, omit_defaults=True):
+    """A video by reference (mp4, webm, mov, mkv), given to the model as frames. `fps`:
+    frames sampled per second of video; `num_frames`: that many, spread evenly (at most one
+    of the two; neither: the worker's `video_fps`). `min_pixels`/`max_pixels` bound each
+    frame's resize, as for an image."""
+
+    kind: ClassVar[str] = "video"
+    uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    fps: Annotated[float, Meta(gt=0.0, le=60.0)] | None = None
+    num_frames: Annotated[int, Meta(ge=1, le=MAX_VIDEO_FRAMES)] | None = None
+    min_pixels: Pixels | None = None
+    max_pixels: Pixels | None = None
+
+    def __post_init__(self) -> None:
+        _check_media(self.uri, self.min_pixels, self.max_pixels)
+        if self.fps is not None and self.num_frames is not None:
+            raise ValueError("give fps or num_frames, not both")
+
+
+MediaRef = ImageRef | VideoRef
+Part = TextPart | ImageRef | VideoRef
 
 
 class Message(Struct, frozen=True):
@@ -155,16 +184,27 @@ class Job(Struct, omit_defaults=True, frozen=True):
             raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
         if len(self.images) > MAX_IMAGES_PER_JOB:
             raise ValueError(f"too many images: {len(self.images)} > {MAX_IMAGES_PER_JOB}")
+        if len(self.videos) > MAX_VIDEOS_PER_JOB:
+            raise ValueError(f"too many videos: {len(self.videos)} > {MAX_VIDEOS_PER_JOB}")
 
     @property
-    def images(self) -> list[ImageRef]:
+    def media(self) -> list[MediaRef]:
+        """Images and videos, in the order they stand in the messages."""
         return [
             p
             for m in self.messages
             if not isinstance(m.content, str)
             for p in m.content
-            if isinstance(p, ImageRef)
+            if isinstance(p, ImageRef | VideoRef)
         ]
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [p for p in self.media if isinstance(p, ImageRef)]
+
+    @property
+    def videos(self) -> list[VideoRef]:
+        return [p for p in self.media if isinstance(p, VideoRef)]
 
 
 class JobState(str, enum.Enum):

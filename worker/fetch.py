@@ -1,9 +1,11 @@
-"""Stage: fetch image bytes. S3 through one pooled aiobotocore client; `file://`; `data:`.
+"""Stage: fetch image and video bytes. S3 through one pooled aiobotocore client; `file://`;
+`data:`; http(s) (worker/web.py).
 
 Policy first (scheme, bucket and folder allowlists), then the bytes, capped at
-`max_image_bytes` while streaming. Storage faults (timeouts, 5xx, connection errors) are
-retried with exponential backoff and jitter for up to `fetch_retry_s`, so an S3 outage
-delays jobs instead of failing them; missing objects and denied access fail at once.
+`max_image_bytes` (`max_video_bytes` for a video) while streaming. Storage faults
+(timeouts, 5xx, connection errors) are retried with exponential backoff and jitter for up
+to `fetch_retry_s`, so an S3 outage delays jobs instead of failing them; missing objects
+and denied access fail at once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from vlmq.core import s3
 from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import ImageRef
+from vlmq.schemas.job import MediaRef, VideoRef
 from vlmq.worker.faults import Transient, fetch_retrying
 from vlmq.worker.settings import WorkerSettings
 from vlmq.worker.web import Resolve, WebFetcher, system_resolve
@@ -81,20 +83,22 @@ class Fetcher:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
-    async def fetch(self, ref: ImageRef, budget: Budget | None = None) -> bytes:
-        """The image's bytes. `budget`: the job's images together (checked on each image's
-        size before its bytes are read, so a job of many big images holds no memory)."""
+    async def fetch(self, ref: MediaRef, budget: Budget | None = None) -> bytes:
+        """The image's (or video's) bytes. `budget`: the job's inputs together (checked on
+        each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
         charge = (budget or Budget(None)).charge()
+        video = isinstance(ref, VideoRef)
+        cap = self.settings.max_video_bytes if video else self.settings.max_image_bytes
         if uri.startswith("s3://"):
-            data = await self._fetch_s3(uri, charge)
+            data = await self._fetch_s3(uri, charge, cap)
         elif uri.startswith("data:"):
-            data = self._data_uri(uri, charge)
+            data = self._data_uri(uri, charge, cap)
         elif uri.startswith("file://"):
-            data = await asyncio.to_thread(self._read_file, uri, charge)
+            data = await asyncio.to_thread(self._read_file, uri, charge, cap)
         elif uri.startswith(("https://", "http://")):
             assert self._web is not None, "use `async with Fetcher(...)`"
-            data = await self._web.fetch(uri, charge)
+            data = await self._web.fetch(uri, charge, cap, video=video)
         else:
             raise VlmqError(
                 ErrorCode.URI_NOT_ALLOWED, f"{uri.split(':', 1)[0]}:// images are not enabled on this worker"
@@ -103,7 +107,7 @@ class Fetcher:
             raise VlmqError(ErrorCode.IMAGE_CHECKSUM, f"sha256 of {_short(uri)} does not match")
         return data
 
-    async def _fetch_s3(self, uri: str, charge: Callable[[int], None]) -> bytes:
+    async def _fetch_s3(self, uri: str, charge: Callable[[int], None], cap: int) -> bytes:
         parsed = urlparse(uri)
         bucket, key = parsed.netloc, unquote(parsed.path.lstrip("/"))
         if not bucket or not key:
@@ -111,19 +115,18 @@ class Fetcher:
         if self.settings.allowed_buckets and bucket not in self.settings.allowed_buckets:
             raise VlmqError(ErrorCode.URI_NOT_ALLOWED, f"bucket {bucket!r} is not allowed")
         return await fetch_retrying(
-            lambda: self._get_object(bucket, key, uri, charge), self.settings.fetch_retry_s, "storage"
+            lambda: self._get_object(bucket, key, uri, charge, cap), self.settings.fetch_retry_s, "storage"
         )
 
-    async def _get_object(self, bucket: str, key: str, uri: str, charge: Callable[[int], None]) -> bytes:
+    async def _get_object(
+        self, bucket: str, key: str, uri: str, charge: Callable[[int], None], cap: int
+    ) -> bytes:
         async def get() -> bytes:
             resp = await self._s3.get_object(Bucket=bucket, Key=key)
             size = int(resp.get("ContentLength") or 0)
             async with resp["Body"] as body:
-                if size > self.settings.max_image_bytes:
-                    raise VlmqError(
-                        ErrorCode.IMAGE_TOO_LARGE,
-                        f"{_short(uri)} is {size} bytes > {self.settings.max_image_bytes}",
-                    )
+                if size > cap:
+                    raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{_short(uri)} is {size} bytes > {cap}")
                 charge(size)
                 return bytes(await body.read())
 
@@ -139,19 +142,19 @@ class Fetcher:
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise Transient(type(exc).__name__) from None
 
-    def _data_uri(self, uri: str, charge: Callable[[int], None]) -> bytes:
+    def _data_uri(self, uri: str, charge: Callable[[int], None], cap: int) -> bytes:
         header, sep, payload = uri.partition(",")
         if not sep or not header.endswith(";base64"):
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI must be base64 (data:<mime>;base64,...)")
-        if len(payload) * 3 // 4 > self.settings.max_image_bytes:
-            raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, "inline image over max_image_bytes")
+        if len(payload) * 3 // 4 > cap:
+            raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"inline data over {cap} bytes")
         charge(len(payload) * 3 // 4)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise VlmqError(ErrorCode.IMAGE_CORRUPT, "data: URI is not valid base64") from None
 
-    def _read_file(self, uri: str, charge: Callable[[int], None]) -> bytes:
+    def _read_file(self, uri: str, charge: Callable[[int], None], cap: int) -> bytes:
         # Errors name the URI as sent: never where it resolved to (/proc/..., symlink targets).
         path = Path(unquote(urlparse(uri).path)).resolve()
         roots = [Path(r).resolve() for r in self.settings.allowed_file_roots]
@@ -162,8 +165,8 @@ class Fetcher:
             )
         try:
             size = path.stat().st_size
-            if size > self.settings.max_image_bytes:
-                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{shown} is {size} bytes")
+            if size > cap:
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{shown} is {size} bytes > {cap}")
             charge(size)
             return path.read_bytes()
         except FileNotFoundError:

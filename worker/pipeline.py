@@ -20,9 +20,11 @@ from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
     Error,
+    ImageRef,
     Job,
     JobState,
     JsonSchemaFormat,
+    MediaRef,
     Result,
     TextPart,
     Timings,
@@ -31,8 +33,9 @@ from vlmq.schemas.job import (
 from vlmq.worker import metrics
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.fetch import Budget, Fetcher
-from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, ImagePool, Prepared, RenderBudget
+from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, ImagePool, Prepared, RenderBudget, Sizing
 from vlmq.worker.settings import WorkerSettings
+from vlmq.worker.video import VideoSampling
 
 log = structlog.get_logger("vlmq.pipeline")
 
@@ -91,6 +94,7 @@ class Pipeline:
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
             )
+        self._check_videos(len(job.videos))
         topic = job.result_topic
         if topic is not None and not self.result_topic_allowed(topic):
             raise VlmqError(ErrorCode.INVALID_JOB, f"result_topic {topic!r} is not allowed on this worker")
@@ -101,6 +105,19 @@ class Pipeline:
                 f"{chars} prompt characters > max_prompt_chars {self.settings.max_prompt_chars}",
             )
 
+    def _check_videos(self, n: int) -> None:
+        if not n:
+            return
+        if not self.engine.takes_video:
+            raise VlmqError(
+                ErrorCode.UNSUPPORTED_INPUT, f"the {self.engine.name} engine takes no video input"
+            )
+        most = self.settings.max_videos_per_job
+        if not most:
+            raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, "this worker takes no videos (max_videos_per_job 0)")
+        if n > most:
+            raise VlmqError(ErrorCode.TOO_MANY_IMAGES, f"{n} videos > max_videos_per_job {most}")
+
     def result_topic_allowed(self, topic: str) -> bool:
         """Whether results may go to `topic`: never into the jobs or the dead-letter topic."""
         s = self.settings
@@ -109,17 +126,18 @@ class Pipeline:
         return topic not in (s.jobs_topic, s.dlq_topic)  # never into the queue or the DLQ
 
     async def _run(self, job: Job, attempt: int, timings: Timings) -> EngineOutput:
-        if not job.images:
+        media = job.media
+        if not media:
             return await self._generate(job, attempt, Prepared([]), timings)
-        blobs = await self._fetch(job, timings)
-        pixels = self._pixels(job)
+        blobs = await self._fetch(media, timings)
+        sizing = [self._sizing(ref) for ref in media]
         # Bytes of prepared inputs are bounded from before they exist until the engine answers.
-        held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(hi for _, hi in pixels))
+        held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(self._most_pixels(s) for s in sizing))
         try:
             await self._admit()
             t0 = time.perf_counter()
             try:
-                prepared = await self.images.prepare(blobs, pixels, job.messages)
+                prepared = await self.images.prepare(blobs, sizing, job.messages)
             finally:
                 self._preparing -= 1
             timings.preprocess_s = time.perf_counter() - t0
@@ -130,26 +148,33 @@ class Pipeline:
         finally:
             self.budget.release(held)
 
-    async def _fetch(self, job: Job, timings: Timings) -> list[bytes]:
+    async def _fetch(self, media: list[MediaRef], timings: Timings) -> list[bytes]:
         t0 = time.perf_counter()
         budget = Budget(self.settings.max_job_bytes)
-        if len(job.images) == 1:  # the common case: no task for gather to wrap it in
-            blobs = [await self.fetcher.fetch(job.images[0], budget)]
+        if len(media) == 1:  # the common case: no task for gather to wrap it in
+            blobs = [await self.fetcher.fetch(media[0], budget)]
         else:
-            blobs = list(await asyncio.gather(*(self.fetcher.fetch(r, budget) for r in job.images)))
+            blobs = list(await asyncio.gather(*(self.fetcher.fetch(r, budget) for r in media)))
         timings.fetch_s = time.perf_counter() - t0
         metrics.STAGE.labels("fetch").observe(timings.fetch_s)
         metrics.IMAGE_BYTES.inc(sum(len(b) for b in blobs))
         return blobs
 
-    def _pixels(self, job: Job) -> list[tuple[int, int]]:
-        """Each image's (min, max) pixels: a job may ask for fewer than the worker's budget,
-        never for more."""
-        out = []
-        for ref in job.images:
-            hi = min(ref.max_pixels or self.settings.max_pixels, self.settings.max_pixels)
-            out.append((min(ref.min_pixels or self.settings.min_pixels, hi), hi))
-        return out
+    def _sizing(self, ref: MediaRef) -> Sizing:
+        """An image's (min, max) pixels, or a video's sampling with each frame's: a job may
+        ask for fewer pixels than the worker's budget, never for more."""
+        s = self.settings
+        if isinstance(ref, ImageRef):
+            hi = min(ref.max_pixels or s.max_pixels, s.max_pixels)
+            return min(ref.min_pixels or s.min_pixels, hi), hi
+        hi = min(ref.max_pixels or s.video_max_pixels, s.video_max_pixels)
+        lo = min(ref.min_pixels or s.video_min_pixels, hi)
+        return VideoSampling(fps=ref.fps, num_frames=ref.num_frames, min_pixels=lo, max_pixels=hi)
+
+    def _most_pixels(self, sizing: Sizing) -> int:
+        if isinstance(sizing, VideoSampling):
+            return sizing.max_pixels * self.settings.max_video_frames
+        return sizing[1]
 
     async def _admit(self) -> None:
         """Render ahead of the engine by no more than its waiting queue needs: jobs being
@@ -167,6 +192,7 @@ class Pipeline:
             request_id=f"{job.job_id}#{attempt}",  # an earlier attempt may still be aborting
             messages=job.messages,
             images=prepared.images,
+            videos=prepared.videos,
             rendered=prepared.rendered,
             sampling=job.sampling,
             response_format=job.response_format,

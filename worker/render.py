@@ -1,7 +1,8 @@
 """Stage: fetched bytes -> what the engine takes, off the event loop.
 
-Decode, EXIF and resize (preprocess.load_image) run in a pool: threads of the worker (the
-default; the engine then renders the images into its input), or processes, where an engine
+Decode, EXIF and resize (preprocess.load_image; for videos video.load_video) run in a
+pool: threads of the worker (the default; the engine then renders the images into its
+input), or processes, where an engine
 with a renderer (vLLM) also renders there: chat template, tokenizer, HF image processor,
 and the engine gets finished inputs. On an H200 with vLLM 0.26 the process pool was the
 slower of the two (docs/performance.md); it is there for engines whose front end saturates.
@@ -27,6 +28,7 @@ import structlog
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import Message
 from vlmq.worker.preprocess import load_image
+from vlmq.worker.video import Video, VideoLimits, VideoSampling, load_video
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -44,7 +46,7 @@ BYTES_PER_PIXEL_ESTIMATE = 24
 class Renderer(Protocol):
     """An engine's own input renderer, built once in each pool process."""
 
-    def render(self, messages: list[Message], images: list[Image]) -> tuple[Any, int]:
+    def render(self, messages: list[Message], images: list[Image], videos: list[Video]) -> tuple[Any, int]:
         """(the engine's finished input, the bytes its tensors hold)."""
         ...
 
@@ -59,18 +61,27 @@ class DecodeLimits(msgspec.Struct, frozen=True):
     factor: int
     max_image_pixels: int
     formats: tuple[str, ...]
+    video: VideoLimits = VideoLimits()
+
+
+# How one input of a job is brought to size: an image's (min, max) pixels, or a video's sampling.
+Sizing = tuple[int, int] | VideoSampling
 
 
 class Prepared(msgspec.Struct):
-    """A job's images as the engine takes them: decoded images, or a finished input."""
+    """A job's images and videos as the engine takes them: decoded, or a finished input."""
 
     images: list[Image]
+    videos: list[Video] = []
     rendered: Any = None
     nbytes: int = 0
 
     @classmethod
-    def decoded(cls, images: list[Image]) -> Prepared:
-        return cls(images, nbytes=sum(i.width * i.height * 3 for i in images))  # RGB bytes
+    def decoded(cls, media: list[Image | Video]) -> Prepared:
+        images = [m for m in media if not isinstance(m, Video)]
+        videos = [m for m in media if isinstance(m, Video)]
+        nbytes = sum(i.width * i.height * 3 for i in images) + sum(v.nbytes for v in videos)  # RGB
+        return cls(images, videos, nbytes=nbytes)
 
 
 # One per pool process, set by _init.
@@ -84,36 +95,40 @@ def _init(limits: DecodeLimits, factory: RendererFactory | None) -> None:
     _RENDERER = factory() if factory is not None else None
 
 
-def _decode(limits: DecodeLimits, blobs: list[bytes], pixels: list[tuple[int, int]]) -> list[Image]:
-    return [
-        load_image(
-            b,
-            factor=limits.factor,
-            min_pixels=lo,
-            max_pixels=hi,
-            max_image_pixels=limits.max_image_pixels,
-            formats=limits.formats or None,
-        )
-        for b, (lo, hi) in zip(blobs, pixels, strict=True)
-    ]
+def _decode(limits: DecodeLimits, blobs: list[bytes], sizing: list[Sizing]) -> list[Image | Video]:
+    return [_decode_one(limits, b, how) for b, how in zip(blobs, sizing, strict=True)]
 
 
-def _prepare(blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]) -> Prepared:
+def _decode_one(limits: DecodeLimits, blob: bytes, how: Sizing) -> Image | Video:
+    if isinstance(how, VideoSampling):
+        return load_video(blob, how, limits.video, limits.factor)
+    lo, hi = how
+    return load_image(
+        blob,
+        factor=limits.factor,
+        min_pixels=lo,
+        max_pixels=hi,
+        max_image_pixels=limits.max_image_pixels,
+        formats=limits.formats or None,
+    )
+
+
+def _prepare(blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) -> Prepared:
     """In a pool process. Only VlmqError leaves it: any other exception (which may not even
     pickle) becomes this job's typed failure here."""
     assert _LIMITS is not None
-    images = _decode(_LIMITS, blobs, pixels)
+    decoded = Prepared.decoded(_decode(_LIMITS, blobs, sizing))
     if _RENDERER is None:
-        return Prepared.decoded(images)
+        return decoded
     try:
-        rendered, nbytes = _RENDERER.render(messages, images)
+        rendered, nbytes = _RENDERER.render(messages, decoded.images, decoded.videos)
     except VlmqError:
         raise
     except Exception as exc:
         from vlmq.worker.engines.mapping import engine_error
 
         raise engine_error(exc) from None
-    return Prepared([], rendered, nbytes)
+    return Prepared([], rendered=rendered, nbytes=nbytes)
 
 
 class RenderBudget:
@@ -185,7 +200,15 @@ class ImagePool:
         cls, engine: Engine, settings: WorkerSettings, kind: Literal["process", "thread"]
     ) -> ImagePool:
         """The pool a worker with these settings runs for this (started) engine."""
-        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, tuple(settings.image_formats))
+        video = VideoLimits(
+            max_frames=settings.max_video_frames,
+            max_seconds=settings.max_video_s,
+            max_frame_pixels=settings.max_image_pixels,
+            default_fps=settings.video_fps,
+            formats=tuple(settings.video_formats),
+        )
+        formats = tuple(settings.image_formats)
+        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, formats, video)
         factory = engine.renderer() if kind == "process" else None
         return cls(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
 
@@ -216,27 +239,25 @@ class ImagePool:
             pids = (loop.run_in_executor(self._executor, os.getpid) for _ in range(self.workers))
             await asyncio.gather(*pids)
 
-    async def prepare(
-        self, blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]
-    ) -> Prepared:
+    async def prepare(self, blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) -> Prepared:
         if self.kind == "thread":
-            images = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _decode, self.limits, blobs, pixels
+            media = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _decode, self.limits, blobs, sizing
             )
-            return Prepared.decoded(images)
+            return Prepared.decoded(media)
         # A process that dies (a decoder crash, the OOM killer) breaks the whole pool and
         # every job in it: the pool restarts, and each of those jobs is tried again alone, in
         # a process of its own, where dying can only be its own doing.
         generation = self._generation
         try:
-            return await self._submit(self._executor, blobs, pixels, messages)
+            return await self._submit(self._executor, blobs, sizing, messages)
         except BrokenProcessPool:
             self._restart(generation)
         async with self._alone_lock:
             if self._alone is None:
                 self._alone = self._start(1)
             try:
-                return await self._submit(self._alone, blobs, pixels, messages)
+                return await self._submit(self._alone, blobs, sizing, messages)
             except BrokenProcessPool:
                 self._alone.shutdown(wait=False, cancel_futures=True)
                 self._alone = None
@@ -248,10 +269,10 @@ class ImagePool:
 
     @staticmethod
     async def _submit(
-        executor: Executor, blobs: list[bytes], pixels: list[tuple[int, int]], messages: list[Message]
+        executor: Executor, blobs: list[bytes], sizing: list[Sizing], messages: list[Message]
     ) -> Prepared:
         try:
-            return await asyncio.wrap_future(executor.submit(_prepare, blobs, pixels, messages))
+            return await asyncio.wrap_future(executor.submit(_prepare, blobs, sizing, messages))
         except (VlmqError, BrokenProcessPool):
             raise
         except Exception as exc:  # e.g. a result that could not be unpickled

@@ -119,6 +119,22 @@ class WorkerSettings(Connection, kw_only=True):
     # Jobs being prepared plus jobs waiting inside the engine (its own queue): images are
     # prepared no further ahead of the engine than this.
     engine_waiting_target: Annotated[int, Meta(ge=1)] = 64
+    # -- videos (worker/video.py: frames sampled with PyAV, each resized like an image)
+    # Videos one job may carry; 0: videos are refused (`unsupported_input`).
+    max_videos_per_job: Annotated[int, Meta(ge=0, le=16)] = 1
+    # Bytes one video may have, checked while fetching (max_job_bytes bounds the job's total).
+    max_video_bytes: Annotated[int, Meta(ge=1)] = 64 * 1024 * 1024
+    # Seconds of video one video may have, from its header and again while decoding.
+    max_video_s: Annotated[float, Meta(gt=0)] = 600.0
+    # Frames sampled from one video at most, and per second when the job does not say.
+    max_video_frames: Annotated[int, Meta(ge=2, le=1024)] = 64
+    video_fps: Annotated[float, Meta(gt=0, le=60)] = 2.0
+    # Each frame's resize floor and ceiling in pixels (Qwen-VL's video defaults are 128 and
+    # 768 patches of 28x28; frames are many, so the ceiling here is lower).
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 256 * 28 * 28
+    # Containers FFmpeg may open (its demuxer names); anything else is `image_corrupt`.
+    video_formats: list[str] = msgspec.field(default_factory=lambda: ["mp4", "mov", "webm", "matroska"])
     # -- results
     # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
     allowed_result_topics: list[str] = msgspec.field(default_factory=list)

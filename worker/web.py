@@ -8,8 +8,9 @@ refused, IPv4 and IPv6 alike (IPv4-mapped IPv6 is checked as the IPv4 it maps), 
 itself (aiohttp asks our resolver, which answers only with the pinned addresses), so a
 DNS answer that changes between the check and the connect (rebinding) changes nothing.
 TLS still verifies the certificate against the host name. Bytes are counted while they
-stream (`max_image_bytes`), the `Content-Type` must be an image's (or a generic binary
-type, as presigned S3/GCS URLs give) and the first bytes must be an image's magic.
+stream (`max_image_bytes`, `max_video_bytes`), the `Content-Type` must be an image's (a
+video's, for a video; or a generic binary type, as presigned S3/GCS URLs give) and the
+first bytes must be an image's (a video's) magic.
 Timeouts: connect, per read, and for the whole image (a server that trickles bytes).
 Only 429, 5xx, timeouts and broken connections are retried, within `fetch_retry_s`.
 """
@@ -22,6 +23,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -37,6 +39,21 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", ""}
 # The first bytes of every format the worker decodes (see `image_formats`).
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class _Kind(NamedTuple):
+    """What a body must be: its Content-Type's major type, and how its first bytes look."""
+
+    name: str
+    looks_right: Callable[[bytes], bool]
+
+
+_IMAGE = _Kind(
+    "image",
+    lambda h: h.startswith(_MAGIC) or (h[:4] == b"RIFF" and h[8:12] == b"WEBP") or h[4:8] == b"ftyp",
+)
+# ISO media (mp4, mov: an `ftyp` box first) and EBML (webm, mkv).
+_VIDEO = _Kind("video", lambda h: h[4:8] == b"ftyp" or h.startswith(b"\x1a\x45\xdf\xa3"))
 
 
 async def system_resolve(host: str) -> list[str]:
@@ -94,17 +111,25 @@ class WebFetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch(self, url: str, charge: Callable[[int], None]) -> bytes:
-        return await fetch_retrying(lambda: self._follow(url, charge), self.s.fetch_retry_s, _short(url))
+    async def fetch(
+        self, url: str, charge: Callable[[int], None], cap: int | None = None, *, video: bool = False
+    ) -> bytes:
+        """The body of `url`: an image's, or a video's when `video`; at most `cap` bytes
+        (default: max_image_bytes, max_video_bytes)."""
+        kind = _VIDEO if video else _IMAGE
+        most = cap or (self.s.max_video_bytes if video else self.s.max_image_bytes)
+        return await fetch_retrying(
+            lambda: self._follow(url, charge, most, kind), self.s.fetch_retry_s, _short(url)
+        )
 
-    async def _follow(self, url: str, charge: Callable[[int], None]) -> bytes:
+    async def _follow(self, url: str, charge: Callable[[int], None], cap: int, kind: _Kind) -> bytes:
         """One try: the URL and its redirects, each hop checked before it is connected to."""
         pins: dict[str, list[str]] = {}
         token = _PINNED.set(pins)
         try:
             for _ in range(self.s.url_max_redirects + 1):
                 host = await self._check(url, pins)
-                nxt = await self._get(url, host, charge)
+                nxt = await self._get(url, host, charge, cap, kind)
                 if isinstance(nxt, bytes):
                     return nxt
                 url = nxt
@@ -155,7 +180,9 @@ class WebFetcher:
             return True
         return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
-    async def _get(self, url: str, host: str, charge: Callable[[int], None]) -> bytes | str:
+    async def _get(
+        self, url: str, host: str, charge: Callable[[int], None], cap: int, kind: _Kind
+    ) -> bytes | str:
         """The body, or the next URL of a redirect."""
         assert self._session is not None, "use `async with WebFetcher(...)`"
         try:
@@ -163,15 +190,16 @@ class WebFetcher:
                 if resp.status in _REDIRECTS and resp.headers.get("Location"):
                     return urljoin(url, resp.headers["Location"])
                 _raise_for(resp.status, url)
-                _check_type(resp.headers.get("Content-Type", ""), url)
-                return await self._body(resp, url, charge)
+                _check_type(resp.headers.get("Content-Type", ""), url, kind)
+                return await self._body(resp, url, charge, cap, kind)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}"[:300]) from None
         except aiohttp.ClientResponseError as exc:  # a malformed response: the server's fault
             raise Transient(f"bad response from {host}: {exc.message}"[:300]) from None
 
-    async def _body(self, resp: aiohttp.ClientResponse, url: str, charge: Callable[[int], None]) -> bytes:
-        cap = self.s.max_image_bytes
+    async def _body(
+        self, resp: aiohttp.ClientResponse, url: str, charge: Callable[[int], None], cap: int, kind: _Kind
+    ) -> bytes:
         if resp.content_length is not None:
             if resp.content_length > cap:
                 raise VlmqError(
@@ -184,8 +212,8 @@ class WebFetcher:
             if len(body) > cap:
                 raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{_short(url)} sent over {cap} bytes")
             if len(body) >= 16 and len(body) - len(chunk) < 16:
-                _check_magic(bytes(body[:16]), url)
-        _check_magic(bytes(body[:16]), url)
+                _check_magic(bytes(body[:16]), url, kind)
+        _check_magic(bytes(body[:16]), url, kind)
         charge(len(body))
         return bytes(body)
 
@@ -203,16 +231,19 @@ def _raise_for(status: int, url: str) -> None:
     raise VlmqError(ErrorCode.IMAGE_FETCH_FAILED, f"{shown} answered {status}")
 
 
-def _check_type(content_type: str, url: str) -> None:
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if not (kind.startswith("image/") or kind in _GENERIC_TYPES):
-        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} is {kind}, not an image")
+def _check_type(content_type: str, url: str, kind: _Kind) -> None:
+    given = content_type.split(";", 1)[0].strip().lower()
+    if not (given.startswith(f"{kind.name}/") or given in _GENERIC_TYPES):
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} is {given}, not {article(kind.name)}")
 
 
-def _check_magic(head: bytes, url: str) -> None:
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[4:8] == b"ftyp":
-        return
-    raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} does not start like an image")
+def _check_magic(head: bytes, url: str, kind: _Kind) -> None:
+    if not kind.looks_right(head):
+        raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"{_short(url)} does not start like {article(kind.name)}")
+
+
+def article(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _host_matches(host: str, allowed: str) -> bool:

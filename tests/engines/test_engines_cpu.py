@@ -36,6 +36,7 @@ from vlmq.schemas import (
     JobState,
     JsonSchemaFormat,
     Message,
+    Part,
     RegexFormat,
     Result,
     Sampling,
@@ -173,7 +174,7 @@ def vllm_serve(e: Env, model: Path) -> Iterator[str]:
 
 def jobs_for(e: Env, uris: list[str]) -> dict[str, Job]:
     t = e.tag
-    two: list[TextPart | ImageRef] = [
+    two: list[Part] = [
         ImageRef(uris[1]),
         TextPart("What differs between these two?"),
         ImageRef(uris[2]),

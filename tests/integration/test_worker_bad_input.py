@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.helpers import Env, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
-from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, TextPart
+from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, TextPart
 from vlmq.schemas.codec import decode_dead_letter
 from vlmq.worker.samples import photo
 
@@ -30,7 +30,7 @@ def _bomb_png() -> bytes:
 
 
 def _job(job_id: str, *parts: str | ImageRef, **kw: Any) -> Job:
-    content = [TextPart(p) if isinstance(p, str) else p for p in parts] or [TextPart("hi")]
+    content: list[Part] = [TextPart(p) if isinstance(p, str) else p for p in parts] or [TextPart("hi")]
     return Job(job_id=job_id, messages=[Message("user", content)], **kw)
 
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from tests.expect import expected_text
-from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Sampling, TextPart
+from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, Sampling, TextPart
 from vlmq.worker.engines import EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.fake import FakeEngine
 from vlmq.worker.fetch import Fetcher
@@ -54,7 +54,7 @@ async def pipeline(settings: WorkerSettings) -> AsyncIterator[Pipeline]:
 
 
 def _job(*parts: str | ImageRef, model: str | None = None, job_id: str = "j1") -> Job:
-    content = [TextPart(p) if isinstance(p, str) else p for p in parts]
+    content: list[Part] = [TextPart(p) if isinstance(p, str) else p for p in parts]
     return Job(
         job_id=job_id, messages=[Message("user", content)], sampling=Sampling(max_tokens=8), model=model
     )

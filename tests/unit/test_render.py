@@ -39,7 +39,7 @@ class EchoRenderer:
     def __init__(self) -> None:
         self.pid = os.getpid()
 
-    def render(self, messages: list[Message], images: list[Any]) -> tuple[Any, int]:
+    def render(self, messages: list[Message], images: list[Any], videos: list[Any]) -> tuple[Any, int]:
         text = " ".join(p.text for m in messages for p in m.parts if isinstance(p, TextPart))
         if "die" in text:
             os._exit(9)  # a decoder segfault, the OOM killer

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from vlmq.worker.render import RendererFactory
+    from vlmq.worker.video import Video
 
 
 class EngineConfigError(ValueError):
@@ -28,12 +29,13 @@ class EngineDead(RuntimeError):
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):
-    """A job ready for an engine: messages as sent, and either its images decoded and
-    resized, in order, or (engines with a renderer) the finished input the renderer made."""
+    """A job ready for an engine: messages as sent, and either its images (videos) decoded
+    and resized, in order, or (engines with a renderer) the finished input the renderer made."""
 
     request_id: str
     messages: list[Message]
     images: list[Image]
+    videos: list[Video] = []
     rendered: Any = None
     sampling: Sampling
     response_format: ResponseFormat | None = None
@@ -54,6 +56,7 @@ class Engine(Protocol):
     name: str
     model: str
     image_factor: int  # resize images to multiples of this (patch size x merge size)
+    takes_video: bool  # whether it takes VideoRef parts (others fail them `unsupported_input`)
 
     async def start(self) -> None: ...
 

@@ -35,13 +35,18 @@ def fingerprint(messages: list[Message], images: list[Any]) -> str:
     return h.hexdigest()
 
 
+def _pictures(request: EngineRequest) -> list[Any]:
+    """The images, then every video's frames: all the model would see."""
+    return [*request.images, *(f for v in request.videos for f in v.frames)]
+
+
 def _says(request: EngineRequest, text: str) -> bool:
     return any(text in p.text for m in request.messages for p in m.parts if isinstance(p, TextPart))
 
 
 def answer(request: EngineRequest) -> str:
     """The fake engine's text for a request: what tests expect."""
-    fp = fingerprint(request.messages, request.images)
+    fp = fingerprint(request.messages, _pictures(request))
     fmt = request.response_format
     if isinstance(fmt, ChoiceFormat):
         return fmt.choices[int(fp, 16) % len(fmt.choices)]
@@ -78,6 +83,7 @@ class _Seq:
 
 class FakeEngine:
     name = "fake"
+    takes_video = True
 
     def __init__(
         self,
@@ -136,7 +142,7 @@ class FakeEngine:
     def _prompt_tokens(self, request: EngineRequest) -> tuple[int, int]:
         text = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         per = self.image_factor * self.image_factor
-        images = sum(img.size[0] * img.size[1] // per for img in request.images)
+        images = sum(img.size[0] * img.size[1] // per for img in _pictures(request))
         return text // 4 + images + 8, images
 
     async def generate(self, request: EngineRequest) -> EngineOutput:

@@ -35,6 +35,7 @@ class _Pending:
 
 class HfEngine:
     name = "hf"
+    takes_video = True
 
     def __init__(
         self,
@@ -81,6 +82,8 @@ class HfEngine:
             torch.set_num_threads(self.threads)
         trust = self.trust_remote_code
         self._proc = AutoProcessor.from_pretrained(self.model, trust_remote_code=trust)
+        # A processor without a video processor (LLaVA-1.5) would drop a video unseen.
+        self.takes_video = getattr(self._proc, "video_processor", None) is not None
         self._proc.tokenizer.padding_side = "left"  # generate() appends on the right
         self._model = (
             AutoModelForImageTextToText.from_pretrained(
@@ -180,8 +183,16 @@ class HfEngine:
 
     def _inputs(self, batch: list[_Pending]) -> Any:
         images = [img for p in batch for img in p.request.images]
+        videos = [v for p in batch for v in p.request.videos]
+        kw: dict[str, Any] = {}
+        if videos:  # sampled already: the processor must not sample again
+            kw = {
+                "videos": [v.frames for v in videos],
+                "video_metadata": [v.metadata() for v in videos],
+                "do_sample_frames": False,
+            }
         return self._proc(
-            text=[p.prompt for p in batch], images=images or None, padding=True, return_tensors="pt"
+            text=[p.prompt for p in batch], images=images or None, padding=True, return_tensors="pt", **kw
         )
 
     def _without_too_long(
@@ -214,13 +225,18 @@ class HfEngine:
         for s in item.request.sampling.stop or []:
             if s in text:  # vLLM leaves the stop string out; so do we
                 text, finish = text[: text.index(s)], "stop"
-        image_id = getattr(self._model.config, "image_token_id", None)
+        config = self._model.config
+        vision = [
+            t
+            for t in (getattr(config, n, None) for n in ("image_token_id", "video_token_id"))
+            if t is not None
+        ]
         return EngineOutput(
             text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(ids[:cut]) + (cut is not None),
-            image_tokens=int((prompt_ids == image_id).sum()) if image_id is not None else 0,
+            image_tokens=sum(int((prompt_ids == t).sum()) for t in vision),
             ttft_s=first_token_at - item.t0 if first_token_at else None,
         )
 

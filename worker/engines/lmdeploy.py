@@ -36,6 +36,7 @@ _BACKEND_KEYS = {
 
 class LmdeployEngine:
     name = "lmdeploy"
+    takes_video = False
 
     def __init__(
         self,

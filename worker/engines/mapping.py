@@ -5,13 +5,12 @@ imports, so CI checks every mapping without a GPU."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import (
     ChoiceFormat,
-    ImageRef,
     JsonSchemaFormat,
     Message,
     RegexFormat,
@@ -23,40 +22,61 @@ from vlmq.worker.engines.base import EngineRequest
 
 
 def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """Chat messages in the form Hugging Face chat templates take: each image becomes an
-    `{"type": "image"}` placeholder where it stood; the template emits the model's own image
-    tokens (Qwen2-VL's <|vision_start|><|image_pad|>..., Llama-3.2-Vision's <|image|>, ...)."""
+    """Chat messages in the form Hugging Face chat templates take: each image (video) becomes
+    an `{"type": "image"}` (`{"type": "video"}`) placeholder where it stood; the template emits
+    the model's own tokens (Qwen2-VL's <|vision_start|><|image_pad|>..., Llama-3.2-Vision's
+    <|image|>, ...)."""
     out = []
     for m in messages:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
             continue
         parts = [
-            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": p.kind}
             for p in m.content
         ]
         out.append({"role": m.role, "content": parts})
     return out
 
 
-def openai_messages(messages: list[Message], image_urls: list[str]) -> list[dict[str, Any]]:
-    """OpenAI chat messages; the i-th image part becomes `image_urls[i]` (a data: URL)."""
-    return _with_images(messages, image_urls, lambda url: {"type": "image_url", "image_url": {"url": url}})
-
-
-def _with_images(
-    messages: list[Message], images: list[Any], part: Callable[[Any], dict[str, Any]]
+def openai_messages(
+    messages: list[Message], image_urls: list[str], video_urls: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """Chat messages with the i-th ImageRef replaced by `part(images[i])`, text kept as is."""
-    it = iter(images)
+    """OpenAI chat messages; the i-th image (video) part becomes `image_urls[i]`
+    (`video_urls[i]`), data: URLs; videos as vLLM's `video_url` parts."""
+    return _with_media(
+        messages,
+        image_urls,
+        lambda url: {"type": "image_url", "image_url": {"url": url}},
+        video_urls,
+        lambda url: {"type": "video_url", "video_url": {"url": url}},
+    )
+
+
+def _with_media(
+    messages: list[Message],
+    images: Sequence[Any],
+    part: Callable[[Any], dict[str, Any]],
+    videos: Sequence[Any] = (),
+    video_part: Callable[[Any], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Chat messages with the i-th ImageRef replaced by `part(images[i])` (and the i-th
+    VideoRef by `video_part(videos[i])`), text kept as is."""
+    its = {"image": (iter(images), part), "video": (iter(videos), video_part)}
     out: list[dict[str, Any]] = []
     for m in messages:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        parts = [
-            part(next(it)) if isinstance(p, ImageRef) else {"type": "text", "text": p.text} for p in m.content
-        ]
+        parts = []
+        for p in m.content:
+            if isinstance(p, TextPart):
+                parts.append({"type": "text", "text": p.text})
+                continue
+            items, make = its[p.kind]
+            if make is None:
+                raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, f"this engine takes no {p.kind} input")
+            parts.append(make(next(items)))
         out.append({"role": m.role, "content": parts})
     return out
 
@@ -105,13 +125,15 @@ def grammar(fmt: ResponseFormat | None) -> tuple[Literal["json", "regex"], Any] 
     return "regex", choice_regex(spec["choice"])
 
 
-def openai_body(request: EngineRequest, image_urls: list[str], model: str) -> dict[str, Any]:
-    """A `/v1/chat/completions` body; images as the given (data:) URLs. Choice and regex use
-    vLLM's `structured_outputs` extension, which servers without it refuse."""
+def openai_body(
+    request: EngineRequest, image_urls: list[str], model: str, video_urls: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A `/v1/chat/completions` body; images (videos) as the given (data:) URLs. Choice and
+    regex use vLLM's `structured_outputs` extension, which servers without it refuse."""
     s = request.sampling
     body: dict[str, Any] = {
         "model": model,
-        "messages": openai_messages(request.messages, image_urls),
+        "messages": openai_messages(request.messages, image_urls, video_urls),
         "max_tokens": s.max_tokens,
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -189,10 +211,16 @@ _TOO_LONG = re.compile(
 )
 
 
+# vLLM: "At most 0 video(s) may be provided in one prompt" (a model without video input).
+_NO_VIDEO = re.compile(r"(at most 0 video|(does not|doesn't) support video|video.{0,40}not supported)", re.I)
+
+
 def error_code(message: str) -> ErrorCode:
     """The most specific code for an engine's error text (an exception's or a server's)."""
     if _TOO_LONG.search(message):
         return ErrorCode.PROMPT_TOO_LONG
+    if _NO_VIDEO.search(message):
+        return ErrorCode.UNSUPPORTED_INPUT
     lowered = message.lower()
     if "structured" in lowered or "grammar" in lowered:
         return ErrorCode.UNSUPPORTED
@@ -216,4 +244,4 @@ def http_error(status: int, message: str) -> VlmqError:
 def lmdeploy_messages(messages: list[Message], images: list[Any]) -> list[dict[str, Any]]:
     """GPT-4V-style messages as LMDeploy takes them, with the decoded PIL images inline
     (`image_data`), in the order their ImageRefs stood."""
-    return _with_images(messages, images, lambda img: {"type": "image_data", "image_data": {"data": img}})
+    return _with_media(messages, images, lambda img: {"type": "image_data", "image_data": {"data": img}})

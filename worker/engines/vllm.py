@@ -25,6 +25,7 @@ from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Message
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
+from vlmq.worker.video import Video
 
 _PAIRS = re.compile(r"^\w+=[^=,]+(,\w+=[^=,]+)*$")
 
@@ -39,6 +40,7 @@ def _mapping(value: Any) -> Any:
 
 class VllmEngine:
     name = "vllm"
+    takes_video = True
 
     def __init__(
         self, model: str, *, image_factor: int = 28, ignore_eos: bool = False, **engine_args: Any
@@ -60,7 +62,7 @@ class VllmEngine:
         self.priority = engine_args.get("scheduling_policy") == "priority"
         self._llm: Any = None
         self._template: Any = None
-        self._image_token: int | None = None
+        self._vision_tokens: set[int] = set()
         self._dead = False
         self._waiting = 0  # the scheduler's waiting queue, from its stats (_stat_logger)
 
@@ -85,8 +87,13 @@ class VllmEngine:
             kw["structured_outputs_config"] = StructuredOutputsConfig(**kw["structured_outputs_config"])
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger()])
         self._template = chat_template_owner(self.path, self._trust)
-        # Image placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
-        self._image_token = getattr(self._llm.model_config.hf_config, "image_token_id", None)
+        # Image (video) placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
+        hf_config = self._llm.model_config.hf_config
+        self._vision_tokens = {
+            t
+            for t in (getattr(hf_config, n, None) for n in ("image_token_id", "video_token_id"))
+            if t is not None
+        }
 
     @property
     def _trust(self) -> bool:
@@ -133,9 +140,7 @@ class VllmEngine:
         params = SamplingParams(**kw, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
         inputs: dict[str, Any] = request.rendered
         if inputs is None:
-            inputs = {"prompt": self.prompt(request)}
-            if request.images:
-                inputs["multi_modal_data"] = {"image": request.images}
+            inputs = with_media({"prompt": self.prompt(request)}, request.images, request.videos)
         t0, ttft = time.perf_counter(), None
         text: list[str] = []
         tokens = 0  # DELTA outputs: each chunk holds only the new tokens
@@ -169,7 +174,7 @@ class VllmEngine:
             prompt_tokens=len(prompt),
             completion_tokens=tokens,
             ttft_s=ttft,
-            image_tokens=prompt.count(self._image_token) if self._image_token is not None else 0,
+            image_tokens=sum(1 for t in prompt if t in self._vision_tokens),
         )
 
     async def abort(self, request_id: str) -> None:
@@ -209,6 +214,17 @@ def chat_prompt(template: Any, messages: list[Message]) -> str:
     return str(text)
 
 
+def with_media(prompt: dict[str, Any], images: list[Any], videos: list[Video]) -> dict[str, Any]:
+    """A prompt with its images and videos; a video as (frames, metadata): sampled here,
+    so vLLM must not sample again (Qwen2.5-VL also needs the fps to place frames in time)."""
+    mm: dict[str, Any] = {}
+    if images:
+        mm["image"] = images
+    if videos:
+        mm["video"] = [(v.frames, v.metadata() | {"do_sample_frames": False}) for v in videos]
+    return prompt | {"multi_modal_data": mm} if mm else prompt
+
+
 class VllmRendererFactory:
     """Builds, in an image process, vLLM's own renderer from the running engine's config, so
     the two cannot drift (same tokenizer, processor, limits and placeholders)."""
@@ -237,10 +253,8 @@ class VllmRenderer:
         self._tag = f"-vlmq{os.getpid()}x{secrets.token_hex(6)}"
         self._renderer.api_process_rank = self._tag
 
-    def render(self, messages: list[Message], images: list[Any]) -> tuple[Any, int]:
-        prompt: dict[str, Any] = {"prompt": chat_prompt(self._template, messages)}
-        if images:
-            prompt["multi_modal_data"] = {"image": images}
+    def render(self, messages: list[Message], images: list[Any], videos: list[Video]) -> tuple[Any, int]:
+        prompt = with_media({"prompt": chat_prompt(self._template, messages)}, images, videos)
         # skip_mm_cache: a processor cache here would be per process, and could not agree
         # with the engine's.
         (out,) = self._renderer.render_cmpl([prompt], skip_mm_cache=True)
