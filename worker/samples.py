@@ -22,3 +22,34 @@ def photo(w: int = 640, h: int = 480, seed: int = 0, fmt: str = "JPEG", **save: 
     buf = io.BytesIO()
     img.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+# Container and codec of each sample video format: what phones and browsers write.
+CLIP_FORMATS = {
+    "mp4": ("mp4", "libx264"),
+    "mov": ("mov", "libx264"),
+    "webm": ("webm", "libvpx-vp9"),
+    "mkv": ("matroska", "libx264"),
+}
+
+
+def clip(
+    seconds: float = 2.0, fps: int = 10, w: int = 160, h: int = 120, seed: int = 0, fmt: str = "mp4"
+) -> bytes:
+    """A short video made by FFmpeg's own encoders: a photo that brightens frame by frame,
+    so each frame differs and a frame's position can be read back from its pixels."""
+    import av
+
+    container, codec = CLIP_FORMATS[fmt]
+    base = Image.open(io.BytesIO(photo(w, h, seed)))
+    n = max(1, round(seconds * fps))
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        assert isinstance(stream, av.VideoStream)  # a video codec's stream
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = Image.blend(base, Image.new("RGB", (w, h), "white"), i / (n + 1))
+            out.mux(stream.encode(av.VideoFrame.from_image(frame)))  # type: ignore[no-untyped-call]
+        out.mux(stream.encode())
+    return buf.getvalue()

@@ -24,11 +24,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from tests.helpers import Env, log_text, put_images, read_topic, start_worker, stop_worker, wait_running
 from vlmq.deploy.stack import free_port, http_status, wait_until, worker_ready
-from vlmq.producer import Client, caption, moderate
+from vlmq.producer import Client, caption, moderate, video
 from vlmq.schemas import (
     ErrorCode,
     ImageRef,
@@ -43,6 +44,7 @@ from vlmq.schemas import (
     TextPart,
 )
 from vlmq.worker.preprocess import smart_resize
+from vlmq.worker.samples import clip
 from vlmq.worker.settings import WorkerSettings
 
 PYTHON = os.environ.get("VLMQ_TEST_ENGINES_PYTHON", "")
@@ -204,11 +206,14 @@ def jobs_for(e: Env, uris: list[str]) -> dict[str, Job]:
     }
 
 
+LLAVA_TOKENS = (56 // 14) ** 2
+
+
 def image_tokens(family: str) -> int:
     """Image tokens per 320x240 test photo. Qwen-VL: the worker resizes it up to its
     min_pixels (532x392), one token per 28x28. LLaVA: CLIP's 56x56 crop, one per 14x14 patch."""
     if "llava" in family:
-        return (56 // 14) ** 2
+        return LLAVA_TOKENS
     s = WorkerSettings()
     h, w = smart_resize(240, 320, 28, s.min_pixels, s.max_pixels)
     return (h // 28) * (w // 28)
@@ -326,16 +331,38 @@ async def run_jobs(
         shapes = [(320, 240), (240, 320), (640, 160), (200, 500)]
         more = [put_images(e, 1, prefix=f"sized{w}x{h}", w=w, h=h)[0] for w, h in shapes]
     extra = [caption(more[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(16)]
+    boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="clip.mp4", Body=clip(w=320, h=240))
+    clip_job = video(f"s3://{e.bucket}/clip.mp4", num_frames=4, job_id=f"{e.tag}-video", max_tokens=8)
     for fmt in ("HEIF", "AVIF"):  # a phone's HEIC photo and a web AVIF, through the real engine
         uri = put_images(e, 1, prefix=f"fmt-{fmt}", w=320, h=240, fmt=fmt, quality=80)[0]
         extra.append(caption(uri, job_id=f"{e.tag}-{fmt.lower()}", max_tokens=8))
     async with Client(
         e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}
     ) as client:
-        await client.submit_many([*jobs.values(), *extra])
+        await client.submit_many([*jobs.values(), *extra, clip_job])
         done = await client.wait_many([j.job_id for j in [*jobs.values(), *extra]], timeout=240)
         check_results(dict(zip(jobs, done, strict=False)), per_image, counts_images)
         assert all(r.state is JobState.SUCCEEDED for r in done[len(jobs) :])
+        check_video(await client.wait(clip_job.job_id, timeout=240), per_image, counts_images)
         await cancel_mid_generation(e, client, uris[0], inside)
-    dead = await read_topic(e, e.dlq_topic, expect=1)
-    assert [m.key.decode() for m in dead] == [jobs["long"].job_id]
+    dead = await read_topic(e, e.dlq_topic, expect=1 + (per_image == LLAVA_TOKENS))
+    assert sorted(m.key.decode() for m in dead) == sorted(
+        [jobs["long"].job_id] + ([clip_job.job_id] if per_image == LLAVA_TOKENS else [])
+    )
+
+
+def check_video(r: Result, per_image: int, counts_images: bool) -> None:
+    """Qwen-VL: four sampled frames reach the model as two temporal pairs of frame tokens.
+    LLaVA-1.5 takes no video: the job fails `unsupported_input`, the worker goes on."""
+    if per_image == LLAVA_TOKENS:
+        assert r.state is JobState.FAILED and r.error is not None, r
+        assert r.error.code is ErrorCode.UNSUPPORTED_INPUT, r.error
+        return
+    assert r.state is JobState.SUCCEEDED and r.usage is not None, (r.state, r.error)
+    s = WorkerSettings()
+    h, w = smart_resize(240, 320, 28, s.video_min_pixels, s.video_max_pixels)
+    pair = (h // 28) * (w // 28)
+    if counts_images:
+        assert r.usage.image_tokens == 2 * pair, r.usage
+    else:
+        assert r.usage.prompt_tokens > 2 * pair, r.usage

@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaProducer
 
 from tests.helpers import Env, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
-from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, TextPart
+from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, TextPart, VideoRef
 from vlmq.schemas.codec import decode_dead_letter
-from vlmq.worker.samples import photo
+from vlmq.worker.samples import clip, photo
 
 
 def _bomb_png() -> bytes:
@@ -29,7 +29,7 @@ def _bomb_png() -> bytes:
     return buf.getvalue()
 
 
-def _job(job_id: str, *parts: str | ImageRef, **kw: Any) -> Job:
+def _job(job_id: str, *parts: str | ImageRef | VideoRef, **kw: Any) -> Job:
     content: list[Part] = [TextPart(p) if isinstance(p, str) else p for p in parts] or [TextPart("hi")]
     return Job(job_id=job_id, messages=[Message("user", content)], **kw)
 
@@ -44,10 +44,14 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         "empty.jpg": b"",
         "big.jpg": good + b"\0" * 300_000,
         "bomb.png": _bomb_png(),
+        "clip.mp4": clip(seconds=2),
+        "trunc.mp4": clip(seconds=2)[:900],
+        "long.webm": clip(seconds=12, fps=2, fmt="webm"),
     }
     for key, body in objects.items():
         s3.put_object(Bucket=e.bucket, Key=key, Body=body)
     img = {k: ImageRef(f"s3://{e.bucket}/{k}") for k in objects}
+    vid = {k: VideoRef(f"s3://{e.bucket}/{k}") for k in objects}
     t = e.tag
     jobs = {
         ErrorCode.IMAGE_NOT_FOUND: _job(f"{t}-missing", ImageRef(f"s3://{e.bucket}/nope.jpg")),
@@ -67,6 +71,10 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         f"{t}-file": (ErrorCode.URI_NOT_ALLOWED, _job(f"{t}-file", ImageRef("file:///etc/passwd"))),
         f"{t}-https": (ErrorCode.URI_NOT_ALLOWED, _job(f"{t}-https", ImageRef("https://169.254.169.254/x"))),
         f"{t}-b64": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-b64", ImageRef("data:image/png;base64,@@"))),
+        f"{t}-vtrunc": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-vtrunc", vid["trunc.mp4"])),
+        f"{t}-vpng": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-vpng", vid["good.jpg"])),
+        f"{t}-vlong": (ErrorCode.IMAGE_TOO_LARGE, _job(f"{t}-vlong", vid["long.webm"])),
+        f"{t}-vtwo": (ErrorCode.TOO_MANY_IMAGES, _job(f"{t}-vtwo", vid["clip.mp4"], vid["clip.mp4"])),
     }
     expect = {j.job_id: code for code, j in jobs.items()} | {k: c for k, (c, _) in more.items()}
     raw = {  # what only a broken producer sends: straight to Kafka
@@ -91,6 +99,12 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
     valid = [
         _job(f"{t}-ok", ImageRef(img["good.jpg"].uri, sha256=ok_sha)),
         _job(f"{t}-inline", ImageRef("data:image/jpeg;base64," + base64.b64encode(good).decode())),
+        _job(
+            f"{t}-video",
+            img["good.jpg"],
+            VideoRef(vid["clip.mp4"].uri, num_frames=4, max_pixels=16 * 28 * 28),
+            "what changes?",
+        ),
     ]
 
     w = start_worker(
@@ -101,6 +115,7 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         max_image_bytes=200_000,
         allowed_buckets=e.bucket,
         max_prompt_chars=100_000,
+        max_video_s=5,
     )
     producer = AIOKafkaProducer(bootstrap_servers=e.kafka, acks="all", enable_idempotence=False)
     await producer.start()
@@ -117,6 +132,8 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         assert r.state is JobState.FAILED and r.error is not None, job_id
         assert r.error.code is code, (job_id, r.error)
     assert all(results[j.job_id].state is JobState.SUCCEEDED for j in valid)
+    photo_only, with_video = results[f"{t}-ok"].usage, results[f"{t}-video"].usage
+    assert photo_only and with_video and with_video.image_tokens > photo_only.image_tokens  # frames seen
     dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, len(expect) + 1)]
     assert {d.job_id: d.error.code for d in dead} == expect | {f"{t}-garbage": ErrorCode.BAD_MESSAGE}
     garbage = next(d for d in dead if d.job_id == f"{t}-garbage")
