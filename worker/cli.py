@@ -119,10 +119,18 @@ def worker(
 
     from vlmq.worker.engines import EngineConfigError
     from vlmq.worker.preprocess import unknown_formats
+    from vlmq.worker.video import VIDEO_FORMATS
 
     if unknown := unknown_formats(settings.image_formats):
         typer.echo(
             f"error: VLMQ_IMAGE_FORMATS names formats Pillow cannot open here: {', '.join(unknown)}", err=True
+        )
+        raise typer.Exit(2)
+    if unknown := sorted(set(settings.video_formats) - set(VIDEO_FORMATS)):
+        typer.echo(
+            f"error: VLMQ_VIDEO_FORMATS names containers vlmq does not open: {', '.join(unknown)} "
+            f"(it takes {', '.join(VIDEO_FORMATS)})",
+            err=True,
         )
         raise typer.Exit(2)
 
