@@ -26,6 +26,7 @@ class ErrorCode(str, enum.Enum):
     IMAGE_CORRUPT = "image_corrupt"  # not an image, truncated, unsupported format
     IMAGE_CHECKSUM = "image_checksum"  # sha256 given by the producer does not match
     IMAGE_FETCH_FAILED = "image_fetch_failed"  # storage kept failing past the retry budget
+    EMBEDDING_INVALID = "embedding_invalid"  # image embeddings that are not what the model takes
     # Generation.
     ENGINE_ERROR = "engine_error"
     TIMEOUT = "timeout"

@@ -103,8 +103,26 @@ class VideoRef(Struct, tag="video", tag_field="type", frozen=True, omit_defaults
             raise ValueError("give fps or num_frames, not both")
 
 
-MediaRef = ImageRef | VideoRef
-Part = TextPart | ImageRef | VideoRef
+class EmbeddingRef(Struct, tag="image_embeds", tag_field="type", frozen=True, omit_defaults=True):
+    """Precomputed image embeddings (the vision encoder's output for one image), in place of
+    the image: a safetensors file holding one tensor `image_embeds` of [tokens, hidden size]
+    (float16, bfloat16 or float32). Qwen-VL-family models also need `image_grid_thw`, the
+    image's [t, h, w] in patches. Only workers that opt in (vLLM's `enable_mm_embeds`)
+    take them; safetensors only, never a pickle."""
+
+    kind: ClassVar[str] = "image_embeds"
+    uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    image_grid_thw: (
+        Annotated[list[Annotated[int, Meta(ge=1, le=100_000)]], Meta(min_length=3, max_length=3)] | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        _check_media(self.uri, None, None)
+
+
+MediaRef = ImageRef | VideoRef | EmbeddingRef
+Part = TextPart | ImageRef | VideoRef | EmbeddingRef
 
 
 class Message(Struct, frozen=True):
@@ -182,20 +200,20 @@ class Job(Struct, omit_defaults=True, frozen=True):
     def __post_init__(self) -> None:
         if self.v > VERSION:
             raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
-        if len(self.images) > MAX_IMAGES_PER_JOB:
-            raise ValueError(f"too many images: {len(self.images)} > {MAX_IMAGES_PER_JOB}")
+        if len(self.images) + len(self.embeds) > MAX_IMAGES_PER_JOB:
+            raise ValueError(f"too many images: {len(self.images) + len(self.embeds)} > {MAX_IMAGES_PER_JOB}")
         if len(self.videos) > MAX_VIDEOS_PER_JOB:
             raise ValueError(f"too many videos: {len(self.videos)} > {MAX_VIDEOS_PER_JOB}")
 
     @property
     def media(self) -> list[MediaRef]:
-        """Images and videos, in the order they stand in the messages."""
+        """Images, videos and image embeddings, in the order they stand in the messages."""
         return [
             p
             for m in self.messages
             if not isinstance(m.content, str)
             for p in m.content
-            if isinstance(p, ImageRef | VideoRef)
+            if not isinstance(p, TextPart)
         ]
 
     @property
@@ -205,6 +223,10 @@ class Job(Struct, omit_defaults=True, frozen=True):
     @property
     def videos(self) -> list[VideoRef]:
         return [p for p in self.media if isinstance(p, VideoRef)]
+
+    @property
+    def embeds(self) -> list[EmbeddingRef]:
+        return [p for p in self.media if isinstance(p, EmbeddingRef)]
 
 
 class JobState(str, enum.Enum):

@@ -2,7 +2,7 @@
 `data:`; http(s) (worker/web.py).
 
 Policy first (scheme, bucket and folder allowlists), then the bytes, capped at
-`max_image_bytes` (`max_video_bytes` for a video) while streaming. Storage faults
+`max_image_bytes` (`max_video_bytes`, `max_embedding_bytes`) while streaming. Storage faults
 (timeouts, 5xx, connection errors) are retried with exponential backoff and jitter for up
 to `fetch_retry_s`, so an S3 outage delays jobs instead of failing them; missing objects
 and denied access fail at once.
@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from vlmq.core import s3
 from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.schemas.job import MediaRef, VideoRef
+from vlmq.schemas.job import MediaRef
 from vlmq.worker.faults import Transient, fetch_retrying
 from vlmq.worker.settings import WorkerSettings
 from vlmq.worker.web import Resolve, WebFetcher, system_resolve
@@ -66,6 +66,12 @@ class Fetcher:
         self._stack = contextlib.AsyncExitStack()
         self._s3: Any = None
         self._web: WebFetcher | None = None
+        # Bytes one input of each kind may have (MediaRef.kind -> cap).
+        self.caps = {
+            "image": settings.max_image_bytes,
+            "video": settings.max_video_bytes,
+            "image_embeds": settings.max_embedding_bytes,
+        }
 
     async def __aenter__(self) -> Fetcher:
         config = AioConfig(
@@ -88,8 +94,7 @@ class Fetcher:
         each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
         charge = (budget or Budget(None)).charge()
-        video = isinstance(ref, VideoRef)
-        cap = self.settings.max_video_bytes if video else self.settings.max_image_bytes
+        cap = self.caps[ref.kind]
         if uri.startswith("s3://"):
             data = await self._fetch_s3(uri, charge, cap)
         elif uri.startswith("data:"):
@@ -98,7 +103,7 @@ class Fetcher:
             data = await asyncio.to_thread(self._read_file, uri, charge, cap)
         elif uri.startswith(("https://", "http://")):
             assert self._web is not None, "use `async with Fetcher(...)`"
-            data = await self._web.fetch(uri, charge, cap, video=video)
+            data = await self._web.fetch(uri, charge, cap, kind=ref.kind)
         else:
             raise VlmqError(
                 ErrorCode.URI_NOT_ALLOWED, f"{uri.split(':', 1)[0]}:// images are not enabled on this worker"

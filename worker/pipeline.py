@@ -19,6 +19,7 @@ import structlog
 from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
+    EmbeddingRef,
     Error,
     ImageRef,
     Job,
@@ -88,13 +89,14 @@ class Pipeline:
             raise VlmqError(
                 ErrorCode.UNKNOWN_MODEL, f"this worker serves {self.engine.model!r}, not {job.model!r}"
             )
-        n = len(job.images)
+        n = len(job.images) + len(job.embeds)
         if n > self.settings.max_images_per_job:
             raise VlmqError(
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
             )
         self._check_videos(len(job.videos))
+        self._check_embeds(job)
         topic = job.result_topic
         if topic is not None and not self.result_topic_allowed(topic):
             raise VlmqError(ErrorCode.INVALID_JOB, f"result_topic {topic!r} is not allowed on this worker")
@@ -117,6 +119,20 @@ class Pipeline:
             raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, "this worker takes no videos (max_videos_per_job 0)")
         if n > most:
             raise VlmqError(ErrorCode.TOO_MANY_IMAGES, f"{n} videos > max_videos_per_job {most}")
+
+    def _check_embeds(self, job: Job) -> None:
+        if not job.embeds:
+            return
+        if self.engine.embeds is None:
+            raise VlmqError(
+                ErrorCode.UNSUPPORTED_INPUT,
+                f"this worker takes no image embeddings (the {self.engine.name} engine, "
+                "started without enable_mm_embeds)",
+            )
+        if job.images:  # vLLM takes one kind per modality in a prompt: pixels or embeddings
+            raise VlmqError(
+                ErrorCode.UNSUPPORTED_INPUT, "images and image embeddings in one job: send one kind"
+            )
 
     def result_topic_allowed(self, topic: str) -> bool:
         """Whether results may go to `topic`: never into the jobs or the dead-letter topic."""
@@ -164,6 +180,8 @@ class Pipeline:
         """An image's (min, max) pixels, or a video's sampling with each frame's: a job may
         ask for fewer pixels than the worker's budget, never for more."""
         s = self.settings
+        if isinstance(ref, EmbeddingRef):
+            return ref
         if isinstance(ref, ImageRef):
             hi = min(ref.max_pixels or s.max_pixels, s.max_pixels)
             return min(ref.min_pixels or s.min_pixels, hi), hi
@@ -174,6 +192,8 @@ class Pipeline:
     def _most_pixels(self, sizing: Sizing) -> int:
         if isinstance(sizing, VideoSampling):
             return sizing.max_pixels * self.settings.max_video_frames
+        if isinstance(sizing, EmbeddingRef):  # its bytes, counted as pixels of the estimate
+            return self.settings.max_embedding_bytes // BYTES_PER_PIXEL_ESTIMATE
         return sizing[1]
 
     async def _admit(self) -> None:
@@ -193,6 +213,7 @@ class Pipeline:
             messages=job.messages,
             images=prepared.images,
             videos=prepared.videos,
+            embeds=prepared.embeds,
             rendered=prepared.rendered,
             sampling=job.sampling,
             response_format=job.response_format,

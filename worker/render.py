@@ -20,13 +20,14 @@ import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 import msgspec
 import structlog
 
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
-from vlmq.schemas.job import Message
+from vlmq.schemas.job import EmbeddingRef, Message
+from vlmq.worker.embeds import Embedding, EmbedSpec, load_embedding
 from vlmq.worker.preprocess import load_image
 from vlmq.worker.video import Video, VideoLimits, VideoSampling, load_video
 
@@ -46,8 +47,8 @@ BYTES_PER_PIXEL_ESTIMATE = 24
 class Renderer(Protocol):
     """An engine's own input renderer, built once in each pool process."""
 
-    def render(self, messages: list[Message], images: list[Image], videos: list[Video]) -> tuple[Any, int]:
-        """(the engine's finished input, the bytes its tensors hold)."""
+    def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
+        """(the engine's finished input, the bytes its tensors hold) for the decoded inputs."""
         ...
 
 
@@ -62,26 +63,32 @@ class DecodeLimits(msgspec.Struct, frozen=True):
     max_image_pixels: int
     formats: tuple[str, ...]
     video: VideoLimits = VideoLimits()
+    embeds: EmbedSpec | None = None  # what the engine takes as image embeddings (None: none)
 
 
-# How one input of a job is brought to size: an image's (min, max) pixels, or a video's sampling.
-Sizing = tuple[int, int] | VideoSampling
+# How one input of a job is prepared: an image's (min, max) pixels, a video's sampling, or
+# (embeddings) the part itself, whose grid is checked against the file.
+Sizing = tuple[int, int] | VideoSampling | EmbeddingRef
+Decoded: TypeAlias = "Image | Video | Embedding"
 
 
 class Prepared(msgspec.Struct):
-    """A job's images and videos as the engine takes them: decoded, or a finished input."""
+    """A job's inputs as the engine takes them: decoded (checked), or a finished input."""
 
     images: list[Image]
     videos: list[Video] = []
+    embeds: list[Embedding] = []
     rendered: Any = None
     nbytes: int = 0
 
     @classmethod
-    def decoded(cls, media: list[Image | Video]) -> Prepared:
-        images = [m for m in media if not isinstance(m, Video)]
+    def decoded(cls, media: list[Decoded]) -> Prepared:
         videos = [m for m in media if isinstance(m, Video)]
-        nbytes = sum(i.width * i.height * 3 for i in images) + sum(v.nbytes for v in videos)  # RGB
-        return cls(images, videos, nbytes=nbytes)
+        embeds = [m for m in media if isinstance(m, Embedding)]
+        images = [m for m in media if not isinstance(m, Video | Embedding)]
+        nbytes = sum(i.width * i.height * 3 for i in images)  # RGB
+        nbytes += sum(v.nbytes for v in videos) + sum(e.nbytes for e in embeds)
+        return cls(images, videos, embeds, nbytes=nbytes)
 
 
 # One per pool process, set by _init.
@@ -95,13 +102,16 @@ def _init(limits: DecodeLimits, factory: RendererFactory | None) -> None:
     _RENDERER = factory() if factory is not None else None
 
 
-def _decode(limits: DecodeLimits, blobs: list[bytes], sizing: list[Sizing]) -> list[Image | Video]:
+def _decode(limits: DecodeLimits, blobs: list[bytes], sizing: list[Sizing]) -> list[Decoded]:
     return [_decode_one(limits, b, how) for b, how in zip(blobs, sizing, strict=True)]
 
 
-def _decode_one(limits: DecodeLimits, blob: bytes, how: Sizing) -> Image | Video:
+def _decode_one(limits: DecodeLimits, blob: bytes, how: Sizing) -> Decoded:
     if isinstance(how, VideoSampling):
         return load_video(blob, how, limits.video, limits.factor)
+    if isinstance(how, EmbeddingRef):
+        assert limits.embeds is not None, "the pipeline refuses embeddings an engine does not take"
+        return load_embedding(blob, how.image_grid_thw, limits.embeds)
     lo, hi = how
     return load_image(
         blob,
@@ -121,7 +131,7 @@ def _prepare(blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) 
     if _RENDERER is None:
         return decoded
     try:
-        rendered, nbytes = _RENDERER.render(messages, decoded.images, decoded.videos)
+        rendered, nbytes = _RENDERER.render(messages, decoded)
     except VlmqError:
         raise
     except Exception as exc:
@@ -208,7 +218,7 @@ class ImagePool:
             formats=tuple(settings.video_formats),
         )
         formats = tuple(settings.image_formats)
-        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, formats, video)
+        limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, formats, video, engine.embeds)
         factory = engine.renderer() if kind == "process" else None
         return cls(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
 

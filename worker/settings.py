@@ -135,6 +135,10 @@ class WorkerSettings(Connection, kw_only=True):
     video_max_pixels: int = 256 * 28 * 28
     # Containers FFmpeg may open (its demuxer names); anything else is `image_corrupt`.
     video_formats: list[str] = msgspec.field(default_factory=lambda: ["mp4", "mov", "webm", "matroska"])
+    # -- precomputed image embeddings (worker/embeds.py; the engine must opt in: vLLM's
+    # `-e enable_mm_embeds=true`)
+    # Bytes one embeddings file may have (a Qwen2-VL-7B image at the default budget: ~9 MB).
+    max_embedding_bytes: Annotated[int, Meta(ge=1)] = 32 * 1024 * 1024
     # -- results
     # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
     allowed_result_topics: list[str] = msgspec.field(default_factory=list)

@@ -10,7 +10,7 @@ DNS answer that changes between the check and the connect (rebinding) changes no
 TLS still verifies the certificate against the host name. Bytes are counted while they
 stream (`max_image_bytes`, `max_video_bytes`), the `Content-Type` must be an image's (a
 video's, for a video; or a generic binary type, as presigned S3/GCS URLs give) and the
-first bytes must be an image's (a video's) magic.
+first bytes must be an image's (a video's; a safetensors file's) magic.
 Timeouts: connect, per read, and for the whole image (a server that trickles bytes).
 Only 429, 5xx, timeouts and broken connections are retried, within `fetch_retry_s`.
 """
@@ -54,6 +54,9 @@ _IMAGE = _Kind(
 )
 # ISO media (mp4, mov: an `ftyp` box first) and EBML (webm, mkv).
 _VIDEO = _Kind("video", lambda h: h[4:8] == b"ftyp" or h.startswith(b"\x1a\x45\xdf\xa3"))
+# safetensors: a little-endian header length (well under 2**32), then its JSON object.
+_EMBEDS = _Kind("application", lambda h: h[4:8] == b"\0\0\0\0" and h[8:9] == b"{")
+_KINDS = {"image": _IMAGE, "video": _VIDEO, "image_embeds": _EMBEDS}
 
 
 async def system_resolve(host: str) -> list[str]:
@@ -112,14 +115,14 @@ class WebFetcher:
             await self._session.close()
 
     async def fetch(
-        self, url: str, charge: Callable[[int], None], cap: int | None = None, *, video: bool = False
+        self, url: str, charge: Callable[[int], None], cap: int | None = None, *, kind: str = "image"
     ) -> bytes:
-        """The body of `url`: an image's, or a video's when `video`; at most `cap` bytes
-        (default: max_image_bytes, max_video_bytes)."""
-        kind = _VIDEO if video else _IMAGE
-        most = cap or (self.s.max_video_bytes if video else self.s.max_image_bytes)
+        """The body of `url`, what `kind` (an input's MediaRef.kind) must be; at most `cap`
+        bytes (default: max_image_bytes)."""
+        expect = _KINDS[kind]
+        most = cap or self.s.max_image_bytes
         return await fetch_retrying(
-            lambda: self._follow(url, charge, most, kind), self.s.fetch_retry_s, _short(url)
+            lambda: self._follow(url, charge, most, expect), self.s.fetch_retry_s, _short(url)
         )
 
     async def _follow(self, url: str, charge: Callable[[int], None], cap: int, kind: _Kind) -> bytes:

@@ -17,7 +17,7 @@ from vlmq.schemas.errors import VlmqError
 from vlmq.worker.engines.fake import FakeEngine
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.pipeline import Pipeline
-from vlmq.worker.render import DecodeLimits, ImagePool, RenderBudget
+from vlmq.worker.render import DecodeLimits, ImagePool, Prepared, RenderBudget
 from vlmq.worker.samples import photo
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
 
@@ -39,7 +39,8 @@ class EchoRenderer:
     def __init__(self) -> None:
         self.pid = os.getpid()
 
-    def render(self, messages: list[Message], images: list[Any], videos: list[Any]) -> tuple[Any, int]:
+    def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
+        images = inputs.images
         text = " ".join(p.text for m in messages for p in m.parts if isinstance(p, TextPart))
         if "die" in text:
             os._exit(9)  # a decoder segfault, the OOM killer

@@ -15,6 +15,7 @@ from vlmq.schemas.job import Message, ResponseFormat, Sampling
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from vlmq.worker.embeds import Embedding, EmbedSpec
     from vlmq.worker.render import RendererFactory
     from vlmq.worker.video import Video
 
@@ -36,6 +37,7 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     messages: list[Message]
     images: list[Image]
     videos: list[Video] = []
+    embeds: list[Embedding] = []
     rendered: Any = None
     sampling: Sampling
     response_format: ResponseFormat | None = None
@@ -57,6 +59,7 @@ class Engine(Protocol):
     model: str
     image_factor: int  # resize images to multiples of this (patch size x merge size)
     takes_video: bool  # whether it takes VideoRef parts (others fail them `unsupported_input`)
+    embeds: EmbedSpec | None  # the image embeddings it takes, once started (None: none)
 
     async def start(self) -> None: ...
 

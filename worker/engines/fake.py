@@ -19,12 +19,16 @@ from typing import Any
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ChoiceFormat, JsonSchemaFormat, Message, TextPart
+from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
 
 
-def fingerprint(messages: list[Message], images: list[Any]) -> str:
-    """Hash of every text part and every image's size and pixels (an 8x8 thumbnail)."""
+def fingerprint(messages: list[Message], images: list[Any], embeds: list[bytes] | None = None) -> str:
+    """Hash of every text part, every image's size and pixels (an 8x8 thumbnail) and every
+    embeddings file."""
     h = hashlib.blake2b(digest_size=8)
+    for data in embeds or []:
+        h.update(data)
     for m in messages:
         for p in m.parts:
             if isinstance(p, TextPart):
@@ -36,7 +40,7 @@ def fingerprint(messages: list[Message], images: list[Any]) -> str:
 
 
 def _pictures(request: EngineRequest) -> list[Any]:
-    """The images, then every video's frames: all the model would see."""
+    """The images, then every video's frames: all the model would see (embeddings: below)."""
     return [*request.images, *(f for v in request.videos for f in v.frames)]
 
 
@@ -46,7 +50,7 @@ def _says(request: EngineRequest, text: str) -> bool:
 
 def answer(request: EngineRequest) -> str:
     """The fake engine's text for a request: what tests expect."""
-    fp = fingerprint(request.messages, _pictures(request))
+    fp = fingerprint(request.messages, _pictures(request), [e.data for e in request.embeds])
     fmt = request.response_format
     if isinstance(fmt, ChoiceFormat):
         return fmt.choices[int(fp, 16) % len(fmt.choices)]
@@ -83,6 +87,7 @@ class _Seq:
 
 class FakeEngine:
     name = "fake"
+    embeds: EmbedSpec | None = None
     takes_video = True
 
     def __init__(
@@ -96,8 +101,12 @@ class FakeEngine:
         image_factor: int = 28,
         fail_on: str | None = None,
         crash_on: str | None = None,
+        enable_mm_embeds: bool = False,
+        hidden_size: int = 64,
     ) -> None:
         self.model = model
+        # vLLM's opt-in; embeddings are checked as for a Qwen-VL model of this hidden size.
+        self.embeds = EmbedSpec(hidden_size, merge_size=2) if enable_mm_embeds else None
         self.step_s = step_ms / 1000
         self.max_num_seqs = max_num_seqs
         self.completion_tokens = completion_tokens
@@ -143,6 +152,7 @@ class FakeEngine:
         text = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         per = self.image_factor * self.image_factor
         images = sum(img.size[0] * img.size[1] // per for img in _pictures(request))
+        images += sum(e.tokens for e in request.embeds)
         return text // 4 + images + 8, images
 
     async def generate(self, request: EngineRequest) -> EngineOutput:

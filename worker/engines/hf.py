@@ -20,6 +20,7 @@ from typing import Any
 
 from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ResponseFormat
+from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, grammar, hf_gen_kwargs, hf_messages
 
@@ -35,6 +36,7 @@ class _Pending:
 
 class HfEngine:
     name = "hf"
+    embeds: EmbedSpec | None = None
     takes_video = True
 
     def __init__(

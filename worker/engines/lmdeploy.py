@@ -16,6 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
 
@@ -36,6 +37,7 @@ _BACKEND_KEYS = {
 
 class LmdeployEngine:
     name = "lmdeploy"
+    embeds: EmbedSpec | None = None
     takes_video = False
 
     def __init__(

@@ -20,6 +20,9 @@ from vlmq.schemas.job import (
 )
 from vlmq.worker.engines.base import EngineRequest
 
+# Image embeddings stand where their image would: the template's image placeholder.
+_PLACEHOLDER = {"image": "image", "image_embeds": "image", "video": "video"}
+
 
 def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
     """Chat messages in the form Hugging Face chat templates take: each image (video) becomes
@@ -32,7 +35,7 @@ def hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
             out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
             continue
         parts = [
-            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": p.kind}
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": _PLACEHOLDER[p.kind]}
             for p in m.content
         ]
         out.append({"role": m.role, "content": parts})
@@ -62,7 +65,11 @@ def _with_media(
 ) -> list[dict[str, Any]]:
     """Chat messages with the i-th ImageRef replaced by `part(images[i])` (and the i-th
     VideoRef by `video_part(videos[i])`), text kept as is."""
-    its = {"image": (iter(images), part), "video": (iter(videos), video_part)}
+    its = {
+        "image": (iter(images), part),
+        "video": (iter(videos), video_part),
+        "image_embeds": (iter(()), None),
+    }
     out: list[dict[str, Any]] = []
     for m in messages:
         if isinstance(m.content, str):

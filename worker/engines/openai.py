@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from vlmq.core.retry import retry
+from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import http_error, openai_body
 from vlmq.worker.video import Video, encode_mp4
@@ -30,6 +31,7 @@ class _Retryable(Exception):
 
 class OpenAIEngine:
     name = "openai"
+    embeds: EmbedSpec | None = None
     takes_video = True
 
     def __init__(

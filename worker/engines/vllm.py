@@ -18,13 +18,16 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from vlmq.core.settings import parse_pairs
 from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Message
+from vlmq.worker.embeds import Embedding, EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
+from vlmq.worker.render import Prepared
 from vlmq.worker.video import Video
 
 _PAIRS = re.compile(r"^\w+=[^=,]+(,\w+=[^=,]+)*$")
@@ -40,6 +43,7 @@ def _mapping(value: Any) -> Any:
 
 class VllmEngine:
     name = "vllm"
+    embeds: EmbedSpec | None = None
     takes_video = True
 
     def __init__(
@@ -87,6 +91,7 @@ class VllmEngine:
             kw["structured_outputs_config"] = StructuredOutputsConfig(**kw["structured_outputs_config"])
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger()])
         self._template = chat_template_owner(self.path, self._trust)
+        self.embeds = embed_spec(self._llm.model_config) if self.engine_args.get("enable_mm_embeds") else None
         # Image (video) placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
         hf_config = self._llm.model_config.hf_config
         self._vision_tokens = {
@@ -140,7 +145,9 @@ class VllmEngine:
         params = SamplingParams(**kw, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
         inputs: dict[str, Any] = request.rendered
         if inputs is None:
-            inputs = with_media({"prompt": self.prompt(request)}, request.images, request.videos)
+            inputs = with_media(
+                {"prompt": self.prompt(request)}, request.images, request.videos, request.embeds
+            )
         t0, ttft = time.perf_counter(), None
         text: list[str] = []
         tokens = 0  # DELTA outputs: each chunk holds only the new tokens
@@ -214,15 +221,39 @@ def chat_prompt(template: Any, messages: list[Message]) -> str:
     return str(text)
 
 
-def with_media(prompt: dict[str, Any], images: list[Any], videos: list[Video]) -> dict[str, Any]:
+def embed_spec(model_config: Any) -> EmbedSpec:
+    """The embeddings this model takes: its language backbone's hidden size; Qwen-VL-family
+    models (a vision config with a spatial merge) also need each image's grid."""
+    vision = getattr(model_config.hf_config, "vision_config", None)
+    return EmbedSpec(model_config.get_hidden_size(), getattr(vision, "spatial_merge_size", None))
+
+
+def with_media(
+    prompt: dict[str, Any], images: list[Any], videos: list[Video], embeds: Sequence[Embedding] = ()
+) -> dict[str, Any]:
     """A prompt with its images and videos; a video as (frames, metadata): sampled here,
-    so vLLM must not sample again (Qwen2.5-VL also needs the fps to place frames in time)."""
+    so vLLM must not sample again (Qwen2.5-VL also needs the fps to place frames in time).
+    Image embeddings (checked already, worker/embeds.py) go in place of images: for Qwen-VL
+    one tensor of all of them with their grids, else one [tokens, hidden] tensor each."""
     mm: dict[str, Any] = {}
     if images:
         mm["image"] = images
+    if embeds:
+        mm["image"] = _embeddings(embeds)
     if videos:
         mm["video"] = [(v.frames, v.metadata() | {"do_sample_frames": False}) for v in videos]
     return prompt | {"multi_modal_data": mm} if mm else prompt
+
+
+def _embeddings(embeds: Sequence[Embedding]) -> Any:
+    import torch
+    from safetensors.torch import load
+
+    tensors = [load(e.data)["image_embeds"] for e in embeds]
+    if all(e.grid_thw for e in embeds):
+        grids = torch.tensor([e.grid_thw for e in embeds], dtype=torch.int64)
+        return {"image_embeds": torch.cat(tensors), "image_grid_thw": grids}
+    return tensors
 
 
 class VllmRendererFactory:
@@ -253,8 +284,9 @@ class VllmRenderer:
         self._tag = f"-vlmq{os.getpid()}x{secrets.token_hex(6)}"
         self._renderer.api_process_rank = self._tag
 
-    def render(self, messages: list[Message], images: list[Any], videos: list[Video]) -> tuple[Any, int]:
-        prompt = with_media({"prompt": chat_prompt(self._template, messages)}, images, videos)
+    def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
+        prompt = {"prompt": chat_prompt(self._template, messages)}
+        prompt = with_media(prompt, inputs.images, inputs.videos, inputs.embeds)
         # skip_mm_cache: a processor cache here would be per process, and could not agree
         # with the engine's.
         (out,) = self._renderer.render_cmpl([prompt], skip_mm_cache=True)
