@@ -16,8 +16,9 @@ from aiokafka import AIOKafkaProducer
 
 from tests.helpers import Env, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
-from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, TextPart, VideoRef
+from vlmq.schemas import EmbeddingRef, ErrorCode, ImageRef, Job, JobState, Message, Part, TextPart, VideoRef
 from vlmq.schemas.codec import decode_dead_letter
+from vlmq.worker.embeds import safetensors_file
 from vlmq.worker.samples import clip, photo
 
 
@@ -29,7 +30,7 @@ def _bomb_png() -> bytes:
     return buf.getvalue()
 
 
-def _job(job_id: str, *parts: str | ImageRef | VideoRef, **kw: Any) -> Job:
+def _job(job_id: str, *parts: str | ImageRef | VideoRef | EmbeddingRef, **kw: Any) -> Job:
     content: list[Part] = [TextPart(p) if isinstance(p, str) else p for p in parts] or [TextPart("hi")]
     return Job(job_id=job_id, messages=[Message("user", content)], **kw)
 
@@ -75,6 +76,8 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         f"{t}-vpng": (ErrorCode.IMAGE_CORRUPT, _job(f"{t}-vpng", vid["good.jpg"])),
         f"{t}-vlong": (ErrorCode.IMAGE_TOO_LARGE, _job(f"{t}-vlong", vid["long.webm"])),
         f"{t}-vtwo": (ErrorCode.TOO_MANY_IMAGES, _job(f"{t}-vtwo", vid["clip.mp4"], vid["clip.mp4"])),
+        # This worker did not opt in to image embeddings.
+        f"{t}-embeds": (ErrorCode.UNSUPPORTED_INPUT, _job(f"{t}-embeds", EmbeddingRef(f"s3://{e.bucket}/e"))),
     }
     expect = {j.job_id: code for code, j in jobs.items()} | {k: c for k, (c, _) in more.items()}
     raw = {  # what only a broken producer sends: straight to Kafka
@@ -142,3 +145,45 @@ async def test_each_bad_input_fails_with_its_code_and_a_dead_letter(e: Env) -> N
         assert await client.store.get(f"{t}-garbage") is None  # its key named it; nothing proves it
     assert stop_worker(w) == 0  # alive all along, drains cleanly
     assert msgspec.json.decode(msgspec.json.encode(dead[0].error))["code"] in {c.value for c in ErrorCode}
+
+
+async def test_image_embeddings_where_the_worker_opted_in(e: Env) -> None:
+    """A fake engine standing for a Qwen-VL model of hidden size 64 (merge 2): a fitting
+    file runs; a wrong hidden size, a grid that does not make the tokens, a pickle and a
+    job mixing pixels and embeddings each fail typed, with a dead letter."""
+    s3 = boto3.client("s3", endpoint_url=e.s3)
+    objects = {
+        "ok.safetensors": safetensors_file(bytes(16 * 64 * 2), (16, 64), "F16"),
+        "narrow.safetensors": safetensors_file(bytes(16 * 32 * 4), (16, 32)),
+        "pickle.safetensors": b"\x80\x04\x95" + b"\x00" * 64,
+        "good.jpg": photo(64, 48),
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=e.bucket, Key=key, Body=body)
+
+    def ref(key: str, grid: list[int] | None = None) -> EmbeddingRef:
+        return EmbeddingRef(f"s3://{e.bucket}/{key}", image_grid_thw=grid or [1, 8, 8])
+
+    t = e.tag
+    expect = {
+        f"{t}-narrow": (ErrorCode.EMBEDDING_INVALID, ref("narrow.safetensors")),
+        f"{t}-grid": (ErrorCode.EMBEDDING_INVALID, ref("ok.safetensors", [1, 8, 10])),
+        f"{t}-pickle": (ErrorCode.EMBEDDING_INVALID, ref("pickle.safetensors")),
+    }
+    jobs = [_job(j, part, "what is it?") for j, (_, part) in expect.items()]
+    jobs.append(_job(f"{t}-mixed", ref("ok.safetensors"), ImageRef(f"s3://{e.bucket}/good.jpg")))
+    ok = _job(f"{t}-ok", ref("ok.safetensors"), "what is it?")
+    w = start_worker(e, "w", engine_args="enable_mm_embeds=true,hidden_size=64")
+    async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+        await client.submit_many([*jobs, ok])
+        results = {r.job_id: r for r in await client.wait_many([j.job_id for j in [*jobs, ok]], timeout=60)}
+    codes = {j: (r.error.code if r.error else None) for j, r in results.items()}
+    assert codes == {j: c for j, (c, _) in expect.items()} | {
+        f"{t}-mixed": ErrorCode.UNSUPPORTED_INPUT,
+        f"{t}-ok": None,
+    }
+    usage = results[f"{t}-ok"].usage
+    assert results[f"{t}-ok"].state is JobState.SUCCEEDED and usage and usage.image_tokens == 16
+    dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, len(jobs))]
+    assert sorted(d.job_id or "" for d in dead) == sorted(j.job_id for j in jobs)
+    assert stop_worker(w) == 0
