@@ -1,7 +1,16 @@
 """The vlmq producer SDK. Importable with the base install: no torch, vLLM or Pillow."""
 
 from vlmq.core.state import BatchCounts
-from vlmq.producer.builders import batch_job_id, caption, image, moderate, new_job_id, user, video
+from vlmq.producer.builders import (
+    batch_job_id,
+    caption,
+    embeddings,
+    image,
+    moderate,
+    new_job_id,
+    user,
+    video,
+)
 from vlmq.producer.client import Client, Handle, SubmitReport
 from vlmq.producer.errors import (
     JobCancelled,
@@ -29,6 +38,7 @@ __all__ = [
     "VlmqClientError",
     "batch_job_id",
     "caption",
+    "embeddings",
     "image",
     "moderate",
     "new_job_id",

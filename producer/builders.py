@@ -10,6 +10,7 @@ from typing import Any
 
 from vlmq.schemas.job import (
     ChoiceFormat,
+    EmbeddingRef,
     ImageRef,
     Job,
     JsonSchemaFormat,
@@ -40,8 +41,8 @@ def batch_job_id(batch_id: str, key: str) -> str:
     return f"{batch_id}:{safe}:{digest}"
 
 
-def user(*parts: str | ImageRef | VideoRef) -> Message:
-    """A user message from strings (text), ImageRefs and VideoRefs, in order."""
+def user(*parts: str | ImageRef | VideoRef | EmbeddingRef) -> Message:
+    """A user message from strings (text), ImageRefs, VideoRefs and EmbeddingRefs, in order."""
     return Message("user", [TextPart(p) if isinstance(p, str) else p for p in parts])
 
 
@@ -49,18 +50,28 @@ def image(uri: str, **kw: Any) -> ImageRef:
     return ImageRef(uri, **kw)
 
 
+def _image(image: str | ImageRef | EmbeddingRef) -> ImageRef | EmbeddingRef:
+    return ImageRef(image) if isinstance(image, str) else image
+
+
+def embeddings(uri: str, image_grid_thw: list[int] | None = None, sha256: str | None = None) -> EmbeddingRef:
+    """Precomputed image embeddings (a safetensors file of one [tokens, hidden] tensor
+    `image_embeds`) in place of an image; Qwen-VL models need the image's [t, h, w] grid."""
+    return EmbeddingRef(uri, sha256=sha256, image_grid_thw=image_grid_thw)
+
+
 def caption(
-    image_uri: str,
+    image_uri: str | ImageRef | EmbeddingRef,
     prompt: str = DEFAULT_CAPTION_PROMPT,
     *,
     job_id: str | None = None,
     max_tokens: int = 128,
     **job: Any,
 ) -> Job:
-    """A caption job for one image."""
+    """A caption job for one image (a URI, or a ref: an ImageRef, image embeddings)."""
     return Job(
         job_id=job_id or new_job_id(),
-        messages=[user(ImageRef(image_uri), prompt)],
+        messages=[user(_image(image_uri), prompt)],
         sampling=Sampling(max_tokens=max_tokens),
         **job,
     )
@@ -90,7 +101,7 @@ def video(
 
 
 def moderate(
-    image_uri: str,
+    image_uri: str | ImageRef | EmbeddingRef,
     labels: list[str],
     *,
     prompt: str | None = None,
@@ -116,7 +127,7 @@ def moderate(
         )
     return Job(
         job_id=job_id or new_job_id(),
-        messages=[user(ImageRef(image_uri), prompt)],
+        messages=[user(_image(image_uri), prompt)],
         sampling=Sampling(max_tokens=64),
         response_format=fmt,
         **job,

@@ -63,6 +63,15 @@ def submit(
     num_frames: Annotated[
         int | None, typer.Option(help="Video frames sampled in all (not with --fps).")
     ] = None,
+    image_embeds: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Precomputed image embeddings (a safetensors file) in place of an image; repeatable."
+        ),
+    ] = None,
+    grid: Annotated[
+        str | None, typer.Option(help="The embedded image's grid T,H,W in patches (Qwen-VL models need it).")
+    ] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = DEFAULT_CAPTION_PROMPT,
     labels: Annotated[
         str | None, typer.Option(help="Moderation: comma-separated labels; the answer is one of them.")
@@ -76,11 +85,13 @@ def submit(
 ) -> None:
     """Submit one job (a prompt about images and videos); prints its job id."""
     from vlmq.producer import builders
-    from vlmq.schemas.job import ChoiceFormat, ImageRef, Job, Sampling, VideoRef
+    from vlmq.schemas.job import ChoiceFormat, EmbeddingRef, ImageRef, Job, Sampling, VideoRef
 
     try:
-        refs: list[ImageRef | VideoRef] = [ImageRef(u) for u in image or []]
+        refs: list[ImageRef | VideoRef | EmbeddingRef] = [ImageRef(u) for u in image or []]
         refs += [VideoRef(u, fps=fps, num_frames=num_frames) for u in video or []]
+        thw = [int(n) for n in grid.split(",")] if grid else None
+        refs += [EmbeddingRef(u, image_grid_thw=thw) for u in image_embeds or []]
     except ValueError as exc:
         raise ValidationError(f"{exc}") from None
     job = Job(

@@ -94,7 +94,7 @@ class Fetcher:
         each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
         charge = (budget or Budget(None)).charge()
-        cap = self.caps[ref.kind]
+        cap = self.caps[ref.kind]  # the same caps WebFetcher uses for the kind
         if uri.startswith("s3://"):
             data = await self._fetch_s3(uri, charge, cap)
         elif uri.startswith("data:"):

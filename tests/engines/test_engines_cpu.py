@@ -31,6 +31,7 @@ from tests.helpers import Env, log_text, put_images, read_topic, start_worker, s
 from vlmq.deploy.stack import free_port, http_status, wait_until, worker_ready
 from vlmq.producer import Client, caption, moderate, video
 from vlmq.schemas import (
+    EmbeddingRef,
     ErrorCode,
     ImageRef,
     Job,
@@ -43,6 +44,7 @@ from vlmq.schemas import (
     Sampling,
     TextPart,
 )
+from vlmq.worker.embeds import safetensors_file
 from vlmq.worker.preprocess import smart_resize
 from vlmq.worker.samples import clip
 from vlmq.worker.settings import WorkerSettings
@@ -72,6 +74,7 @@ FLAGS = {
         "0.1",
         "--seed",
         "0",
+        "--enable-mm-embeds",  # image_embeds parts (vLLM's opt-in)
         # float32: these CPUs have no bf16 kernels (3x faster here); on a GPU, "auto".
         "--dtype",
         os.environ.get("VLMQ_TEST_VLLM_DTYPE", "float32"),
@@ -316,15 +319,28 @@ async def test_real_engine_on_cpu_through_kafka_and_redis(
         ready = next(line for line in log_text(e, "engine").splitlines() if "image pool ready" in line)
         assert json.loads(ready)["renders"] is (pool == "process"), ready
         await run_jobs(
-            e, uris, inside, image_tokens(family), counts_images=engine != "openai", sizes=pool == "process"
+            e,
+            uris,
+            inside,
+            image_tokens(family),
+            counts_images=engine != "openai",
+            sizes=pool == "process",
+            embeds=engine == "vllm",
         )
         assert stop_worker(proc, timeout=120) == 0
 
 
 async def run_jobs(
-    e: Env, uris: list[str], inside: Callable[[], float], per_image: int, counts_images: bool, sizes: bool
+    e: Env,
+    uris: list[str],
+    inside: Callable[[], float],
+    per_image: int,
+    counts_images: bool,
+    sizes: bool,
+    embeds: bool,
 ) -> None:
-    """`sizes`: the extra jobs' photos come in four sizes (the same size otherwise)."""
+    """`sizes`: the extra jobs' photos come in four sizes (the same size otherwise).
+    `embeds`: the engine takes image embeddings (vLLM with enable_mm_embeds)."""
     jobs = jobs_for(e, uris)
     more = uris
     if sizes:
@@ -333,23 +349,48 @@ async def run_jobs(
     extra = [caption(more[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(16)]
     boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="clip.mp4", Body=clip(w=320, h=240))
     clip_job = video(f"s3://{e.bucket}/clip.mp4", num_frames=4, job_id=f"{e.tag}-video", max_tokens=8)
+    embeds_job = embeddings_job(e)
     for fmt in ("HEIF", "AVIF"):  # a phone's HEIC photo and a web AVIF, through the real engine
         uri = put_images(e, 1, prefix=f"fmt-{fmt}", w=320, h=240, fmt=fmt, quality=80)[0]
         extra.append(caption(uri, job_id=f"{e.tag}-{fmt.lower()}", max_tokens=8))
     async with Client(
         e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}
     ) as client:
-        await client.submit_many([*jobs.values(), *extra, clip_job])
+        await client.submit_many([*jobs.values(), *extra, clip_job, embeds_job])
         done = await client.wait_many([j.job_id for j in [*jobs.values(), *extra]], timeout=240)
         check_results(dict(zip(jobs, done, strict=False)), per_image, counts_images)
         assert all(r.state is JobState.SUCCEEDED for r in done[len(jobs) :])
-        (clip_result,) = await client.wait_many([clip_job.job_id], timeout=240)  # a failure too
+        clip_result, embeds_result = await client.wait_many([clip_job.job_id, embeds_job.job_id], timeout=240)
         check_video(clip_result, per_image, counts_images)
+        check_embeddings(embeds_result, embeds)
         await cancel_mid_generation(e, client, uris[0], inside)
-    dead = await read_topic(e, e.dlq_topic, expect=1 + (per_image == LLAVA_TOKENS))
-    assert sorted(m.key.decode() for m in dead) == sorted(
-        [jobs["long"].job_id] + ([clip_job.job_id] if per_image == LLAVA_TOKENS else [])
+    failed = [jobs["long"].job_id] + [r.job_id for r in (clip_result, embeds_result) if r.error]
+    dead = await read_topic(e, e.dlq_topic, expect=len(failed))
+    assert sorted(m.key.decode() for m in dead) == sorted(failed)  # every failure, and only those
+
+
+EMBED_TOKENS = 16  # a [1, 8, 8] grid at Qwen-VL's merge size 2; any count for LLaVA
+
+
+def embeddings_job(e: Env) -> Job:
+    """A job with precomputed image embeddings for the tiny models (hidden size 128)."""
+    data = safetensors_file(bytes(EMBED_TOKENS * 128 * 2), (EMBED_TOKENS, 128), "F16")
+    boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="e.safetensors", Body=data)
+    part = EmbeddingRef(f"s3://{e.bucket}/e.safetensors", image_grid_thw=[1, 8, 8])
+    return Job(
+        job_id=f"{e.tag}-embeds",
+        messages=[Message("user", [part, TextPart("What is it?")])],
+        sampling=Sampling(max_tokens=8),
     )
+
+
+def check_embeddings(r: Result, taken: bool) -> None:
+    """vLLM with enable_mm_embeds runs them as the image's tokens; the others refuse."""
+    if not taken:
+        assert r.error is not None and r.error.code is ErrorCode.UNSUPPORTED_INPUT, (r.state, r.error)
+        return
+    assert r.state is JobState.SUCCEEDED and r.usage is not None, (r.state, r.error)
+    assert r.usage.image_tokens == EMBED_TOKENS, r.usage
 
 
 def check_video(r: Result, per_image: int, counts_images: bool) -> None:

@@ -28,11 +28,14 @@ from aiohttp import web
 from tests.helpers import Env, start_worker
 from tests.integration.test_bulk import _openai_line, vlmq
 from vlmq.schemas.errors import ErrorCode, VlmqError
-from vlmq.worker.samples import photo
+from vlmq.worker.embeds import safetensors_file
+from vlmq.worker.samples import clip, photo
 from vlmq.worker.settings import WorkerSettings
 from vlmq.worker.web import WebFetcher
 
 JPEG = photo(seed=1, w=64, h=48)
+CLIP = clip(seconds=1)
+EMBEDS = safetensors_file(bytes(4 * 8 * 4), (4, 8))
 PUBLIC, INTERNAL = "127.0.0.2", "127.0.0.1"
 
 
@@ -95,8 +98,20 @@ def routes(hits: list[str], flaky: dict[str, int]) -> web.Application:
         hits.append(request.path)
         return web.Response(body=JPEG, content_type="image/jpeg")
 
+    async def movie(_: web.Request) -> web.Response:
+        return web.Response(body=CLIP, content_type="video/mp4")
+
+    async def not_a_movie(_: web.Request) -> web.Response:
+        return web.Response(body=JPEG, content_type="video/mp4")
+
+    async def embeds(_: web.Request) -> web.Response:
+        return web.Response(body=EMBEDS, content_type="application/octet-stream")
+
     app = web.Application()
     app.router.add_get("/cat.jpg", image)
+    app.router.add_get("/clip.mp4", movie)
+    app.router.add_get("/e.safetensors", embeds)
+    app.router.add_get("/photo.mp4", not_a_movie)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/hops/{n}", hops)
     app.router.add_get("/slow.jpg", slow)
@@ -152,7 +167,11 @@ def fake_dns(
 
 
 async def fetch(
-    servers: Servers, url: str, dns: dict[str, list[list[str]]] | None = None, **settings: Any
+    servers: Servers,
+    url: str,
+    dns: dict[str, list[list[str]]] | None = None,
+    kind: str = "image",
+    **settings: Any,
 ) -> bytes:
     with servers.ca.cert_pem.tempfile() as ca_file:
         s = WorkerSettings(
@@ -164,7 +183,7 @@ async def fetch(
         )
         resolve, _ = fake_dns(dns or {"images.test": [[PUBLIC]]})
         async with WebFetcher(s, resolve) as w:
-            return await w.fetch(url, lambda _: None)
+            return await w.fetch(url, lambda _: None, kind=kind)
 
 
 async def refused(code: ErrorCode, coro: Awaitable[bytes]) -> str:
@@ -245,6 +264,19 @@ async def test_dns_rebinding_changes_nothing(servers: Servers) -> None:
         async with WebFetcher(s, resolve) as w:
             assert await w.fetch(f"http://rebind.test:{port}/cat.jpg", lambda _: None) == JPEG
     assert asked == {"rebind.test": 1} and servers.internal_hits == []
+
+
+async def test_videos_and_embeddings_by_url_are_checked_for_their_kind(servers: Servers) -> None:
+    base = f"https://images.test:{servers.https_port}"
+    assert await fetch(servers, f"{base}/clip.mp4", kind="video") == CLIP
+    assert await fetch(servers, f"{base}/e.safetensors", kind="image_embeds") == EMBEDS
+    await refused(ErrorCode.IMAGE_CORRUPT, fetch(servers, f"{base}/clip.mp4"))  # video/mp4 is no image
+    not_a_video = await refused(ErrorCode.IMAGE_CORRUPT, fetch(servers, f"{base}/photo.mp4", kind="video"))
+    assert "does not start like a video" in not_a_video
+    await refused(ErrorCode.IMAGE_CORRUPT, fetch(servers, f"{base}/cat.jpg", kind="image_embeds"))
+    too_long = fetch(servers, f"{base}/clip.mp4", kind="video", max_video_bytes=100)
+    await refused(ErrorCode.IMAGE_TOO_LARGE, too_long)
+    assert servers.internal_hits == []
 
 
 async def test_abuse_ends_as_typed_failures(servers: Servers) -> None:
