@@ -72,7 +72,7 @@ def load_embedding(data: bytes, grid_thw: list[int] | None, spec: EmbedSpec) -> 
 
 def _grid(grid_thw: list[int] | None, tokens: int, spec: EmbedSpec) -> tuple[int, int, int] | None:
     if spec.merge_size is None:
-        return tuple(grid_thw) if grid_thw else None  # type: ignore[return-value]  # 3 by the contract
+        return None  # a model without grids (LLaVA) takes the tensor alone
     if not grid_thw:
         raise _invalid("this model needs image_grid_thw (patches: [t, h, w]) with each embedding")
     t, h, w = grid_thw

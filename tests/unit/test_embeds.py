@@ -33,7 +33,9 @@ def test_a_file_that_fits_the_model_passes(dtype: str, size: int) -> None:
     data = safetensors_file(floats(16 * 64, size), (16, 64), dtype)
     e = load_embedding(data, [1, 8, 8], QWEN)
     assert (e.tokens, e.dtype, e.grid_thw, e.data) == (16, dtype, (1, 8, 8), data)
-    assert load_embedding(safetensors_file(floats(576 * 64), (576, 64)), None, LLAVA).grid_thw is None
+    llava = safetensors_file(floats(576 * 64), (576, 64))
+    assert load_embedding(llava, None, LLAVA).grid_thw is None
+    assert load_embedding(llava, [1, 8, 8], LLAVA).grid_thw is None  # a grid it has no use for
 
 
 def good_header(shape: list[int], end: int, dtype: str = "F32") -> dict[str, object]:

@@ -146,6 +146,21 @@ def test_engine_errors_map_to_codes(message: str, code: ErrorCode) -> None:
     assert engine_error(ValueError(message)).code is code
 
 
+def test_a_wrapper_that_says_nothing_shows_what_it_wraps() -> None:
+    class EngineGenerateError(Exception):  # vLLM's: raised from the real error, empty itself
+        pass
+
+    try:
+        try:
+            raise ValueError("At most 0 video(s) may be provided in one prompt.")
+        except ValueError as cause:
+            raise EngineGenerateError() from cause
+    except EngineGenerateError as exc:
+        error = engine_error(exc)
+    assert error.code is ErrorCode.UNSUPPORTED_INPUT
+    assert error.message == "EngineGenerateError: At most 0 video(s) may be provided in one prompt."
+
+
 def test_engine_factory_checks_its_arguments() -> None:
     with pytest.raises(EngineConfigError, match="needs --model"):
         make_engine("vllm", None, {})

@@ -235,8 +235,10 @@ def error_code(message: str) -> ErrorCode:
 
 
 def engine_error(exc: BaseException) -> VlmqError:
-    """An engine's exception as a vlmq error with the most specific code."""
-    return VlmqError(error_code(str(exc)), f"{type(exc).__name__}: {exc}")
+    """An engine's exception as a vlmq error with the most specific code. A wrapper that
+    says nothing itself (vLLM's EngineGenerateError) is shown with what it wraps."""
+    text = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    return VlmqError(error_code(text), f"{type(exc).__name__}: {text}"[:1000])
 
 
 def http_error(status: int, message: str) -> VlmqError:
