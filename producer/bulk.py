@@ -97,7 +97,8 @@ def from_openai_batch(lines: Iterable[str], batch_id: str, *, allow_https: bool 
     """OpenAI Batch API input: `{"custom_id", "method": "POST", "url": "/v1/chat/completions",
     "body": {"model", "messages", "max_tokens", ...}}` per line. Image parts are
     `{"type": "image_url", "image_url": {"url": ...}}` with s3://, data: and https:// (unless
-    not `allow_https`; the worker checks every URL: see worker/web.py)."""
+    not `allow_https`; the worker checks every URL: see worker/web.py); videos likewise as
+    vLLM's `{"type": "video_url", "video_url": {"url": ...}}`."""
     reader = OpenAIReader(batch_id, allow_https=allow_https)
     for n, line in enumerate(lines, 1):
         if item := reader.line(n, line):
@@ -215,22 +216,23 @@ def _openai_part(p: Any, i: int, key: str, allow_https: bool) -> dict[str, Any]:
     kind = p.get("type") if isinstance(p, dict) else None
     if kind == "text" and isinstance(p.get("text"), str):
         return {"type": "text", "text": p["text"]}
-    if kind != "image_url":
+    if kind not in ("image_url", "video_url"):  # video_url: vLLM's extension of the format
         raise _Bad(
             f"body.messages[{i}]: unsupported content part {_shown(kind)}", key, "unsupported_parameter"
         )
-    url = (p.get("image_url") or {}).get("url") if isinstance(p.get("image_url"), dict) else None
+    url = (p.get(kind) or {}).get("url") if isinstance(p.get(kind), dict) else None
     if not isinstance(url, str):
-        raise _Bad(f"body.messages[{i}]: image_url.url is missing", key)
+        raise _Bad(f"body.messages[{i}]: {kind}.url is missing", key)
     allowed = ("s3://", "data:") + (("https://",) if allow_https else ())
     if not url.startswith(allowed):
+        what = "image" if kind == "image_url" else "video"
         raise _Bad(
-            f"body.messages[{i}]: image URL scheme not allowed: {_shown(url[:40])}"
+            f"body.messages[{i}]: {what} URL scheme not allowed: {_shown(url[:40])}"
             f" (use {', '.join(allowed)})",
             key,
             "invalid_image_url",
         )
-    return {"type": "image", "uri": url}
+    return {"type": "image" if kind == "image_url" else "video", "uri": url}
 
 
 def _openai_format(fmt: Any, key: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ on clips FFmpeg's own encoders make here (mp4/mov H.264, webm VP9, mkv)."""
 from __future__ import annotations
 
 import io
+import json
 
 import msgspec
 import pytest
@@ -132,3 +133,13 @@ def test_a_clip_is_a_real_video_file() -> None:
 
     with av.open(io.BytesIO(clip(seconds=1, fps=5))) as c:
         assert c.streams.video[0].frames == 5
+
+
+def test_openai_batch_lines_take_video_url_parts() -> None:
+    from vlmq.producer.bulk import from_openai_batch
+
+    part = {"type": "video_url", "video_url": {"url": "s3://b/clip.mp4"}}
+    body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "what happens?"}]}]}
+    line = json.dumps({"custom_id": "v1", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    (item,) = from_openai_batch([line], "b1")
+    assert isinstance(item, Job) and item.videos == [VideoRef("s3://b/clip.mp4")]
