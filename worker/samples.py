@@ -34,10 +34,17 @@ CLIP_FORMATS = {
 
 
 def clip(
-    seconds: float = 2.0, fps: int = 10, w: int = 160, h: int = 120, seed: int = 0, fmt: str = "mp4"
+    seconds: float = 2.0,
+    fps: int = 10,
+    w: int = 160,
+    h: int = 120,
+    seed: int = 0,
+    fmt: str = "mp4",
+    keyframe_every: int | None = None,
 ) -> bytes:
     """A short video made by FFmpeg's own encoders: a photo that brightens frame by frame,
-    so each frame differs and a frame's position can be read back from its pixels."""
+    so each frame differs and a frame's position can be read back from its pixels.
+    `keyframe_every`: frames between keyframes (the encoder's default: a few seconds)."""
     import av
 
     container, codec = CLIP_FORMATS[fmt]
@@ -48,6 +55,8 @@ def clip(
         stream = out.add_stream(codec, rate=fps)
         assert isinstance(stream, av.VideoStream)  # a video codec's stream
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if keyframe_every:
+            stream.codec_context.gop_size = keyframe_every
         for i in range(n):
             frame = Image.blend(base, Image.new("RGB", (w, h), "white"), i / (n + 1))
             out.mux(stream.encode(av.VideoFrame.from_image(frame)))  # type: ignore[no-untyped-call]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 # FFmpeg's demuxer names: "mov,mp4,m4a,3gp,3g2,mj2" and "matroska,webm".
 VIDEO_FORMATS = ("mp4", "mov", "webm", "matroska")
 _MAX_FPS = 240  # frames a second a real stream has at most: decoding past it is a lie
+SEEK_GAP_S = 4.0  # from this far ahead, seeking beats decoding every frame in between
 
 
 class VideoSampling(msgspec.Struct, frozen=True):
@@ -132,25 +134,56 @@ def _frame_count(
     return n + 1 if n % 2 and n + 1 <= limits.max_frames else max(2, n - n % 2)
 
 
+class _Frames:
+    """Decoded frames in time order, with a seek ahead over a long gap: a 10-minute video
+    sampled at a few frames is not decoded whole. A seek lands on the keyframe before its
+    target; one that lands no further than where decoding already was (keyframes too far
+    apart) gains nothing, and the rest of the video is decoded in order. Every frame
+    decoded, a seek's included, counts against the bound."""
+
+    def __init__(self, container: Any, stream: Any, rate: float, limits: VideoLimits) -> None:
+        self.container, self.stream, self.rate, self.limits = container, stream, rate, limits
+        self.decoded = 0
+        self.most = math.ceil(limits.max_seconds * _MAX_FPS)
+        self.seeking = True
+
+    def from_(self, target: float, now: float | None) -> Iterator[tuple[Any, float]]:
+        """(frame, its time) from about `target` on; `now`: the time decoding had reached."""
+        if now is not None and self.seeking and target - now > SEEK_GAP_S:
+            self.container.seek(int(target / self.stream.time_base), stream=self.stream, backward=True)
+        for frame in self.container.decode(self.stream):
+            self.decoded += 1
+            t = frame.time if frame.time is not None else self.decoded / self.rate
+            if self.decoded > self.most or t > self.limits.max_seconds:
+                too_long = f"the video runs past max_video_s {self.limits.max_seconds}"
+                raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, too_long)
+            if now is not None and t <= now:
+                self.seeking = False  # the seek went back as far as we were: decode in order
+                continue
+            now = None
+            yield frame, t
+
+
 def _decode(
     container: Any, stream: Any, targets: list[float], rate: float, limits: VideoLimits
 ) -> tuple[list[Any], list[int]]:
-    """The decoded frame nearest after each target time (seconds), decoding in order once.
-    A stream shorter than its header said repeats its last frame."""
+    """The decoded frame nearest after each target time (seconds), and its index in the
+    source. A stream shorter than its header said repeats its last frame."""
     picked: list[Any] = []
     indices: list[int] = []
     half = 0.5 / rate
-    most = math.ceil(limits.max_seconds * _MAX_FPS)
-    for k, frame in enumerate(container.decode(stream)):
-        t = frame.time if frame.time is not None else k / rate
-        if k >= most or t > limits.max_seconds:
-            too_long = f"the video runs past max_video_s {limits.max_seconds}"
-            raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, too_long)
-        while len(picked) < len(targets) and targets[len(picked)] <= t + half:
-            picked.append(frame)
-            indices.append(k)
-        if len(picked) == len(targets):
-            break
+    frames = _Frames(container, stream, rate, limits)
+    now: float | None = None
+    while len(picked) < len(targets):
+        for frame, t in frames.from_(targets[len(picked)], now):
+            now = t
+            while len(picked) < len(targets) and targets[len(picked)] <= t + half:
+                picked.append(frame)
+                indices.append(round(t * rate))
+            if len(picked) == len(targets) or (frames.seeking and targets[len(picked)] - t > SEEK_GAP_S):
+                break
+        else:
+            break  # the stream ended
     if not picked:
         raise VlmqError(ErrorCode.IMAGE_CORRUPT, "the video has no frame that decodes")
     while len(picked) < len(targets):

@@ -39,6 +39,17 @@ def test_each_container_samples_at_the_default_fps(fmt: str) -> None:
     assert brightness == sorted(brightness)  # the clip brightens: frames come in time order
 
 
+@pytest.mark.parametrize("keyframe_every", [10, None])
+def test_a_long_video_sampled_sparsely_seeks_when_keyframes_allow(keyframe_every: int | None) -> None:
+    """30 s at 5 fps, four frames wanted: with a keyframe every 2 s the decoder seeks
+    between them; with one keyframe in all it decodes in order. The same frames either way."""
+    data = clip(seconds=30, fps=5, w=64, h=48, keyframe_every=keyframe_every)
+    v = _load(data, num_frames=4)
+    assert [abs(i - e) <= 1 for i, e in zip(v.indices, (19, 56, 94, 131), strict=True)] == [True] * 4
+    brightness = [sum(f.convert("L").tobytes()) for f in v.frames]
+    assert brightness == sorted(brightness) and len(set(brightness)) == 4
+
+
 def test_num_frames_and_fps_as_asked_capped_and_even() -> None:
     data = clip(seconds=4, fps=10)
     assert len(_load(data, num_frames=8).frames) == 8
