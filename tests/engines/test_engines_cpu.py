@@ -347,7 +347,9 @@ async def run_jobs(
         shapes = [(320, 240), (240, 320), (640, 160), (200, 500)]
         more = [put_images(e, 1, prefix=f"sized{w}x{h}", w=w, h=h)[0] for w, h in shapes]
     extra = [caption(more[i % 4], job_id=f"{e.tag}-b{i}", max_tokens=8) for i in range(16)]
-    boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="clip.mp4", Body=clip(w=320, h=240))
+    boto3.client("s3", endpoint_url=e.s3).put_object(
+        Bucket=e.bucket, Key="clip.mp4", Body=clip(seconds=10, w=320, h=240)
+    )
     clip_job = video(f"s3://{e.bucket}/clip.mp4", num_frames=4, job_id=f"{e.tag}-video", max_tokens=8)
     embeds_job = embeddings_job(e)
     for fmt in ("HEIF", "AVIF"):  # a phone's HEIC photo and a web AVIF, through the real engine
