@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -108,8 +108,8 @@ def _sample(container: Any, sampling: VideoSampling, limits: VideoLimits, factor
     rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
     n = _frame_count(duration, rate, stream.frames, sampling, limits)
     size = smart_resize(h, w, factor, sampling.min_pixels, sampling.max_pixels)
-    picked, indices = _decode(container, stream, [(i + 0.5) * duration / n for i in range(n)], rate, limits)
-    frames = [_rgb_resized(f, size) for f in picked]
+    targets = [(i + 0.5) * duration / n for i in range(n)]
+    frames, indices = _decode(container, stream, targets, rate, limits, lambda f: _rgb_resized(f, size))
     return Video(frames, rate, duration, max(stream.frames, indices[-1] + 1), indices)
 
 
@@ -165,11 +165,17 @@ class _Frames:
 
 
 def _decode(
-    container: Any, stream: Any, targets: list[float], rate: float, limits: VideoLimits
-) -> tuple[list[Any], list[int]]:
-    """The decoded frame nearest after each target time (seconds), and its index in the
-    source. A stream shorter than its header said repeats its last frame."""
-    picked: list[Any] = []
+    container: Any,
+    stream: Any,
+    targets: list[float],
+    rate: float,
+    limits: VideoLimits,
+    convert: Callable[[Any], Image],
+) -> tuple[list[Image], list[int]]:
+    """The decoded frame nearest after each target time (seconds), converted at once (a
+    decoded frame may be far larger than what the model takes: none is kept), and its index
+    in the source. A stream shorter than its header said repeats its last frame."""
+    picked: list[Image] = []
     indices: list[int] = []
     half = 0.5 / rate
     frames = _Frames(container, stream, rate, limits)
@@ -177,8 +183,10 @@ def _decode(
     while len(picked) < len(targets):
         for frame, t in frames.from_(targets[len(picked)], now):
             now = t
+            image = None
             while len(picked) < len(targets) and targets[len(picked)] <= t + half:
-                picked.append(frame)
+                image = image or convert(frame)
+                picked.append(image)
                 indices.append(round(t * rate))
             if len(picked) == len(targets) or (frames.seeking and targets[len(picked)] - t > SEEK_GAP_S):
                 break
