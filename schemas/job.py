@@ -200,10 +200,18 @@ class Job(Struct, omit_defaults=True, frozen=True):
     def __post_init__(self) -> None:
         if self.v > VERSION:
             raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
-        if len(self.images) + len(self.embeds) > MAX_IMAGES_PER_JOB:
-            raise ValueError(f"too many images: {len(self.images) + len(self.embeds)} > {MAX_IMAGES_PER_JOB}")
-        if len(self.videos) > MAX_VIDEOS_PER_JOB:
-            raise ValueError(f"too many videos: {len(self.videos)} > {MAX_VIDEOS_PER_JOB}")
+        images = videos = 0  # one pass: every message's parts are counted on each decode
+        for m in self.messages:
+            if not isinstance(m.content, str):
+                for p in m.content:
+                    if isinstance(p, VideoRef):
+                        videos += 1
+                    elif not isinstance(p, TextPart):  # an image, or an image's embeddings
+                        images += 1
+        if images > MAX_IMAGES_PER_JOB:
+            raise ValueError(f"too many images: {images} > {MAX_IMAGES_PER_JOB}")
+        if videos > MAX_VIDEOS_PER_JOB:
+            raise ValueError(f"too many videos: {videos} > {MAX_VIDEOS_PER_JOB}")
 
     @property
     def media(self) -> list[MediaRef]:

@@ -18,9 +18,10 @@ for i = 1, #KEYS / 2 do
   if st or sent then
     out[i] = (st or 'queued') .. ':' .. (sent or '0')
   else
-    redis.call('HSET', sub, 'submitted_at', at, 'sent', 0)
     if meta ~= '' then
-      redis.call('HSET', sub, 'metadata', meta)
+      redis.call('HSET', sub, 'submitted_at', at, 'sent', 0, 'metadata', meta)
+    else
+      redis.call('HSET', sub, 'submitted_at', at, 'sent', 0)
     end
     if batch_id ~= '' then
       redis.call('HSET', sub, 'batch_id', batch_id)
