@@ -297,10 +297,6 @@ class StateStore:
     async def note_dead_letter(self, job_id: str, partition: int, offset: int) -> None:
         await self._call(Call("deadletter", [keys.job_key(job_id)], [f"{partition}:{offset}"]))
 
-    async def recorded_batch(self, job_id: str) -> str | None:
-        """The batch the job's records name (the worker's record, else the submit record)."""
-        return (await self._recorded(job_id))[0]
-
     async def _recorded(self, job_id: str) -> tuple[str | None, dict[str, str]]:
         """(batch, metadata) the job's records name: the worker's record, else the submit record."""
         pipe = self.redis.pipeline(transaction=False)

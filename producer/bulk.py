@@ -223,16 +223,16 @@ def _openai_part(p: Any, i: int, key: str, allow_https: bool) -> dict[str, Any]:
     url = (p.get(kind) or {}).get("url") if isinstance(p.get(kind), dict) else None
     if not isinstance(url, str):
         raise _Bad(f"body.messages[{i}]: {kind}.url is missing", key)
+    what = kind.removesuffix("_url")  # image, video
     allowed = ("s3://", "data:") + (("https://",) if allow_https else ())
     if not url.startswith(allowed):
-        what = "image" if kind == "image_url" else "video"
         raise _Bad(
             f"body.messages[{i}]: {what} URL scheme not allowed: {_shown(url[:40])}"
             f" (use {', '.join(allowed)})",
             key,
             "invalid_image_url",
         )
-    return {"type": "image" if kind == "image_url" else "video", "uri": url}
+    return {"type": what, "uri": url}
 
 
 def _openai_format(fmt: Any, key: str) -> dict[str, Any] | None:

@@ -200,14 +200,9 @@ class Job(Struct, omit_defaults=True, frozen=True):
     def __post_init__(self) -> None:
         if self.v > VERSION:
             raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
-        images = videos = 0  # one pass: every message's parts are counted on each decode
-        for m in self.messages:
-            if not isinstance(m.content, str):
-                for p in m.content:
-                    if isinstance(p, VideoRef):
-                        videos += 1
-                    elif not isinstance(p, TextPart):  # an image, or an image's embeddings
-                        images += 1
+        media = self.media
+        videos = sum(isinstance(p, VideoRef) for p in media)
+        images = len(media) - videos  # images and image embeddings
         if images > MAX_IMAGES_PER_JOB:
             raise ValueError(f"too many images: {images} > {MAX_IMAGES_PER_JOB}")
         if videos > MAX_VIDEOS_PER_JOB:

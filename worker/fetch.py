@@ -66,12 +66,6 @@ class Fetcher:
         self._stack = contextlib.AsyncExitStack()
         self._s3: Any = None
         self._web: WebFetcher | None = None
-        # Bytes one input of each kind may have (MediaRef.kind -> cap).
-        self.caps = {
-            "image": settings.max_image_bytes,
-            "video": settings.max_video_bytes,
-            "image_embeds": settings.max_embedding_bytes,
-        }
 
     async def __aenter__(self) -> Fetcher:
         config = AioConfig(
@@ -94,7 +88,7 @@ class Fetcher:
         each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
         charge = (budget or Budget(None)).charge()
-        cap = self.caps[ref.kind]  # the same caps WebFetcher uses for the kind
+        cap = self.settings.max_bytes(ref.kind)
         if uri.startswith("s3://"):
             data = await self._fetch_s3(uri, charge, cap)
         elif uri.startswith("data:"):

@@ -30,6 +30,7 @@ from vlmq.schemas.job import (
     TextPart,
     Timings,
     Usage,
+    VideoRef,
 )
 from vlmq.worker import metrics
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
@@ -89,14 +90,17 @@ class Pipeline:
             raise VlmqError(
                 ErrorCode.UNKNOWN_MODEL, f"this worker serves {self.engine.model!r}, not {job.model!r}"
             )
-        n = len(job.images) + len(job.embeds)
+        media = job.media
+        videos = sum(isinstance(p, VideoRef) for p in media)
+        embeds = sum(isinstance(p, EmbeddingRef) for p in media)
+        n = len(media) - videos  # images and embeddings alike
         if n > self.settings.max_images_per_job:
             raise VlmqError(
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
             )
-        self._check_videos(len(job.videos))
-        self._check_embeds(job)
+        self._check_videos(videos)
+        self._check_embeds(embeds, images=n - embeds)
         topic = job.result_topic
         if topic is not None and not self.result_topic_allowed(topic):
             raise VlmqError(ErrorCode.INVALID_JOB, f"result_topic {topic!r} is not allowed on this worker")
@@ -120,8 +124,8 @@ class Pipeline:
         if n > most:
             raise VlmqError(ErrorCode.TOO_MANY_IMAGES, f"{n} videos > max_videos_per_job {most}")
 
-    def _check_embeds(self, job: Job) -> None:
-        if not job.embeds:
+    def _check_embeds(self, n: int, images: int) -> None:
+        if not n:
             return
         if self.engine.embeds is None:
             raise VlmqError(
@@ -129,7 +133,7 @@ class Pipeline:
                 f"this worker takes no image embeddings (the {self.engine.name} engine, "
                 "started without enable_mm_embeds)",
             )
-        if job.images:  # vLLM takes one kind per modality in a prompt: pixels or embeddings
+        if images:  # vLLM takes one kind per modality in a prompt: pixels or embeddings
             raise VlmqError(
                 ErrorCode.UNSUPPORTED_INPUT, "images and image embeddings in one job: send one kind"
             )

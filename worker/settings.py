@@ -151,6 +151,14 @@ class WorkerSettings(Connection, kw_only=True):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 
+    def max_bytes(self, kind: str) -> int:
+        """Bytes one input of `kind` (a MediaRef's kind) may have."""
+        return {
+            "image": self.max_image_bytes,
+            "video": self.max_video_bytes,
+            "image_embeds": self.max_embedding_bytes,
+        }[kind]
+
     def pool_workers(self, kind: str) -> int:
         cores = os.cpu_count() or 2
         if self.image_workers > 0:

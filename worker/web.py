@@ -118,16 +118,8 @@ class WebFetcher:
         self, url: str, charge: Callable[[int], None], cap: int | None = None, *, kind: str = "image"
     ) -> bytes:
         """The body of `url`, what `kind` (an input's MediaRef.kind) must be; at most `cap`
-        bytes (default: the kind's, max_image_bytes for an image)."""
-        expect = _KINDS[kind]
-        most = (
-            cap
-            or {
-                "image": self.s.max_image_bytes,
-                "video": self.s.max_video_bytes,
-                "image_embeds": self.s.max_embedding_bytes,
-            }[kind]
-        )
+        bytes (default: the kind's, `WorkerSettings.max_bytes`)."""
+        expect, most = _KINDS[kind], cap or self.s.max_bytes(kind)
         return await fetch_retrying(
             lambda: self._follow(url, charge, most, expect), self.s.fetch_retry_s, _short(url)
         )

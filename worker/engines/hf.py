@@ -22,7 +22,7 @@ from vlmq.schemas.errors import ErrorCode, VlmqError
 from vlmq.schemas.job import ResponseFormat
 from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineOutput, EngineRequest
-from vlmq.worker.engines.mapping import engine_error, grammar, hf_gen_kwargs, hf_messages
+from vlmq.worker.engines.mapping import engine_error, grammar, hf_gen_kwargs, hf_messages, vision_token_ids
 
 
 @dataclass(eq=False)
@@ -61,6 +61,7 @@ class HfEngine:
         self.image_factor = image_factor
         self._model: Any = None
         self._proc: Any = None
+        self._vision_tokens: set[int] = set()
         self._grammars: Any = None
         self._waiting: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -96,6 +97,7 @@ class HfEngine:
         )
         text = self._model.config.get_text_config()
         self.max_model_len = self.max_model_len or int(text.max_position_embeddings)
+        self._vision_tokens = vision_token_ids(self._model.config)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         item = _Pending(request, asyncio.get_running_loop().create_future())
@@ -227,18 +229,12 @@ class HfEngine:
         for s in item.request.sampling.stop or []:
             if s in text:  # vLLM leaves the stop string out; so do we
                 text, finish = text[: text.index(s)], "stop"
-        config = self._model.config
-        vision = [
-            t
-            for t in (getattr(config, n, None) for n in ("image_token_id", "video_token_id"))
-            if t is not None
-        ]
         return EngineOutput(
             text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(ids[:cut]) + (cut is not None),
-            image_tokens=sum(int((prompt_ids == t).sum()) for t in vision),
+            image_tokens=sum(int((prompt_ids == t).sum()) for t in self._vision_tokens),
             ttft_s=first_token_at - item.t0 if first_token_at else None,
         )
 

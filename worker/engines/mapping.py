@@ -88,6 +88,13 @@ def _with_media(
     return out
 
 
+def vision_token_ids(config: Any) -> set[int]:
+    """The token ids a model's prompt holds an image's (a video's) features in, from its
+    HF config: what `image_tokens` counts."""
+    ids = (getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+    return {t for t in ids if t is not None}
+
+
 def vllm_sampling_kwargs(sampling: Sampling, fmt: ResponseFormat | None) -> dict[str, Any]:
     """Keyword arguments for vllm.SamplingParams (same names by design), and the structured
     output as StructuredOutputsParams kwargs under `structured_outputs`."""

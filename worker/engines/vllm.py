@@ -26,7 +26,7 @@ from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Message
 from vlmq.worker.embeds import Embedding, EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
-from vlmq.worker.engines.mapping import engine_error, hf_messages, vllm_sampling_kwargs
+from vlmq.worker.engines.mapping import engine_error, hf_messages, vision_token_ids, vllm_sampling_kwargs
 from vlmq.worker.render import Prepared
 from vlmq.worker.video import Video
 
@@ -93,12 +93,7 @@ class VllmEngine:
         self._template = chat_template_owner(self.path, self._trust)
         self.embeds = embed_spec(self._llm.model_config) if self.engine_args.get("enable_mm_embeds") else None
         # Image (video) placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
-        hf_config = self._llm.model_config.hf_config
-        self._vision_tokens = {
-            t
-            for t in (getattr(hf_config, n, None) for n in ("image_token_id", "video_token_id"))
-            if t is not None
-        }
+        self._vision_tokens = vision_token_ids(self._llm.model_config.hf_config)
 
     @property
     def _trust(self) -> bool:
