@@ -95,3 +95,19 @@ def test_embeddings_stand_where_their_image_would() -> None:
     with pytest.raises(VlmqError) as err:
         lmdeploy_messages(msgs, [object()])
     assert err.value.code is ErrorCode.UNSUPPORTED_INPUT
+
+
+def test_mangled_files_only_ever_fail_typed() -> None:
+    rnd = random.Random(3)
+    good = safetensors_file(floats(16 * 64), (16, 64))
+    outcomes = set()
+    for _ in range(2000):
+        b = bytearray(good)
+        for _ in range(rnd.randint(1, 6)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        try:
+            load_embedding(bytes(b), [1, 8, 8], QWEN)
+            outcomes.add("ok")
+        except VlmqError as exc:
+            outcomes.add(exc.code.value)
+    assert outcomes == {"ok", "embedding_invalid"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
 import msgspec
 import pytest
@@ -154,3 +155,27 @@ def test_openai_batch_lines_take_video_url_parts() -> None:
     line = json.dumps({"custom_id": "v1", "method": "POST", "url": "/v1/chat/completions", "body": body})
     (item,) = from_openai_batch([line], "b1")
     assert isinstance(item, Job) and item.videos == [VideoRef("s3://b/clip.mp4")]
+
+
+def test_mangled_videos_only_ever_fail_typed() -> None:
+    """Bytes flipped, cut and inserted anywhere in real clips of each container: each
+    decodes or fails `image_corrupt`/`image_too_large`, never another exception."""
+    rnd = random.Random(7)
+    clips = [clip(seconds=3, w=96, h=64, fmt=f) for f in ("mp4", "webm", "mov", "mkv")]
+    outcomes = set()
+    for _ in range(300):
+        b = bytearray(rnd.choice(clips))
+        for _ in range(rnd.randint(1, 20)):
+            k = rnd.randrange(len(b))
+            if (op := rnd.random()) < 0.6:
+                b[k] = rnd.randrange(256)
+            elif op < 0.8:
+                del b[k : k + rnd.randint(1, 200)]
+            else:
+                b[k:k] = rnd.randbytes(rnd.randint(1, 50))
+        try:
+            _load(bytes(b))
+            outcomes.add("decoded")
+        except VlmqError as exc:
+            outcomes.add(exc.code.value)
+    assert outcomes <= {"decoded", "image_corrupt", "image_too_large"} and "image_corrupt" in outcomes
