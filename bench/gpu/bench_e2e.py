@@ -336,6 +336,10 @@ async def features(env: dict[str, str], uris: list[str]) -> dict[str, Any]:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, str]:
+    return _default_options(args) | dict(kv.split("=", 1) for kv in args.engine_arg)
+
+
+def _default_options(args: argparse.Namespace) -> dict[str, str]:
     if args.engine == "fake":
         return {"step_ms": "20", "max_num_seqs": "64", "completion_tokens": str(args.max_tokens)}
     if args.engine == "lmdeploy":
@@ -354,7 +358,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, str]:
         "enable_prefix_caching": "false",
         "mm_processor_cache_gb": "0",  # each photo comes once; vlmq's default
         "ignore_eos": "true",
-    } | dict(kv.split("=", 1) for kv in args.engine_arg)
+    }
 
 
 async def start_worker(

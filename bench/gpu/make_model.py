@@ -14,6 +14,11 @@ whose head_dim is 64 (vLLM's CPU attention rejects smaller) and whose mrope_sect
 head_dim / 2:
 
     python bench/gpu/make_model.py tiny-qwen2-vl /tmp/tiny --random-weights
+
+A config in Mistral's own format (params.json keys: Pixtral) becomes a Mistral-format
+folder: params.json and the tekken.json that Pixtral-12B-2409 ships, which the PyPI package
+mistral_common carries (data/tekken_240911.json: vocabulary, [IMG] tokens, 16-pixel patches,
+1024-pixel images). vLLM serves it with `tokenizer_mode=mistral` and `load_format=dummy`.
 """
 
 from __future__ import annotations
@@ -115,8 +120,12 @@ def tokenizer_json(vocab: dict[str, int], specials: list[str]) -> dict[str, obje
 
 def build(name: str, out: Path) -> None:
     config = json.loads((Path(__file__).parent / "configs" / f"{name}.json").read_text())
+    if "vision_encoder" in config:
+        return build_mistral(name, config, out)
     if config["model_type"] == "llava":
         return build_llava(name, config, out)
+    if config["model_type"] == "internvl":
+        return build_internvl(name, config, out)
     vocab = byte_vocab()
     ids = {t: len(vocab) + i for i, t in enumerate(SPECIALS)}
     config |= {
@@ -234,7 +243,95 @@ def build_llava(name: str, config: dict[str, Any], out: Path) -> None:
     print(f"{name}: {out} (image_token_id {image}, eos {eos})")
 
 
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+INTERNVL_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n"
+    + INTERNVL_SYSTEM
+    + "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n{% elif content['type'] == 'video' %}<video>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_internvl(name: str, config: dict[str, Any], out: Path) -> None:
+    """InternVL2.5 in transformers' own InternVL layout (as OpenGVLab's -hf checkpoints: the
+    InternLM2 backbone as Llama, InternViT as InternVLVision), so no remote code is needed:
+    InternVLProcessor tiles each image into 448-pixel crops (GotOcr2, up to 12 and a
+    thumbnail) of 256 <IMG_CONTEXT> tokens each, between <img> and </img>; InternVL2.5's
+    chat template and system prompt."""
+    specials = ["</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    vocab = byte_vocab()
+    ids = {t: len(vocab) + i for i, t in enumerate(specials)}
+    config["image_token_id"] = ids["<IMG_CONTEXT>"]
+    config["text_config"] |= {
+        "bos_token_id": ids["</s>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["</s>"],
+    }
+    side = config["vision_config"]["image_size"][0]
+    files: dict[str, object] = {
+        "config.json": config,
+        "generation_config.json": {
+            "eos_token_id": [ids["<|im_end|>"], ids["</s>"]],
+            "pad_token_id": ids["</s>"],
+        },
+        "tokenizer.json": tokenizer_json(vocab, specials),
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 32768,
+            "eos_token": "<|im_end|>",
+            "pad_token": "</s>",
+            "extra_special_tokens": {
+                "start_image_token": "<img>",
+                "end_image_token": "</img>",
+                "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>",
+            },
+            "chat_template": INTERNVL_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+        },
+        "chat_template.json": {"chat_template": INTERNVL_TEMPLATE},
+        "preprocessor_config.json": {
+            "image_processor_type": "GotOcr2ImageProcessor",
+            "processor_class": "InternVLProcessor",
+            "crop_to_patches": False,
+            "min_patches": 1,
+            "max_patches": 12,
+            "size": {"height": side, "width": side},
+            "do_resize": True,
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+            "do_convert_rgb": True,
+        },
+        "processor_config.json": {"processor_class": "InternVLProcessor", "image_seq_length": 256},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        (out / file).write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    print(f"{name}: {out} (image_token_id {ids['<IMG_CONTEXT>']}, eos {ids['<|im_end|>']})")
+
+
+def build_mistral(name: str, config: dict[str, Any], out: Path) -> None:
+    from importlib.resources import files
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(config, indent=2))
+    (out / "tekken.json").write_bytes(
+        files("mistral_common").joinpath("data/tekken_240911.json").read_bytes()
+    )
+    print(f"{name}: {out} (Mistral format: params.json, tekken.json)")
+
+
 def random_weights(out: Path, seed: int = 0) -> None:
+    if (out / "params.json").exists():  # Mistral format: vLLM's load_format=dummy instead
+        return
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 

@@ -18,7 +18,7 @@ if [ "$1" = start ]; then
 fi
 end=$((SECONDS + ${FOLLOW_S:-540}))
 while kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-grep -E "^([0-9]+x[0-9]+|mixed|engines) |^[12] worker|^warm-up|Traceback|Error" "$LOG" | tail -40
+grep -E "^== |^([0-9]+x[0-9]+|mixed|engines) |^[12] worker|^warm-up|Traceback|Error" "$LOG" | tail -40
 mkdir -p "${OUT:-/tmp/out}"
 cp /tmp/results/*.json "${OUT:-/tmp/out}/" 2>/dev/null
 grep -v " INFO \|^INFO" "$LOG" | tail -c 8000000 >"${OUT:-/tmp/out}/photos.log"

@@ -9,7 +9,10 @@ processed image tensors, names, placeholders), and vLLM skips its front-end prep
 The multimodal processor cache is off by default (`mm_processor_cache_gb=0`): in a backlog
 each image comes once, and finished inputs are rendered without it. Engine options keep
 vLLM's names (`-e max_num_seqs=16`, `-e limit_mm_per_prompt='{"image": 4}'`,
-`-e tokenizer_mode=mistral`, ...): they are passed to `AsyncEngineArgs` as given.
+`-e tokenizer_mode=mistral`, ...): they are passed to `AsyncEngineArgs` as given. With
+`tokenizer_mode=mistral` (Pixtral and other Mistral-format checkpoints: params.json and
+tekken.json, no HF tokenizer) mistral_common encodes the chat, image tokens included, as
+vLLM's own chat path does.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vlmq.core.settings import parse_pairs
-from vlmq.schemas.errors import VlmqError
-from vlmq.schemas.job import Message
+from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.job import Message, TextPart
 from vlmq.worker.embeds import Embedding, EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vision_token_ids, vllm_sampling_kwargs
@@ -90,14 +93,20 @@ class VllmEngine:
 
             kw["structured_outputs_config"] = StructuredOutputsConfig(**kw["structured_outputs_config"])
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger()])
-        self._template = chat_template_owner(self.path, self._trust)
+        self._template = chat_template_owner(self.path, self._trust, self._tokenizer_mode)
         self.embeds = embed_spec(self._llm.model_config) if self.engine_args.get("enable_mm_embeds") else None
         # Image (video) placeholders in the prompt are the image tokens (Qwen-VL, LLaVA, ...).
         self._vision_tokens = vision_token_ids(self._llm.model_config.hf_config)
+        if isinstance(self._template, MistralChat):
+            self._vision_tokens = self._template.image_token_ids
 
     @property
     def _trust(self) -> bool:
         return bool(self.engine_args.get("trust_remote_code", False))
+
+    @property
+    def _tokenizer_mode(self) -> str:
+        return str(self.engine_args.get("tokenizer_mode", "auto"))
 
     def _stat_logger(self) -> Any:
         """A stats logger that keeps the scheduler's waiting count for `stats()`."""
@@ -118,8 +127,9 @@ class VllmEngine:
 
         return Waiting
 
-    def prompt(self, request: EngineRequest) -> str:
-        return chat_prompt(self._template, request.messages)
+    def prompt(self, request: EngineRequest) -> dict[str, Any]:
+        """The prompt vLLM takes: text from an HF chat template, or token ids from Mistral's."""
+        return chat_input(self._template, request.messages, request.images)
 
     def renderer(self) -> VllmRendererFactory | None:
         if self._llm is None:
@@ -128,7 +138,7 @@ class VllmEngine:
             # A processor cache lives in the engine's front end; rendering elsewhere would
             # bypass it. Whoever turned it on wants it: the engine renders.
             return None
-        return VllmRendererFactory(self._llm.vllm_config, self.path, self._trust)
+        return VllmRendererFactory(self._llm.vllm_config, self.path, self._trust, self._tokenizer_mode)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         from vllm import SamplingParams
@@ -138,16 +148,14 @@ class VllmEngine:
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         params = SamplingParams(**kw, ignore_eos=self.ignore_eos, output_kind=RequestOutputKind.DELTA)
-        inputs: dict[str, Any] = request.rendered
-        if inputs is None:
-            inputs = with_media(
-                {"prompt": self.prompt(request)}, request.images, request.videos, request.embeds
-            )
         t0, ttft = time.perf_counter(), None
         text: list[str] = []
         tokens = 0  # DELTA outputs: each chunk holds only the new tokens
         final: Any = None
         try:
+            inputs: dict[str, Any] = request.rendered
+            if inputs is None:  # the chat template can refuse a conversation (Mistral's does)
+                inputs = with_media(self.prompt(request), request.images, request.videos, request.embeds)
             async for out in self._llm.generate(
                 inputs,
                 params,
@@ -198,8 +206,11 @@ class VllmEngine:
         return {"running": unfinished, "waiting": min(self._waiting, unfinished)}
 
 
-def chat_template_owner(path: str, trust: bool) -> Any:
-    """The processor when the model ships one (it knows the image tokens), else the tokenizer."""
+def chat_template_owner(path: str, trust: bool, tokenizer_mode: str = "auto") -> Any:
+    """The processor when the model ships one (it knows the image tokens), else the tokenizer;
+    Mistral's own encoder with `tokenizer_mode=mistral`."""
+    if tokenizer_mode == "mistral":
+        return MistralChat(path)
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
@@ -211,9 +222,58 @@ def chat_template_owner(path: str, trust: bool) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
 
 
-def chat_prompt(template: Any, messages: list[Message]) -> str:
+def chat_input(template: Any, messages: list[Message], images: Sequence[Any]) -> dict[str, Any]:
+    if isinstance(template, MistralChat):
+        return {"prompt_token_ids": template.encode(messages, images)}
     text = template.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=True)
-    return str(text)
+    return {"prompt": str(text)}
+
+
+class MistralChat:
+    """Mistral-format models' chat encoding (mistral_common, from the checkpoint's own
+    tekken.json / tokenizer.model.v*). vLLM's Pixtral expects the image tokens in the prompt
+    already, and their number depends on each image's size: so the images go in here too."""
+
+    def __init__(self, path: str) -> None:
+        from vllm.tokenizers.mistral import MistralTokenizer
+
+        self._mistral = MistralTokenizer.from_pretrained(path).mistral
+        ids = self._mistral.instruct_tokenizer.image_encoder.special_ids
+        self.image_token_ids = {ids.img}
+
+    def encode(self, messages: list[Message], images: Sequence[Any]) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        pictures = iter(images)
+        request = ChatCompletionRequest(messages=[_mistral_message(m, pictures) for m in messages])
+        try:
+            return list(self._mistral.encode_chat_completion(request).tokens)
+        except (AssertionError, ValueError) as exc:  # mistral_common validates with asserts
+            msg = f"Mistral's chat format refused the messages: {exc}"
+            raise VlmqError(ErrorCode.INVALID_JOB, msg) from None
+
+
+def _mistral_message(m: Message, images: Iterator[Any]) -> Any:
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        ImageChunk,
+        SystemMessage,
+        TextChunk,
+        UserMessage,
+    )
+
+    if m.role != "user":  # Mistral's system and assistant turns hold text only
+        text = "".join(p.text for p in m.parts if isinstance(p, TextPart))
+        return SystemMessage(content=text) if m.role == "system" else AssistantMessage(content=text)
+    chunks: list[Any] = []
+    for p in m.parts:
+        if isinstance(p, TextPart):
+            chunks.append(TextChunk(text=p.text))
+        elif p.kind == "image":
+            chunks.append(ImageChunk(image=next(images)))
+        else:
+            raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, f"Mistral-format models here take no {p.kind} input")
+    return UserMessage(content=chunks)
 
 
 def embed_spec(model_config: Any) -> EmbedSpec:
@@ -255,21 +315,22 @@ class VllmRendererFactory:
     """Builds, in an image process, vLLM's own renderer from the running engine's config, so
     the two cannot drift (same tokenizer, processor, limits and placeholders)."""
 
-    def __init__(self, vllm_config: Any, path: str, trust: bool) -> None:
+    def __init__(self, vllm_config: Any, path: str, trust: bool, tokenizer_mode: str = "auto") -> None:
         self.vllm_config = vllm_config
         self.path = path
         self.trust = trust
+        self.tokenizer_mode = tokenizer_mode
 
     def __call__(self) -> VllmRenderer:
-        return VllmRenderer(self.vllm_config, self.path, self.trust)
+        return VllmRenderer(self.vllm_config, self.path, self.trust, self.tokenizer_mode)
 
 
 class VllmRenderer:
-    def __init__(self, vllm_config: Any, path: str, trust: bool) -> None:
+    def __init__(self, vllm_config: Any, path: str, trust: bool, tokenizer_mode: str = "auto") -> None:
         from vllm.renderers.registry import renderer_from_config
 
         self._renderer = renderer_from_config(vllm_config)
-        self._template = chat_template_owner(path, trust)
+        self._template = chat_template_owner(path, trust, tokenizer_mode)
         # With the processor cache and prefix caching off, vLLM names each image
         # "renderer<rank>-mm-<counter>-image-<i>" instead of hashing it, and the engine's
         # encoder cache is keyed by that name. Every process here would count from 1 under
@@ -280,7 +341,7 @@ class VllmRenderer:
         self._renderer.api_process_rank = self._tag
 
     def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
-        prompt = {"prompt": chat_prompt(self._template, messages)}
+        prompt = chat_input(self._template, messages, inputs.images)
         prompt = with_media(prompt, inputs.images, inputs.videos, inputs.embeds)
         # skip_mm_cache: a processor cache here would be per process, and could not agree
         # with the engine's.
