@@ -410,3 +410,100 @@ def check_video(r: Result, per_image: int, counts_images: bool) -> None:
         assert r.usage.image_tokens == 2 * pair, r.usage
     else:
         assert r.usage.prompt_tokens > 2 * pair, r.usage
+
+
+# Families whose prompts vLLM builds differently: Pixtral in Mistral's own format (tekken.json,
+# params.json; mistral_common encodes the chat and the image tokens), InternVL2.5 in
+# transformers' InternVL layout (each image tiled into 448-pixel crops and a thumbnail).
+FAMILY_FLAGS = {
+    "tiny-pixtral": ("--tokenizer-mode", "mistral", "-e", "config_format=mistral", "-e", "load_format=dummy"),
+    "tiny-internvl": (),
+}
+FAMILY_MAX_LEN = 8192
+
+
+def family_image_tokens(family: str) -> int:
+    """Image tokens per 320x240 test photo, which the worker resizes to 532x392 first.
+    Pixtral: one [IMG] per 16x16 patch (rows end in [IMG_BREAK]/[IMG_END], not counted).
+    InternVL: the 4:3 grid of 12 crops nearest 532x392 plus a thumbnail, 256 tokens each."""
+    s = WorkerSettings()
+    h, w = smart_resize(240, 320, 28, s.min_pixels, s.max_pixels)
+    return -(-w // 16) * -(-h // 16) if "pixtral" in family else 13 * 256
+
+
+@pytest.mark.parametrize("family", ["tiny-pixtral", "tiny-internvl"])
+async def test_more_families_through_vllm(e: Env, tiny_models: Callable[[str], Path], family: str) -> None:
+    """One- and two-image jobs (exact image tokens), a system turn, choice and JSON-schema
+    output, a prompt over max_model_len, and (Pixtral, whose Mistral chat takes no video) a
+    video job that fails `unsupported_input`; every failure dead-lettered."""
+    uris = put_images(e, 2, w=320, h=240)
+    port = free_port()
+    flags = [f for f in FLAGS["vllm"] if not f.startswith("--max-model-len")]
+    proc = start_worker(
+        e,
+        "engine",
+        python=PYTHON,
+        metrics_port=port,
+        max_in_flight=32,
+        env=ENV,
+        args=(
+            "--engine", "vllm", "--model", str(tiny_models(family)), *flags,
+            f"--max-model-len={FAMILY_MAX_LEN}", *FAMILY_FLAGS[family],
+        ),
+    )  # fmt: skip
+    await asyncio.to_thread(
+        wait_until, lambda: worker_ready(port) or proc.poll() is not None, "the worker", 300
+    )
+    assert proc.poll() is None, log_text(e, "engine")[-3000:]
+    t = e.tag
+    jobs = {
+        "one": caption(uris[0], job_id=f"{t}-one", max_tokens=8),
+        "two": Job(
+            job_id=f"{t}-two",
+            messages=[Message("user", [ImageRef(uris[0]), TextPart("And this?"), ImageRef(uris[1])])],
+            sampling=Sampling(max_tokens=8),
+        ),
+        "system": Job(
+            job_id=f"{t}-system",
+            messages=[
+                Message("system", "Answer in one word."),
+                Message("user", [ImageRef(uris[1]), TextPart("?")]),
+            ],
+            sampling=Sampling(max_tokens=4),
+        ),
+        "json": Job(
+            job_id=f"{t}-json",
+            messages=[Message("user", [ImageRef(uris[0]), TextPart("Safe?")])],
+            response_format=JsonSchemaFormat(SCHEMA),
+            sampling=Sampling(max_tokens=32),
+        ),
+        "choice": moderate(uris[1], ["safe", "unsafe"], job_id=f"{t}-choice"),
+        "long": Job(
+            job_id=f"{t}-long",
+            messages=[Message("user", "word " * (FAMILY_MAX_LEN + 100))],
+            sampling=Sampling(max_tokens=8),
+        ),
+    }
+    if "pixtral" in family:
+        boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="c.mp4", Body=clip(seconds=2))
+        jobs["video"] = video(f"s3://{e.bucket}/c.mp4", num_frames=2, job_id=f"{t}-video", max_tokens=4)
+    async with Client(
+        e.kafka, e.redis, topic=e.jobs_topic, redis_options={"socket_timeout": STALL_S}
+    ) as client:
+        await client.submit_many(list(jobs.values()))
+        r = dict(
+            zip(jobs, await client.wait_many([j.job_id for j in jobs.values()], timeout=300), strict=True)
+        )
+    for name in ("one", "two", "system", "json", "choice"):
+        assert r[name].state is JobState.SUCCEEDED and r[name].usage is not None, (name, r[name].error)
+    per_image = family_image_tokens(family)
+    assert [r[n].usage.image_tokens for n in ("one", "two")] == [per_image, 2 * per_image]  # type: ignore[union-attr]
+    assert isinstance(r["json"].parsed, dict) and isinstance(r["json"].parsed["safe"], bool), r["json"].text
+    assert r["choice"].text in ("safe", "unsafe"), r["choice"].text
+    failed = {"long": ErrorCode.PROMPT_TOO_LONG, "video": ErrorCode.UNSUPPORTED_INPUT}
+    for name, code in failed.items():
+        error = r[name].error if name in r else None
+        assert name not in r or (error is not None and error.code is code), (name, r.get(name))
+    dead = await read_topic(e, e.dlq_topic, expect=len(failed.keys() & r.keys()))
+    assert sorted(m.key.decode() for m in dead) == sorted(r[n].job_id for n in failed if n in r)
+    assert stop_worker(proc, timeout=120) == 0
