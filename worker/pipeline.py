@@ -19,6 +19,7 @@ import structlog
 from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
+    ChoiceFormat,
     EmbeddingRef,
     Error,
     ImageRef,
@@ -244,18 +245,16 @@ class Pipeline:
 
     def _succeeded(self, job: Job, out: EngineOutput, attempt: int, timings: Timings) -> Result:
         parsed = None
-        if isinstance(job.response_format, JsonSchemaFormat):
+        fmt = job.response_format
+        # An engine (or an OpenAI-compatible server that ignored the constraint) answering
+        # outside the format fails typed: a result is never claimed valid when it is not.
+        if isinstance(fmt, ChoiceFormat) and out.text not in fmt.choices:
+            return self._off_format(job, out, attempt, timings, "engine output is not one of the choices")
+        if isinstance(fmt, JsonSchemaFormat):
             try:
                 parsed = json.loads(out.text)
             except ValueError:
-                return self.result(
-                    job,
-                    JobState.FAILED,
-                    attempt,
-                    timings,
-                    error=Error(ErrorCode.ENGINE_ERROR, "engine output is not valid JSON", True),
-                    text=out.text,
-                )
+                return self._off_format(job, out, attempt, timings, "engine output is not valid JSON")
         usage = Usage(out.prompt_tokens, out.completion_tokens, out.image_tokens)
         return self.result(
             job,
@@ -267,6 +266,10 @@ class Pipeline:
             finish_reason=out.finish_reason,
             usage=usage,
         )
+
+    def _off_format(self, job: Job, out: EngineOutput, attempt: int, timings: Timings, why: str) -> Result:
+        error = Error(ErrorCode.ENGINE_ERROR, why, True)
+        return self.result(job, JobState.FAILED, attempt, timings, error=error, text=out.text)
 
     def result(
         self,

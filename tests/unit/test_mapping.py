@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from vlmq.schemas import (
@@ -18,10 +19,12 @@ from vlmq.schemas import (
     Sampling,
     TextPart,
 )
+from vlmq.schemas.errors import VlmqError
 from vlmq.worker.engines import EngineConfigError, EngineRequest, make_engine
 from vlmq.worker.engines.lmdeploy import LmdeployEngine
 from vlmq.worker.engines.mapping import (
     engine_error,
+    gbnf_choice,
     grammar,
     hf_gen_kwargs,
     hf_messages,
@@ -39,6 +42,7 @@ MSGS = [
     Message("system", "Be brief."),
     Message("user", [ImageRef("s3://b/1.jpg"), TextPart("Compare"), ImageRef("s3://b/2.jpg")]),
 ]
+URLS = ["data:image/png;base64,AA", "data:image/png;base64,BB"]
 FULL = Sampling(
     max_tokens=64, temperature=0.7, top_p=0.9, top_k=20, seed=7, stop=["\n\n"], repetition_penalty=1.05
 )
@@ -241,9 +245,32 @@ def test_worker_takes_engine_flags_as_vllm_serve_spells_them() -> None:
     two = make_engine("vllm", "/m", {"limit_mm_per_prompt": "image=2,video=1"})
     assert isinstance(two, VllmEngine)
     assert two.engine_args["limit_mm_per_prompt"] == {"image": 2, "video": 1}
-    lm = make_engine("lmdeploy", "/m", engine_flags(["--tp", "1", "--session-len", "8192"]))
+    # Qwen2.5-VL's seed: the processor's pixel budget, as vllm serve takes it (JSON).
+    qwen = make_engine(
+        "vllm", "/m", engine_flags(["--mm-processor-kwargs", '{"min_pixels": 200704, "max_pixels": 1003520}'])
+    )
+    assert isinstance(qwen, VllmEngine)
+    assert qwen.engine_args["mm_processor_kwargs"] == {"min_pixels": 200704, "max_pixels": 1003520}
+    assert "trust_remote_code" not in qwen.engine_args  # remote code runs only when asked
+    lm = make_engine(
+        "lmdeploy",
+        "/m",
+        engine_flags(
+            [
+                "--tp",
+                "1",
+                "--session-len",
+                "8192",
+                "--vision-max-batch-size",
+                "4",
+                "--chat-template",
+                "internvl2_5",
+            ]
+        ),
+    )
     assert isinstance(lm, LmdeployEngine)
     assert lm.options == {"tp": 1, "session_len": 8192}
+    assert (lm.vision_max_batch_size, lm.chat_template, lm.trust_remote_code) == (4, "internvl2_5", False)
     with pytest.raises(ValueError, match="engine options are --name value"):
         engine_flags(["8192"])
 
@@ -288,3 +315,24 @@ def test_server_errors_map_to_the_same_codes_as_engine_errors(
     status: int, message: str, code: ErrorCode
 ) -> None:
     assert http_error(status, message).code is code
+
+
+def test_llama_cpp_servers_get_a_choice_as_a_gbnf_grammar() -> None:
+    """llama-server and llama-box ignore vLLM's `structured_outputs`: a choice goes as a GBNF
+    grammar whose literals hold any text (quotes, backslashes, newlines, control bytes)."""
+    assert gbnf_choice(["safe", "unsafe"]) == 'root ::= "safe" | "unsafe"'
+    assert gbnf_choice(['say "hi"\\', "a\nb\tc\x01", "ünï"]) == (
+        'root ::= "say \\"hi\\"\\\\" | "a\\nb\\tc\\x01" | "ünï"'
+    )
+    choice = EngineRequest(
+        request_id="r", messages=MSGS, images=[], sampling=FULL, response_format=ChoiceFormat(["x", "y"])
+    )
+    body = openai_body(choice, URLS, "m", structured="llama.cpp")
+    assert body["grammar"] == 'root ::= "x" | "y"' and "structured_outputs" not in body
+    regex = msgspec.structs.replace(choice, response_format=RegexFormat("[a-z]+"))
+    with pytest.raises(VlmqError) as refused:
+        openai_body(regex, URLS, "m", structured="llama.cpp")
+    assert refused.value.code is ErrorCode.UNSUPPORTED_INPUT
+    assert openai_body(regex, URLS, "m")["structured_outputs"] == {"regex": "[a-z]+"}
+    with pytest.raises(EngineConfigError, match=r"vllm or llama\.cpp"):
+        make_engine("openai", "m", {"structured": "tgi"})

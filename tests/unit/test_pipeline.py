@@ -10,7 +10,18 @@ import msgspec
 import pytest
 
 from tests.expect import expected_text
-from vlmq.schemas import ErrorCode, ImageRef, Job, JobState, Message, Part, Sampling, TextPart
+from vlmq.schemas import (
+    ChoiceFormat,
+    ErrorCode,
+    ImageRef,
+    Job,
+    JobState,
+    JsonSchemaFormat,
+    Message,
+    Part,
+    Sampling,
+    TextPart,
+)
 from vlmq.worker.engines import EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.fake import FakeEngine
 from vlmq.worker.fetch import Fetcher
@@ -141,3 +152,33 @@ async def test_an_engine_bug_fails_the_job_but_a_dead_engine_stops_the_worker(
     async for pipeline in _pipeline(settings, Dying()):
         with pytest.raises(EngineDead):
             await pipeline.run(_job("hi"), attempt=1)
+
+
+class OffFormat(FakeEngine):
+    """An engine (or an OpenAI-compatible server that ignored the constraint) answering
+    outside the job's format."""
+
+    async def generate(self, request: EngineRequest) -> EngineOutput:
+        out = await super().generate(request)
+        out.text = "maybe" if isinstance(request.response_format, ChoiceFormat) else "{not json"
+        return out
+
+
+@pytest.mark.parametrize(
+    ("fmt", "why"),
+    [
+        (ChoiceFormat(["safe", "unsafe"]), "engine output is not one of the choices"),
+        (JsonSchemaFormat({"type": "object"}), "engine output is not valid JSON"),
+    ],
+)
+async def test_an_answer_outside_the_format_is_a_typed_failure(
+    settings: WorkerSettings, fmt: ChoiceFormat | JsonSchemaFormat, why: str
+) -> None:
+    job = msgspec.structs.replace(_job("Safe?"), response_format=fmt)
+    async for pipeline in _pipeline(settings, OffFormat(step_ms=1)):
+        result = await pipeline.run(job, attempt=1)
+        assert result.state is JobState.FAILED and result.error is not None
+        assert (result.error.code, result.error.message) == (ErrorCode.ENGINE_ERROR, why)
+        assert result.text in ("maybe", "{not json")  # kept, for whoever looks into it
+    async for pipeline in _pipeline(settings, FakeEngine(step_ms=1)):  # in format: succeeds
+        assert (await pipeline.run(job, attempt=1)).state is JobState.SUCCEEDED

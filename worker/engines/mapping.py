@@ -140,10 +140,16 @@ def grammar(fmt: ResponseFormat | None) -> tuple[Literal["json", "regex"], Any] 
 
 
 def openai_body(
-    request: EngineRequest, image_urls: list[str], model: str, video_urls: Sequence[str] = ()
+    request: EngineRequest,
+    image_urls: list[str],
+    model: str,
+    video_urls: Sequence[str] = (),
+    structured: str = "vllm",
 ) -> dict[str, Any]:
-    """A `/v1/chat/completions` body; images (videos) as the given (data:) URLs. Choice and
-    regex use vLLM's `structured_outputs` extension, which servers without it refuse."""
+    """A `/v1/chat/completions` body; images (videos) as the given (data:) URLs. JSON goes as
+    OpenAI's `response_format`; choice and regex as vLLM's `structured_outputs` extension, or
+    for llama.cpp servers (`structured="llama.cpp"`: llama-server, llama-box) a choice as a
+    GBNF `grammar` (they have no regex)."""
     s = request.sampling
     body: dict[str, Any] = {
         "model": model,
@@ -166,9 +172,26 @@ def openai_body(
             "type": "json_schema",
             "json_schema": {"name": "vlmq", "schema": fmt.schema},
         }
-    elif (structured := structured_outputs(fmt)) is not None:
-        body["structured_outputs"] = structured
+    elif structured == "llama.cpp" and isinstance(fmt, ChoiceFormat):
+        body["grammar"] = gbnf_choice(fmt.choices)
+    elif structured == "llama.cpp" and isinstance(fmt, RegexFormat):
+        msg = "llama.cpp servers take no regex output (use a choice or JSON)"
+        raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, msg)
+    elif (spec := structured_outputs(fmt)) is not None:
+        body["structured_outputs"] = spec
     return body
+
+
+_GBNF_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def gbnf_choice(choices: Sequence[str]) -> str:
+    """A llama.cpp (GBNF) grammar whose only sentences are the choices, each a quoted literal."""
+
+    def literal(text: str) -> str:
+        return '"' + "".join(_GBNF_ESCAPES.get(c, c if c >= " " else f"\\x{ord(c):02x}") for c in text) + '"'
+
+    return "root ::= " + " | ".join(literal(c) for c in choices)
 
 
 def hf_gen_kwargs(sampling: Sampling) -> dict[str, Any]:

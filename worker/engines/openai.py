@@ -5,7 +5,8 @@ Images go as base64 data URLs (the worker already fetched and resized them, so t
 never reaches into your storage). Concurrency is bounded (`max_concurrency`), 429 and 5xx
 are retried with backoff, and abort cancels the HTTP request. Options: `base_url`,
 `api_key`, `max_concurrency`, `timeout_s`, `retries`, `served_model` (the server's model
-name, default the worker's model).
+name, default the worker's model), `structured` (`vllm`: choice and regex as vLLM's
+`structured_outputs`; `llama.cpp`: a choice as a GBNF grammar, for llama-server and llama-box).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import aiohttp
 
 from vlmq.core.retry import retry
 from vlmq.worker.embeds import EmbedSpec
-from vlmq.worker.engines.base import EngineOutput, EngineRequest
+from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import http_error, openai_body
 from vlmq.worker.video import Video, encode_mp4
 
@@ -44,9 +45,13 @@ class OpenAIEngine:
         timeout_s: float = 600.0,
         retries: int = 4,
         served_model: str | None = None,
+        structured: str = "vllm",
         image_factor: int = 28,
     ) -> None:
+        if structured not in ("vllm", "llama.cpp"):
+            raise EngineConfigError(f"structured must be vllm or llama.cpp, not {structured!r}")
         self.model = model
+        self.structured = structured
         self.served_model = served_model or model
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -78,7 +83,7 @@ class OpenAIEngine:
         # Encoding images (videos) costs milliseconds each: off the event loop.
         urls = await asyncio.to_thread(lambda: [_data_url(i) for i in request.images])
         videos = await asyncio.to_thread(lambda: [_video_url(v) for v in request.videos])
-        return openai_body(request, urls, self.served_model, videos)
+        return openai_body(request, urls, self.served_model, videos, self.structured)
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
         task = asyncio.ensure_future(self._call(request))
