@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-dev
 ENGINES_VENV ?= .venv-engines
 ENGINES_STAMP := $(ENGINES_VENV)/.installed
 
-.PHONY: demo test unit pythons integration engines engines-test lint typecheck deploy-check lock clean browser
+.PHONY: demo test unit pythons integration engines engines-test gguf-test lint typecheck deploy-check lock clean browser
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,14 @@ integration: $(STAMP) browser
 
 engines-test: $(STAMP) $(ENGINES_STAMP)
 	VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python $(BIN)/python -m pytest tests/engines $(PYTEST_ARGS)
+
+# The GGUF lane: llama.cpp's server built from source (~45 minutes on 2 cores, once; so not
+# part of `make test`), a GGUF Qwen2-VL + mmproj, a worker with --engine openai.
+GGUF_DIR ?= .cache/llama.cpp
+gguf-test: $(STAMP) $(ENGINES_STAMP)
+	PYTHON=$(abspath $(BIN))/python bash tests/cpu_engines/llama_server.sh $(GGUF_DIR)
+	VLMQ_TEST_LLAMA_CPP=$(abspath $(GGUF_DIR)) VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python \
+		$(BIN)/python -m pytest tests/engines/test_gguf.py $(PYTEST_ARGS)
 
 # Re-resolve the dev set from pyproject.toml and record it (review the diff).
 lock:

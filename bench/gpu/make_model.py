@@ -126,6 +126,8 @@ def build(name: str, out: Path) -> None:
         return build_llava(name, config, out)
     if config["model_type"] == "internvl":
         return build_internvl(name, config, out)
+    if config["model_type"] == "mllama":
+        return build_mllama(name, config, out)
     vocab = byte_vocab()
     ids = {t: len(vocab) + i for i, t in enumerate(SPECIALS)}
     config |= {
@@ -316,6 +318,70 @@ def build_internvl(name: str, config: dict[str, Any], out: Path) -> None:
     for file, data in files.items():
         (out / file).write_text(json.dumps(data, indent=1, ensure_ascii=False))
     print(f"{name}: {out} (image_token_id {ids['<IMG_CONTEXT>']}, eos {ids['<|im_end|>']})")
+
+
+MLLAMA_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|image|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_mllama(name: str, config: dict[str, Any], out: Path) -> None:
+    """Llama-3.2-Vision: an <|image|> token per image in the text, whose tiles (up to 4 of
+    the vision config's image_size, by the supported aspect ratios) the text layers attend
+    to through their cross-attention layers; Llama 3's header-style chat template."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+    specials += ["<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
+    vocab = byte_vocab()
+    ids = {t: len(vocab) + i for i, t in enumerate(specials)}
+    config["image_token_index"] = ids["<|image|>"]
+    config["text_config"] |= {
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+        "pad_token_id": ids["<|finetune_right_pad_id|>"],
+    }
+    side = config["vision_config"]["image_size"]
+    files: dict[str, object] = {
+        "config.json": config,
+        "generation_config.json": {
+            "bos_token_id": ids["<|begin_of_text|>"],
+            "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+            "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        },
+        "tokenizer.json": tokenizer_json(vocab, specials),
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 131072,
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "pad_token": "<|finetune_right_pad_id|>",
+            "chat_template": MLLAMA_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+        },
+        "chat_template.json": {"chat_template": MLLAMA_TEMPLATE},
+        "preprocessor_config.json": {
+            "image_processor_type": "MllamaImageProcessor",
+            "processor_class": "MllamaProcessor",
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_pad": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "max_image_tiles": config["vision_config"]["max_num_tiles"],
+            "resample": 2,
+            "rescale_factor": 1 / 255,
+            "size": {"height": side, "width": side},
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        (out / file).write_text(json.dumps(data, indent=1))
+    print(f"{name}: {out} (image_token_index {ids['<|image|>']}, eos {ids['<|eot_id|>']})")
 
 
 def build_mistral(name: str, config: dict[str, Any], out: Path) -> None:

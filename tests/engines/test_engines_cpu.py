@@ -412,33 +412,47 @@ def check_video(r: Result, per_image: int, counts_images: bool) -> None:
         assert r.usage.prompt_tokens > 2 * pair, r.usage
 
 
-# Families whose prompts vLLM builds differently: Pixtral in Mistral's own format (tekken.json,
+# Families whose prompts are built differently: Pixtral in Mistral's own format (tekken.json,
 # params.json; mistral_common encodes the chat and the image tokens), InternVL2.5 in
-# transformers' InternVL layout (each image tiled into 448-pixel crops and a thumbnail).
+# transformers' InternVL layout (each image tiled into 448-pixel crops and a thumbnail),
+# Llama-3.2-Vision (one <|image|> token whose tiles cross-attention reads; vLLM dropped it,
+# transformers serves it).
 FAMILY_FLAGS = {
     "tiny-pixtral": ("--tokenizer-mode", "mistral", "-e", "config_format=mistral", "-e", "load_format=dummy"),
     "tiny-internvl": (),
+    "tiny-mllama": (),
 }
+# Pixtral's Mistral chat and Llama-3.2-Vision's processor take no video.
+NO_VIDEO = ("tiny-pixtral", "tiny-mllama")
 FAMILY_MAX_LEN = 8192
 
 
 def family_image_tokens(family: str) -> int:
     """Image tokens per 320x240 test photo, which the worker resizes to 532x392 first.
     Pixtral: one [IMG] per 16x16 patch (rows end in [IMG_BREAK]/[IMG_END], not counted).
-    InternVL: the 4:3 grid of 12 crops nearest 532x392 plus a thumbnail, 256 tokens each."""
+    InternVL: the 4:3 grid of 12 crops nearest 532x392 plus a thumbnail, 256 tokens each.
+    Llama-3.2-Vision: the one <|image|> token (its tiles enter through cross-attention)."""
+    if "mllama" in family:
+        return 1
     s = WorkerSettings()
     h, w = smart_resize(240, 320, 28, s.min_pixels, s.max_pixels)
     return -(-w // 16) * -(-h // 16) if "pixtral" in family else 13 * 256
 
 
-@pytest.mark.parametrize("family", ["tiny-pixtral", "tiny-internvl"])
-async def test_more_families_through_vllm(e: Env, tiny_models: Callable[[str], Path], family: str) -> None:
+@pytest.mark.parametrize(
+    ("engine", "family"), [("vllm", "tiny-pixtral"), ("vllm", "tiny-internvl"), ("hf", "tiny-mllama")]
+)
+async def test_more_families(e: Env, tiny_models: Callable[[str], Path], engine: str, family: str) -> None:
     """One- and two-image jobs (exact image tokens), a system turn, choice and JSON-schema
-    output, a prompt over max_model_len, and (Pixtral, whose Mistral chat takes no video) a
-    video job that fails `unsupported_input`; every failure dead-lettered."""
+    output, a prompt over max_model_len, and (families that take no video) a video job that
+    fails `unsupported_input`; every failure dead-lettered."""
     uris = put_images(e, 2, w=320, h=240)
     port = free_port()
-    flags = [f for f in FLAGS["vllm"] if not f.startswith("--max-model-len")]
+    flags = [f for f in FLAGS["vllm"] if not f.startswith("--max-model-len")] + [
+        f"--max-model-len={FAMILY_MAX_LEN}"
+    ]
+    if engine == "hf":
+        flags = list(FLAGS["hf"])
     proc = start_worker(
         e,
         "engine",
@@ -447,8 +461,7 @@ async def test_more_families_through_vllm(e: Env, tiny_models: Callable[[str], P
         max_in_flight=32,
         env=ENV,
         args=(
-            "--engine", "vllm", "--model", str(tiny_models(family)), *flags,
-            f"--max-model-len={FAMILY_MAX_LEN}", *FAMILY_FLAGS[family],
+            "--engine", engine, "--model", str(tiny_models(family)), *flags, *FAMILY_FLAGS[family],
         ),
     )  # fmt: skip
     await asyncio.to_thread(
@@ -480,11 +493,11 @@ async def test_more_families_through_vllm(e: Env, tiny_models: Callable[[str], P
         "choice": moderate(uris[1], ["safe", "unsafe"], job_id=f"{t}-choice"),
         "long": Job(
             job_id=f"{t}-long",
-            messages=[Message("user", "word " * (FAMILY_MAX_LEN + 100))],
+            messages=[Message("user", "word " * (FAMILY_MAX_LEN + 100))],  # > 32768 byte tokens too
             sampling=Sampling(max_tokens=8),
         ),
     }
-    if "pixtral" in family:
+    if family in NO_VIDEO:
         boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="c.mp4", Body=clip(seconds=2))
         jobs["video"] = video(f"s3://{e.bucket}/c.mp4", num_frames=2, job_id=f"{t}-video", max_tokens=4)
     async with Client(

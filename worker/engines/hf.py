@@ -186,7 +186,9 @@ class HfEngine:
         ]
 
     def _inputs(self, batch: list[_Pending]) -> Any:
-        images = [img for p in batch for img in p.request.images]
+        # Per prompt, nested: processors that pair images with their prompt's image tokens
+        # (Llama-3.2-Vision's) need to know whose they are; the others flatten the list.
+        images = [list(p.request.images) for p in batch] if any(p.request.images for p in batch) else None
         videos = [v for p in batch for v in p.request.videos]
         kw: dict[str, Any] = {}
         if videos:  # sampled already: the processor must not sample again
@@ -196,7 +198,7 @@ class HfEngine:
                 "do_sample_frames": False,
             }
         return self._proc(
-            text=[p.prompt for p in batch], images=images or None, padding=True, return_tensors="pt", **kw
+            text=[p.prompt for p in batch], images=images, padding=True, return_tensors="pt", **kw
         )
 
     def _without_too_long(
