@@ -48,10 +48,10 @@ deploy-check: $(STAMP)
 	$(BIN)/python tests/deploy/check_grafana.py deploy/grafana/vlmq.json
 
 # Fast feedback first: lint, types and the unit tests (no servers, seconds); then the other
-# venvs are built side by side (pip only, no test runs meanwhile); then the unit tests on the
+# venvs and llama.cpp's server are built side by side (no test runs meanwhile); then the unit tests on the
 # other Pythons, the integration tests (real tansu, redis-server, moto_server), the engines.
 test: lint typecheck unit
-	$(MAKE) -j3 $(ENGINES_STAMP) $(PY_STAMPS)
+	$(MAKE) -j3 $(ENGINES_STAMP) $(PY_STAMPS) $(GGUF_BIN)
 	$(MAKE) pythons deploy-check integration engines-test
 
 unit: $(STAMP)
@@ -77,16 +77,20 @@ browser:
 integration: $(STAMP) browser
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-engines-test: $(STAMP) $(ENGINES_STAMP)
-	VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python $(BIN)/python -m pytest tests/engines $(PYTEST_ARGS)
-
-# The GGUF lane: llama.cpp's server built from source (~45 minutes on 2 cores, once; so not
-# part of `make test`), a GGUF Qwen2-VL + mmproj, a worker with --engine openai.
+# The GGUF lane's llama.cpp server, built from llama.cpp's source (~15 minutes on 2 cores,
+# once, beside the venvs): tests/engines/test_gguf.py serves a GGUF Qwen2-VL with it.
 GGUF_DIR ?= .cache/llama.cpp
-gguf-test: $(STAMP) $(ENGINES_STAMP)
-	PYTHON=$(abspath $(BIN))/python bash tests/cpu_engines/llama_server.sh $(GGUF_DIR)
-	VLMQ_TEST_LLAMA_CPP=$(abspath $(GGUF_DIR)) VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python \
-		$(BIN)/python -m pytest tests/engines/test_gguf.py $(PYTEST_ARGS)
+GGUF_BIN := $(GGUF_DIR)/bin/llama-server
+$(GGUF_BIN): tests/cpu_engines/llama_server.sh
+	PYTHON=$(PYTHON) bash tests/cpu_engines/llama_server.sh $(GGUF_DIR)
+
+ENGINES_ENV := VLMQ_TEST_ENGINES_PYTHON=$(abspath $(ENGINES_VENV))/bin/python VLMQ_TEST_LLAMA_CPP=$(abspath $(GGUF_DIR))
+engines-test: $(STAMP) $(ENGINES_STAMP) $(GGUF_BIN)
+	$(ENGINES_ENV) $(BIN)/python -m pytest tests/engines $(PYTEST_ARGS)
+
+gguf-test: $(STAMP) $(ENGINES_STAMP) $(GGUF_BIN)
+	$(ENGINES_ENV) $(BIN)/python -m pytest tests/engines/test_gguf.py $(PYTEST_ARGS)
+
 
 # Re-resolve the dev set from pyproject.toml and record it (review the diff).
 lock:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import boto3
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from vlmq.deploy.stack import wait_until
+from vlmq.deploy.stack import http_status, wait_until
 from vlmq.producer import Client
 from vlmq.schemas import JobState
 from vlmq.worker.samples import photo
@@ -176,3 +177,23 @@ async def committed_offsets(e: Env) -> dict[int, int]:
         return {tp.partition: (await consumer.committed(tp)) or 0 for tp in tps}
     finally:
         await consumer.stop()
+
+
+@contextlib.contextmanager
+def http_server(
+    e: Env, name: str, argv: list[str], port: int, timeout: float, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A server process answering GET /health with 200 on `port` (vllm serve, llama-server):
+    its base URL while it runs; its whole process group is stopped afterwards; its output in
+    e.tmp/<name>.log."""
+    with open(e.tmp / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(f"{url}/health") == 200 or proc.poll() is not None, name, timeout)
+        assert proc.poll() is None, (e.tmp / f"{name}.log").read_text()[-3000:]
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU runs need into .whl/<set>/ (ignored by git), for the device's
-# Python 3.12 on x86_64. Sets: vlmq (with dependencies), vllm, lmdeploy (exact lists, --no-deps,
+# Python 3.12 on x86_64. Sets: vlmq (with dependencies), vllm, lmdeploy, turbomind (exact lists, --no-deps,
 # from ../shared/gpu-*-wheels.txt: what was seen to serve on the lent H100).
 #   bash bench/gpu/fetch_wheels.sh vlmq vllm lmdeploy
 set -euo pipefail

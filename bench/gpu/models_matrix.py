@@ -52,6 +52,20 @@ RAN = [
         "LMDeploy's PyTorch engine (its internvl3_hf model); the same folder as for vLLM with "
         "random bf16 weights made on the GPU; chat template from the folder (LMDeploy's 'hf')",
     ),
+    (
+        "qwen2.5-vl-3b",
+        "lmdeploy-turbomind",
+        ["-e backend=turbomind", "-e session_len=8192", "-e max_batch_size=128"],
+        "TurboMind (CUDA 12) on the CUDA 13 image: the CUDA 12 runtime and cuBLAS carried as "
+        "wheels (nvidia-cuda-runtime-cu12, nvidia-cublas-cu12 12.8) on LD_LIBRARY_PATH, NCCL the "
+        "image's; bench/gpu/turbomind.sh",
+    ),
+    (
+        "qwen2.5-vl-3b",
+        "lmdeploy-pytorch",
+        ["-e backend=pytorch", "-e session_len=8192", "-e max_batch_size=128"],
+        "the PyTorch engine on the same model, photos and run as the TurboMind row",
+    ),
 ]
 BLOCKED = [
     (
@@ -80,16 +94,6 @@ BLOCKED = [
         "image_processing_phi3_v.py); vLLM 0.26's phi3v.py calls that processor "
         "(img_tokens, calc_num_image_tokens_from_image_size) and transformers has no Phi3V. "
         "No hub is reachable here. Unblock: a machine with the hub, or those files",
-    ),
-    (
-        "internvl2.5-8b",
-        "lmdeploy-turbomind",
-        ["-e backend=turbomind", "--tp 1", "--session-len 8192"],
-        "LMDeploy 0.18's TurboMind library (_turbomind.cpython-312-x86_64-linux-gnu.so) links "
-        "libcudart.so.12, libcublas.so.12, libcublasLt.so.12 and libnccl.so.2 (ldd); the device "
-        "image is CUDA 13 with torch's own NCCL. Carrying the CUDA 12 runtime, cuBLAS and NCCL "
-        "wheels is ~1.1 GB, 64 MiB per device call: not tried in this budget. Unblock: an "
-        "LMDeploy build for CUDA 13, or a device stretch spent on carrying the CUDA 12 libraries",
     ),
 ]
 
@@ -143,7 +147,7 @@ def main() -> None:
             "baseline": "the same engine driven directly with the photos decoded and resized in memory",
             "value": "vlmq: S3 (moto) -> Kafka (tansu) -> worker -> Redis, from first submit to last result",
             "vllm": "0.26.0, enforce_eager (four cold starts in one device budget), max_num_seqs 128",
-            "lmdeploy": "0.18.0, PyTorch engine, cache_max_entry_count 0.6",
+            "lmdeploy": "0.18.0, the PyTorch engine unless a row says TurboMind, cache_max_entry_count 0.6",
             "feature_jobs": "multi-image, choice and JSON-schema jobs through the same worker",
             "top_level": "baseline/value/ratio are the row with the lowest vlmq / ceiling",
         },

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pack .whl/<set>/ into pieces of at most 58 MiB (.whl/pieces/<set>-NN/), one per device call:
 # a call carries 64 MiB at most. Wheels over the limit are split (joined again by install.sh).
-# TurboMind's CUDA 12 library is taken out of the LMDeploy wheel (the device has CUDA 13;
-# LMDeploy then runs its PyTorch engine).
+# TurboMind's CUDA 12 library is taken out of the "lmdeploy" set's wheel (the device has CUDA 13;
+# LMDeploy then runs its PyTorch engine); the "turbomind" set keeps it (turbomind.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LIMIT=$((58 * 1024 * 1024))

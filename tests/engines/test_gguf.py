@@ -2,7 +2,7 @@
 tests/cpu_engines/llama_server.sh) serving a GGUF Qwen2-VL and its mmproj, made from a
 random-weight checkpoint by llama.cpp's own converter, behind a real `vlmq worker
 --engine openai -e structured=llama.cpp` fed through Kafka with S3 images: the path of
-GPUStack's llama-box. Run by `make gguf-test` (the build takes ~45 minutes on 2 cores).
+GPUStack's llama-box. Part of `make test` (engines lane); alone: `make gguf-test`.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Env, log_text, put_images, read_topic, start_worker, stop_worker
-from vlmq.deploy.stack import free_port, http_status, wait_until, worker_ready
+from tests.helpers import Env, http_server, log_text, put_images, read_topic, start_worker, stop_worker
+from vlmq.deploy.stack import free_port, wait_until, worker_ready
 from vlmq.producer import Client, caption, moderate
 from vlmq.schemas import (
     ErrorCode,
@@ -64,30 +63,11 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @contextlib.contextmanager
 def llama_server(e: Env, model: Path, mmproj: Path) -> Iterator[str]:
     port = free_port()
-    with open(e.tmp / "llama-server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                str(LLAMA / "bin" / "llama-server"),
-                *("--model", str(model), "--mmproj", str(mmproj), "--alias", "tiny", "--jinja"),
-                *("--host", "127.0.0.1", "--port", str(port)),
-                *("--ctx-size", "8192", "--parallel", "4", "--threads", "2"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_until(
-            lambda: http_status(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None,
-            "llama-server",
-            120,
-        )
-        assert proc.poll() is None, (e.tmp / "llama-server.log").read_text()[-3000:]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+    argv = [str(LLAMA / "bin" / "llama-server"), "--model", str(model), "--mmproj", str(mmproj)]
+    argv += ["--alias", "tiny", "--jinja", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--ctx-size", "8192", "--parallel", "4", "--threads", "2"]
+    with http_server(e, "llama-server", argv, port, 120) as url:
+        yield url
 
 
 async def test_gguf_qwen2_vl_through_llama_server(e: Env, gguf: tuple[Path, Path]) -> None:

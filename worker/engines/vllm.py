@@ -242,13 +242,14 @@ class MistralChat:
         self.image_token_ids = {ids.img}
 
     def encode(self, messages: list[Message], images: Sequence[Any]) -> list[int]:
+        from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         pictures = iter(images)
         request = ChatCompletionRequest(messages=[_mistral_message(m, pictures) for m in messages])
         try:
             return list(self._mistral.encode_chat_completion(request).tokens)
-        except (AssertionError, ValueError) as exc:  # mistral_common validates with asserts
+        except (AssertionError, ValueError, MistralCommonException) as exc:  # it validates with asserts too
             msg = f"Mistral's chat format refused the messages: {exc}"
             raise VlmqError(ErrorCode.INVALID_JOB, msg) from None
 
@@ -262,18 +263,19 @@ def _mistral_message(m: Message, images: Iterator[Any]) -> Any:
         UserMessage,
     )
 
-    if m.role != "user":  # Mistral's system and assistant turns hold text only
-        text = "".join(p.text for p in m.parts if isinstance(p, TextPart))
-        return SystemMessage(content=text) if m.role == "system" else AssistantMessage(content=text)
     chunks: list[Any] = []
     for p in m.parts:
         if isinstance(p, TextPart):
             chunks.append(TextChunk(text=p.text))
-        elif p.kind == "image":
+        elif p.kind == "image" and m.role == "user":  # Mistral's other turns hold text only
             chunks.append(ImageChunk(image=next(images)))
         else:
-            raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, f"Mistral-format models here take no {p.kind} input")
-    return UserMessage(content=chunks)
+            msg = f"Mistral-format models take no {p.kind} input in a {m.role} message"
+            raise VlmqError(ErrorCode.UNSUPPORTED_INPUT, msg)
+    if m.role == "user":
+        return UserMessage(content=chunks)
+    text = "".join(c.text for c in chunks)
+    return SystemMessage(content=text) if m.role == "system" else AssistantMessage(content=text)
 
 
 def embed_spec(model_config: Any) -> EmbedSpec:
