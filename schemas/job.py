@@ -200,9 +200,8 @@ class Job(Struct, omit_defaults=True, frozen=True):
     def __post_init__(self) -> None:
         if self.v > VERSION:
             raise ValueError(f"unsupported schema version {self.v}: this build reads <= {VERSION}")
-        media = self.media
-        videos = sum(isinstance(p, VideoRef) for p in media)
-        images = len(media) - videos  # images and image embeddings
+        images, videos, embeds = self.counts()
+        images += embeds  # an embedding stands for an image
         if images > MAX_IMAGES_PER_JOB:
             raise ValueError(f"too many images: {images} > {MAX_IMAGES_PER_JOB}")
         if videos > MAX_VIDEOS_PER_JOB:
@@ -218,6 +217,11 @@ class Job(Struct, omit_defaults=True, frozen=True):
             for p in m.content
             if not isinstance(p, TextPart)
         ]
+
+    def counts(self) -> tuple[int, int, int]:
+        """(images, videos, image embeddings) in the messages, in one pass."""
+        kinds = [p.kind for p in self.media]
+        return kinds.count("image"), kinds.count("video"), kinds.count("image_embeds")
 
     @property
     def images(self) -> list[ImageRef]:

@@ -31,7 +31,6 @@ from vlmq.schemas.job import (
     TextPart,
     Timings,
     Usage,
-    VideoRef,
 )
 from vlmq.worker import metrics
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
@@ -91,17 +90,15 @@ class Pipeline:
             raise VlmqError(
                 ErrorCode.UNKNOWN_MODEL, f"this worker serves {self.engine.model!r}, not {job.model!r}"
             )
-        media = job.media
-        videos = sum(isinstance(p, VideoRef) for p in media)
-        embeds = sum(isinstance(p, EmbeddingRef) for p in media)
-        n = len(media) - videos  # images and embeddings alike
+        images, videos, embeds = job.counts()
+        n = images + embeds  # images and embeddings alike
         if n > self.settings.max_images_per_job:
             raise VlmqError(
                 ErrorCode.TOO_MANY_IMAGES,
                 f"{n} images > max_images_per_job {self.settings.max_images_per_job}",
             )
         self._check_videos(videos)
-        self._check_embeds(embeds, images=n - embeds)
+        self._check_embeds(embeds, images=images)
         topic = job.result_topic
         if topic is not None and not self.result_topic_allowed(topic):
             raise VlmqError(ErrorCode.INVALID_JOB, f"result_topic {topic!r} is not allowed on this worker")
