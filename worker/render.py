@@ -100,6 +100,17 @@ def _init(limits: DecodeLimits, factory: RendererFactory | None) -> None:
     global _RENDERER, _LIMITS
     _LIMITS = limits
     _RENDERER = factory() if factory is not None else None
+    _one_thread()
+
+
+def _one_thread() -> None:
+    """Parallelism here is the pool's processes. Torch (transformers' torchvision image
+    processors, vLLM's renderer) would start an intra-op thread per core in each of them:
+    12 processes x 16 threads on 16 cores, and the engine's own processes starve."""
+    import sys
+
+    if "torch" in sys.modules:  # imported by the renderer; never imported just for this
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _decode(limits: DecodeLimits, blobs: list[bytes], sizing: list[Sizing]) -> list[Decoded]:

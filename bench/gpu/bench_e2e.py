@@ -15,7 +15,9 @@ Modes, each per photo size (1024x768, 2048x1536, 4032x3024, a mixed set), interl
              --run-batch-first, on every size before ours loads: a 72B at TP=2 fits once);
 - vlmq:      jobs through Kafka (tansu) -> the vlmq worker (this process, sharing the engine)
              -> Redis, images from S3 (moto_server), submitted by `vlmq bulk submit` in another
-             process; timed from the first submit to the last result (the records' own times).
+             process; timed from the first submit to the last result (the records' own times);
+- vlmq_process: the same through a second worker with `--image-pool process` (vLLM's renderer
+             in its pool, finished inputs to the same engine), on a jobs topic of its own.
 
     python bench/gpu/bench_e2e.py --engine vllm --model /tmp/models/qwen2-vl-7b --images 600
     python bench/gpu/bench_e2e.py --engine fake --images 64 --sizes 640x480  # a CPU dry run
@@ -33,12 +35,13 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import boto3
 import botocore.config
+import msgspec
 
 from bench.common import hardware, write_result
 from bench.gpu.gpu_sampler import GpuSampler
@@ -175,8 +178,11 @@ def write_openai_batch(path: Path, files: list[Path], max_tokens: int, model: st
 
 
 async def through_vlmq(
-    env: dict[str, str], uris: list[str], args: argparse.Namespace, tmp: Path
+    env: dict[str, str], uris: list[str], args: argparse.Namespace, tmp: Path, topic: str | None = None
 ) -> dict[str, Any]:
+    """`topic`: the jobs topic of the worker to feed (None: the default one)."""
+    if topic:
+        env = env | {"VLMQ_JOBS_TOPIC": topic}
     batch = f"gpu-{time.time_ns()}"
     manifest = write_manifest(tmp / f"{batch}.jsonl", uris, args.max_tokens)
     n = len(uris)
@@ -220,7 +226,16 @@ async def through_vlmq(
         "mean_prompt_tokens": round(sum(r.usage.prompt_tokens for r in results if r.usage) / n, 1),
         "mean_output_tokens": round(tokens / n, 1),
         "stage_means_s": {k: mean(k) for k in ("fetch_s", "preprocess_s", "engine_s", "ttft_s")},
+        "ramp_s": ramp(t, start),
     }
+
+
+def ramp(t: list[Any], start: float) -> dict[str, float]:
+    """Seconds from the first submit until the first job was taken by the worker, and until
+    the first reached the engine (taken + fetch + preprocess): what the ceiling does not pay."""
+    taken = [x.started_at for x in t if x.started_at]
+    engine = [x.started_at + (x.fetch_s or 0) + (x.preprocess_s or 0) for x in t if x.started_at]
+    return {"first_taken": round(min(taken) - start, 3), "first_to_engine": round(min(engine) - start, 3)}
 
 
 async def _finished(client: Client, batch: str) -> int:
@@ -361,8 +376,42 @@ def _default_options(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
+class Lent:
+    """The bench's engine lent to a second worker, which must neither start nor close it."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+PROCESS_TOPIC = "vlmq.jobs.bench-process"
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
 async def start_worker(
-    engine: Any, env: dict[str, str], args: argparse.Namespace
+    engine: Any,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    image_pool: Literal["process", "thread"],
+    topic: str | None = None,
 ) -> tuple[Worker, asyncio.Task[int]]:
     settings = WorkerSettings(
         kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
@@ -372,10 +421,12 @@ async def start_worker(
         max_in_flight=args.in_flight,
         engine=engine.name,
         model=engine.model,
-        image_pool=args.image_pool,
+        image_pool=image_pool,
         group_id=f"bench-{time.time_ns()}",
         max_image_pixels=100_000_000,
     )
+    if topic:
+        settings = msgspec.structs.replace(settings, jobs_topic=topic)
     worker = Worker(settings, engine=engine)
     serving = asyncio.create_task(worker.run())
     while worker.not_ready():  # image processes up, partitions assigned: then the clock may run
@@ -406,6 +457,8 @@ async def measure_size(
                 out = await ceiling(ctx["engine"], blobs, args.max_tokens)
             elif mode == "render":
                 out = await render(ctx["engine"], ctx["render_pool"], blobs, args.max_tokens, args.in_flight)
+            elif mode == "vlmq_process":
+                out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"], PROCESS_TOPIC)
             else:
                 out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"])
             print(size, mode, out, flush=True)
@@ -419,6 +472,8 @@ async def measure_size(
         ("ratio_render_ceiling", "render"),
     ):
         row[key] = round(vlmq / ips[base], 3) if vlmq and ips.get(base) else None
+    if ips.get("vlmq_process") and ips.get("ceiling"):
+        row["ratio_process"] = round(ips["vlmq_process"] / ips["ceiling"], 3)
     return row
 
 
@@ -472,7 +527,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.42)
     ap.add_argument("--in-flight", type=int, default=384)
     ap.add_argument("--image-pool", default="thread", help="the vlmq worker's image pool: thread | process")
-    ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq")
+    ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq,vlmq_process")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each mode per size; medians are kept")
     ap.add_argument(
         "--run-batch-first",
@@ -513,7 +568,10 @@ async def main() -> None:
         engine = ctx["engine"] = make_engine(args.engine, args.model, options)
         t0 = time.perf_counter()
         await engine.start()
-        ctx["worker"], serving = await start_worker(engine, env, args)
+        ctx["worker"], serving = await start_worker(engine, env, args, args.image_pool)
+        if "vlmq_process" in modes:
+            await create_topic(env["VLMQ_KAFKA_BOOTSTRAP"], PROCESS_TOPIC, 8)
+            ctx["worker2"], serving2 = await start_worker(Lent(engine), env, args, "process", PROCESS_TOPIC)
         started = round(time.perf_counter() - t0, 1)
         print(f"engines up: run-batch {rb_started}s, vlmq's engine and worker {started}s", flush=True)
         await ceiling(engine, ctx["warm_blobs"], 8)
@@ -523,6 +581,9 @@ async def main() -> None:
         rows = [await measure_size(size, ctx, args, modes) for size in args.sizes.split(",")]
         any_size = next(iter(ctx["uris"].values()))
         checks = await features(env, any_size) if "vlmq" in modes else {}
+        if "worker2" in ctx:
+            ctx["worker2"].stop()
+            await serving2
         ctx["worker"].stop()
         await serving
         worst = min(rows, key=lambda r: r["ratio"] or 0.0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,22 @@ class FailingFactory:
         raise RuntimeError("no tokenizer here")
 
 
+class ThreadsRenderer:
+    def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
+        return {"threads": sys.modules["torch"].threads}, 0
+
+
+class TorchLikeFactory:
+    """A renderer that imports torch, as vLLM's does (here a stand-in that records threads)."""
+
+    def __call__(self) -> ThreadsRenderer:
+        torch = types.ModuleType("torch")
+        torch.threads = os.cpu_count()  # type: ignore[attr-defined]
+        torch.set_num_threads = lambda n: setattr(torch, "threads", n)  # type: ignore[attr-defined]
+        sys.modules["torch"] = torch
+        return ThreadsRenderer()
+
+
 def _msgs(text: str) -> list[Message]:
     return [Message("user", [ImageRef("s3://b/k"), TextPart(text)])]
 
@@ -96,6 +114,17 @@ async def test_a_renderer_runs_in_each_process_and_its_output_comes_back(renderi
     assert prepared.rendered["text"] == "caption" and prepared.nbytes == 1234
     assert prepared.rendered["sizes"] == [(644, 476)]  # resized in the process first
     assert prepared.rendered["pid"] != os.getpid()
+
+
+async def test_each_render_process_runs_torch_on_one_thread() -> None:
+    """The pool's processes are the parallelism: a torch per process with a thread per core
+    would oversubscribe the machine the engine runs on."""
+    pool = ImagePool(LIMITS, pool="process", workers=1, renderer=TorchLikeFactory())
+    try:
+        prepared = await pool.prepare([photo(64, 48, seed=4)], [PIXELS], _msgs("x"))
+    finally:
+        pool.close()
+    assert prepared.rendered == {"threads": 1}
 
 
 async def test_every_failure_is_the_jobs_typed_error_and_the_pool_serves_on(rendering: ImagePool) -> None:
