@@ -4,8 +4,8 @@ Decode, EXIF and resize (preprocess.load_image; for videos video.load_video; emb
 are checked by embeds.load_embedding) run in a pool: threads of the worker (the default;
 the engine then renders the images into its input), or processes, where an engine with a
 renderer (vLLM) also renders there: chat template, tokenizer, HF image processor, and the
-engine gets finished inputs. On an H200 with vLLM 0.26 the process pool was the
-slower of the two (docs/performance.md); it is there for engines whose front end saturates.
+engine gets finished inputs. On an H200 with vLLM 0.26 neither pool was faster at every
+photo size (docs/performance.md); processes are there for engines whose front end saturates.
 
 Finished inputs hold tensors (Qwen-VL's pixel_values are ~24 MB per image at the default
 pixel budget): they cross from the pool through shared memory (torch's multiprocessing

@@ -107,8 +107,9 @@ class WorkerSettings(Connection, kw_only=True):
     # Where images are decoded and resized: thread (threads of this process; the engine
     # renders them into its input) or process (a pool of processes; with vLLM each also runs
     # vLLM's own renderer and the engine gets finished inputs). On an H200 with vLLM 0.26
-    # the process pool was slower (16.77 vs 17.77 images/s at 3 MP, docs/performance.md):
-    # vLLM's front end keeps up once images are resized, and the tensors are 8x the pixels.
+    # neither won at every photo size (process 0.92-1.00x the engine fed from memory,
+    # threads 0.94-0.98x, docs/performance.md): vLLM's front end keeps up once images are
+    # resized, and the tensors the pool hands over are 8x the pixels.
     image_pool: Literal["process", "thread"] = "thread"
     # Processes or threads of that pool; 0: CPU cores - 4 processes (the engine's front end
     # and core and this event loop keep a core each), or one thread per core.

@@ -427,6 +427,8 @@ async def start_worker(
     )
     if topic:
         settings = msgspec.structs.replace(settings, jobs_topic=topic)
+    if args.waiting_target:
+        settings = msgspec.structs.replace(settings, engine_waiting_target=args.waiting_target)
     worker = Worker(settings, engine=engine)
     serving = asyncio.create_task(worker.run())
     while worker.not_ready():  # image processes up, partitions assigned: then the clock may run
@@ -527,6 +529,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.42)
     ap.add_argument("--in-flight", type=int, default=384)
     ap.add_argument("--image-pool", default="thread", help="the vlmq worker's image pool: thread | process")
+    ap.add_argument(
+        "--waiting-target",
+        type=int,
+        default=None,
+        help="the workers' engine_waiting_target (default: the worker's own)",
+    )
     ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq,vlmq_process")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each mode per size; medians are kept")
     ap.add_argument(
@@ -605,6 +613,7 @@ async def main() -> None:
                 "engine_options": options,
                 "worker_max_in_flight": args.in_flight,
                 "image_pool": args.image_pool,
+                "engine_waiting_target": ctx["worker"].settings.engine_waiting_target,
                 "repeat": args.repeat,
                 "engine_start_s": started,
                 "device": hardware(),
