@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import msgspec
@@ -152,19 +152,20 @@ class Driver:
 
     async def _items(
         self, batch_id: str, key: str, size: int, start: int = 0, first_line: int = 1
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """The file's lines from byte `start` as jobs (model mapped, batch priority; their
         line number and the offset after the line in metadata) or BadLines."""
         reader = OpenAIReader(batch_id, allow_https=self.s.allow_https)
         n = first_line - 1
-        async for line, offset in self.storage.lines(key, start, size):
-            n += 1
-            item = reader.line(n, line)
-            if item is None:
-                continue
-            if isinstance(item, Job):
-                item = self._mapped(item, n, offset)
-            yield item
+        async with contextlib.aclosing(self.storage.lines(key, start, size)) as lines:
+            async for line, offset in lines:
+                n += 1
+                item = reader.line(n, line)
+                if item is None:
+                    continue
+                if isinstance(item, Job):
+                    item = self._mapped(item, n, offset)
+                yield item
 
     def _mapped(self, job: Job, n: int, offset: int) -> Job | BadLine:
         served = self.s.served(job.model)
@@ -222,12 +223,17 @@ class Driver:
             return
         obj, key = found
         jobs: list[Job] = []
-        async for item in self._items(b.id, key, obj.bytes, p["next_offset"], p["next_line"]):
-            if isinstance(item, Job):  # every line was checked while validating
-                # Past the window a worker ends it `expired` rather than starting it.
-                jobs.append(msgspec.structs.replace(item, deadline=b.expires_at))
-                if len(jobs) >= room:
-                    break
+        # aclosing: leaving the loop early must close the S3 body now, not when the
+        # generator is collected (each open body holds one of the client's connections).
+        async with contextlib.aclosing(
+            self._items(b.id, key, obj.bytes, p["next_offset"], p["next_line"])
+        ) as items:
+            async for item in items:
+                if isinstance(item, Job):  # every line was checked while validating
+                    # Past the window a worker ends it `expired` rather than starting it.
+                    jobs.append(msgspec.structs.replace(item, deadline=b.expires_at))
+                    if len(jobs) >= room:
+                        break
         if not jobs:
             return
         await self.client.submit_many(jobs, chunk=CHUNK)
@@ -273,21 +279,23 @@ class Driver:
             return
         obj, key = found
         ids: list[str] = []
-        async for job_id, _custom_id, line_end in self._lines(b.id, key, obj.bytes):
-            if line_end > p.get("next_offset", 0):
-                break
-            ids.append(job_id)
-            if len(ids) >= CHUNK:
-                yield ids
-                ids = []
+        async with contextlib.aclosing(self._lines(b.id, key, obj.bytes)) as lines:
+            async for job_id, _custom_id, line_end in lines:
+                if line_end > p.get("next_offset", 0):
+                    break
+                ids.append(job_id)
+                if len(ids) >= CHUNK:
+                    yield ids
+                    ids = []
         if ids:
             yield ids
 
-    async def _lines(self, batch_id: str, key: str, size: int) -> AsyncIterator[tuple[str, str, int]]:
+    async def _lines(self, batch_id: str, key: str, size: int) -> AsyncGenerator[tuple[str, str, int], None]:
         """(job id, custom id, offset after the line) of every request line."""
-        async for item in self._items(batch_id, key, size):
-            if isinstance(item, Job):
-                yield item.job_id, item.metadata["custom_id"], int(item.metadata["offset"])
+        async with contextlib.aclosing(self._items(batch_id, key, size)) as items:
+            async for item in items:
+                if isinstance(item, Job):
+                    yield item.job_id, item.metadata["custom_id"], int(item.metadata["offset"])
 
     # -- finalizing ------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ streamed out to clients. Memory per transfer is one part (8 MiB) or one line."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiobotocore.session import get_session
@@ -53,7 +53,7 @@ class Storage:
 
     async def lines(
         self, key: str, start: int = 0, size: int | None = None
-    ) -> AsyncIterator[tuple[bytes, int]]:
+    ) -> AsyncGenerator[tuple[bytes, int], None]:
         """Each line from byte `start` on (without its newline), with the offset just past it."""
         if size is not None and start >= size:
             return
