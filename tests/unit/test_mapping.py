@@ -172,6 +172,13 @@ def test_engine_factory_checks_its_arguments() -> None:
         make_engine("tgi", "m", {})
     with pytest.raises(EngineConfigError, match="unknown LMDeploy option"):
         make_engine("lmdeploy", "m", {"sesion_len": "8192"})
+    with pytest.raises(EngineConfigError, match="for the turbomind backend: enable_mp_engine"):
+        make_engine("lmdeploy", "m", {"backend": "turbomind", "enable_mp_engine": "true"})
+    with pytest.raises(EngineConfigError, match="backend 'tensorrt'"):
+        make_engine("lmdeploy", "m", {"backend": "tensorrt"})
+    mp = make_engine("lmdeploy", "m", {"enable_mp_engine": "true", "cache_max_entry_count": "0.5"})
+    assert isinstance(mp, LmdeployEngine)
+    assert mp.options == {"enable_mp_engine": True, "cache_max_entry_count": 0.5}
     with pytest.raises(EngineConfigError, match=r"'hf'.*max_batch"):
         make_engine("hf", "m", {"max_batch": "8"})
     engine = make_engine(

@@ -1,7 +1,8 @@
 """LMDeploy: its async engine (PyTorch or TurboMind backend), images as PIL.
 
 Options keep LMDeploy's names: `backend` (pytorch | turbomind), `tp`, `session_len`,
-`cache_max_entry_count`, `max_batch_size`, `dtype`, `vision_max_batch_size`
+`cache_max_entry_count`, `max_batch_size`, `dtype`, ... (`_BACKEND_KEYS`; PyTorch's
+`enable_mp_engine` runs its engine in a process of its own), `vision_max_batch_size`
 (VisionConfig.max_batch_size), `chat_template` (ChatTemplateConfig model_name),
 `trust_remote_code`. LMDeploy's Pipeline runs its AsyncEngine on a loop in a thread of its
 own and the engine only works from that loop (requests awaited from another loop hang, seen
@@ -22,16 +23,22 @@ from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdep
 
 T = TypeVar("T")
 
-_BACKEND_KEYS = {
+# Engine-config fields (LMDeploy's names) a worker passes through, per backend.
+_COMMON_KEYS = {
     "tp",
     "session_len",
     "cache_max_entry_count",
     "max_batch_size",
     "dtype",
     "max_prefill_token_num",
-    "block_size",
     "quant_policy",
-    "eager_mode",
+    "enable_prefix_caching",
+}
+_BACKEND_KEYS = {
+    # enable_mp_engine: the PyTorch engine in a process of its own (ZMQ), as LMDeploy's
+    # api_server runs it: the worker's interpreter keeps only the pipeline's front end.
+    "pytorch": _COMMON_KEYS | {"block_size", "eager_mode", "enable_mp_engine", "mp_engine_backend"},
+    "turbomind": _COMMON_KEYS | {"cache_block_seq_len", "num_tokens_per_iter"},
 }
 
 
@@ -51,9 +58,13 @@ class LmdeployEngine:
         image_factor: int = 28,
         **options: Any,
     ) -> None:
-        unknown = set(options) - _BACKEND_KEYS
+        if backend not in _BACKEND_KEYS:
+            raise EngineConfigError(f"LMDeploy backend {backend!r} is not one of pytorch, turbomind")
+        unknown = set(options) - _BACKEND_KEYS[backend]
         if unknown:
-            raise EngineConfigError(f"unknown LMDeploy option(s): {', '.join(sorted(unknown))}")
+            raise EngineConfigError(
+                f"unknown LMDeploy option(s) for the {backend} backend: {', '.join(sorted(unknown))}"
+            )
         self.model = model
         self.backend = backend
         self.options = options
