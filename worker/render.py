@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
@@ -105,10 +106,8 @@ def _init(limits: DecodeLimits, factory: RendererFactory | None) -> None:
 
 def _one_thread() -> None:
     """Parallelism here is the pool's processes. Torch (transformers' torchvision image
-    processors, vLLM's renderer) would start an intra-op thread per core in each of them:
-    12 processes x 16 threads on 16 cores, and the engine's own processes starve."""
-    import sys
-
+    processors, vLLM's renderer) would size an intra-op thread pool to the machine's cores
+    in each of them, beside the engine's own processes on the same cores."""
     if "torch" in sys.modules:  # imported by the renderer; never imported just for this
         sys.modules["torch"].set_num_threads(1)
 
