@@ -132,11 +132,13 @@ def kafka_ok(bootstrap: str) -> bool:
     return asyncio.run(probe())
 
 
-def ensure_topics(bootstrap: str, partitions: int = DEFAULT_PARTITIONS) -> None:
+def ensure_topics(
+    bootstrap: str, partitions: int = DEFAULT_PARTITIONS, jobs_topic: str = keys.JOBS_TOPIC
+) -> None:
     """Create vlmq's topics when missing: jobs with `partitions`, DLQ and results with 1."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    wanted = {keys.JOBS_TOPIC: partitions, keys.DLQ_TOPIC: 1, keys.RESULTS_TOPIC: 1}
+    wanted = {jobs_topic: partitions, keys.DLQ_TOPIC: 1, keys.RESULTS_TOPIC: 1}
 
     async def create() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

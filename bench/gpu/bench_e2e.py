@@ -45,7 +45,7 @@ import msgspec
 
 from bench.common import hardware, write_result
 from bench.gpu.gpu_sampler import GpuSampler
-from vlmq.deploy.stack import Stack
+from vlmq.deploy.stack import Stack, ensure_topics
 from vlmq.producer.client import Client
 from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, Sampling, TextPart
 from vlmq.worker.engines import make_engine
@@ -395,17 +395,6 @@ class Lent:
 PROCESS_TOPIC = "vlmq.jobs.bench-process"
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-
-
 async def start_worker(
     engine: Any,
     env: dict[str, str],
@@ -578,7 +567,9 @@ async def main() -> None:
         await engine.start()
         ctx["worker"], serving = await start_worker(engine, env, args, args.image_pool)
         if "vlmq_process" in modes:
-            await create_topic(env["VLMQ_KAFKA_BOOTSTRAP"], PROCESS_TOPIC, 8)
+            await asyncio.to_thread(
+                ensure_topics, env["VLMQ_KAFKA_BOOTSTRAP"], stack.partitions, PROCESS_TOPIC
+            )
             ctx["worker2"], serving2 = await start_worker(Lent(engine), env, args, "process", PROCESS_TOPIC)
         started = round(time.perf_counter() - t0, 1)
         print(f"engines up: run-batch {rb_started}s, vlmq's engine and worker {started}s", flush=True)

@@ -59,7 +59,7 @@ class LmdeployEngine:
         **options: Any,
     ) -> None:
         if backend not in _BACKEND_KEYS:
-            raise EngineConfigError(f"LMDeploy backend {backend!r} is not one of pytorch, turbomind")
+            raise EngineConfigError(f"LMDeploy backend {backend!r} is not one of {', '.join(_BACKEND_KEYS)}")
         unknown = set(options) - _BACKEND_KEYS[backend]
         if unknown:
             raise EngineConfigError(
