@@ -594,7 +594,9 @@ async def main() -> None:
             {
                 "engine": args.engine,
                 "model": args.model,
-                "weights": "random (load_format=dummy), real-size config",
+                "weights": "random (load_format=dummy), real-size config"
+                if args.engine == "vllm"
+                else "random bf16 safetensors (make_weights.py), real-size config",
                 "images_per_size": args.images,
                 "sizes": args.sizes,
                 "mixed_set": [f"{w}x{h}" for w, h in MIXED],
