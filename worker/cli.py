@@ -60,7 +60,7 @@ def worker(
     ] = None,
     image_pool: Annotated[
         str | None,
-        Opt(help="Where images are decoded: thread | process (with vLLM: and rendered) [VLMQ_IMAGE_POOL]"),
+        Opt(help="Where images are decoded: thread | process (with vLLM or LMDeploy-PyTorch: and rendered) [VLMQ_IMAGE_POOL]"),
     ] = None,
     image_workers: Annotated[
         int | None,

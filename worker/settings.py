@@ -105,8 +105,9 @@ class WorkerSettings(Connection, kw_only=True):
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"]
     )
     # Where images are decoded and resized: thread (threads of this process; the engine
-    # renders them into its input) or process (a pool of processes; with vLLM each also runs
-    # vLLM's own renderer and the engine gets finished inputs). On an H200 with vLLM 0.26
+    # renders them into its input) or process (a pool of processes; with vLLM, or LMDeploy's
+    # PyTorch backend, each also runs the engine's own renderer and the engine gets finished
+    # inputs). On an H200 with vLLM 0.26
     # neither won at every photo size (process 0.92-1.00x the engine fed from memory,
     # threads 0.94-0.98x, docs/performance.md): vLLM's front end keeps up once images are
     # resized, and the tensors the pool hands over are 8x the pixels.

@@ -15,11 +15,15 @@ import asyncio
 import itertools
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from vlmq.schemas.job import Message
 from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
+
+if TYPE_CHECKING:
+    from vlmq.worker.render import Prepared
 
 T = TypeVar("T")
 
@@ -119,9 +123,14 @@ class LmdeployEngine:
         text: list[str] = []
         last: Any = None
         try:
-            prepared = await engine.preprocess(
-                lmdeploy_messages(request.messages, request.images), session_id, gen_config=gen
-            )
+            if request.rendered is None:
+                prepared = await engine.preprocess(
+                    lmdeploy_messages(request.messages, request.images), session_id, gen_config=gen
+                )
+            else:  # rendered in an image process: the engine still checks length and config
+                ids = request.rendered["input_ids"]
+                prepared = await engine.preprocess(None, session_id, gen_config=gen, input_ids=ids)
+                prepared.inputs = request.rendered
             async for out in engine.generate(prepared, stream_response=True):
                 if ttft is None and out.generate_token_len:
                     ttft = time.perf_counter() - t0
@@ -153,11 +162,70 @@ class LmdeployEngine:
         if self._pipe is not None:
             self._pipe.close()
 
-    def renderer(self) -> None:
-        return None  # takes decoded images
+    def renderer(self) -> LmdeployRendererFactory | None:
+        if self._pipe is None:
+            raise RuntimeError("start the engine first: its renderer is built from its config")
+        if self.backend != "pytorch":
+            return None  # TurboMind runs the vision tower in the front end's preprocessing
+        dtype = getattr(self._pipe.async_engine.vl_encoder, "mm_feature_dtype", None)
+        return LmdeployRendererFactory(
+            self.model, self.chat_template, self.trust_remote_code, str(dtype).removeprefix("torch.")
+        )
 
     def healthy(self) -> bool:
         return self._pipe is not None
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self._sessions)}
+
+
+class LmdeployRendererFactory:
+    """Builds, in an image process, LMDeploy's own prompt processor (chat template, tokenizer,
+    the model's HF image processor) from the engine's model folder and chat template, as its
+    pipeline builds it: the PyTorch engine then gets the finished input (token ids and
+    pixel tensors) instead of preprocessing on its front end's one thread."""
+
+    def __init__(self, model: str, chat_template: str | None, trust: bool, feature_dtype: str) -> None:
+        self.model = model
+        self.chat_template = chat_template
+        self.trust = trust
+        self.feature_dtype = feature_dtype
+
+    def __call__(self) -> LmdeployRenderer:
+        return LmdeployRenderer(self)
+
+
+class LmdeployRenderer:
+    def __init__(self, spec: LmdeployRendererFactory) -> None:
+        import lmdeploy.vl.engine as vl_engine
+        import torch
+        from lmdeploy import ChatTemplateConfig, PytorchEngineConfig, VisionConfig
+        from lmdeploy.model import get_chat_template
+        from lmdeploy.serve.processors import MultimodalProcessor
+        from lmdeploy.tokenizer import Tokenizer
+
+        # The engine resolved the features' dtype on its GPU. Asking again here would open a
+        # CUDA context in every image process (lmdeploy.utils.is_bf16_supported), or, on a
+        # machine without one, resolve another dtype than the engine's.
+        dtype = getattr(torch, spec.feature_dtype, None)
+        vl_engine._resolve_mm_feature_dtype = lambda *_: dtype
+        encoder = vl_engine.ImageEncoder(
+            spec.model, "pytorch", VisionConfig(), PytorchEngineConfig(), trust_remote_code=spec.trust
+        )
+        template = ChatTemplateConfig(model_name=spec.chat_template) if spec.chat_template else None
+        self._processor = MultimodalProcessor(
+            Tokenizer(spec.model, trust_remote_code=spec.trust),
+            get_chat_template(spec.model, template, trust_remote_code=spec.trust),
+            vl_encoder=encoder,
+            backend="pytorch",
+        )
+        self._loop = asyncio.new_event_loop()  # the processor's API is async; one loop per process
+
+    def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
+        prompt = lmdeploy_messages(messages, inputs.images)
+        out = self._loop.run_until_complete(self._processor.get_prompt_input(prompt, do_preprocess=True))
+        return out, sum(_nbytes(v) for item in out.get("multimodal") or [] for v in item.values())
+
+
+def _nbytes(value: Any) -> int:
+    return int(getattr(value, "nbytes", 0) or 0) if hasattr(value, "element_size") else 0
