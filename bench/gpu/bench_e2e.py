@@ -507,6 +507,48 @@ async def prepare_data(args: argparse.Namespace, env: dict[str, str], tmp: Path)
     return ctx
 
 
+def save(
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    ctx: dict[str, Any],
+    started: float,
+    rows: list[dict[str, Any]],
+    checks: dict[str, Any],
+    partial: str | None,
+) -> None:
+    worst = min(rows, key=lambda r: r["ratio"] or 0.0)
+    write_result(
+        args.name or f"gpu-{args.engine}-photos",
+        "images/s",
+        worst.get("ceiling", {}).get("images_per_s", 0.0),
+        worst.get("vlmq", {}).get("images_per_s", 0.0),
+        {
+            "engine": args.engine,
+            "model": args.model,
+            "weights": "random (load_format=dummy), real-size config"
+            if args.engine == "vllm"
+            else "random bf16 safetensors (make_weights.py), real-size config",
+            "images_per_size": args.images,
+            "sizes": args.sizes,
+            "mixed_set": [f"{w}x{h}" for w, h in MIXED],
+            "photos": "JPEG q90, photo-like (vlmq.worker.samples.photo)",
+            "prompt": PROMPT,
+            "max_tokens": args.max_tokens,
+            "engine_options": options,
+            "worker_max_in_flight": args.in_flight,
+            "image_pool": args.image_pool,
+            "engine_waiting_target": ctx["worker"].settings.engine_waiting_target,
+            "repeat": args.repeat,
+            "engine_start_s": started,
+            "device": hardware(),
+            "top_level": "baseline/value/ratio are the size with the lowest vlmq / ceiling",
+        }
+        | ({"partial": partial + ": the run did not end"} if partial else {}),
+        rows=rows,
+        feature_jobs=checks,
+    )
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default="vllm")
@@ -577,7 +619,11 @@ async def main() -> None:
         if "render" in modes:
             ctx["render_pool"] = await render_pool(engine, ctx["worker"].settings)
             await render(engine, ctx["render_pool"], ctx["warm_blobs"], 8, args.in_flight)
-        rows = [await measure_size(size, ctx, args, modes) for size in args.sizes.split(",")]
+        sizes = args.sizes.split(",")
+        rows: list[dict[str, Any]] = []
+        for size in sizes:  # saved after each size: a machine given back mid-run keeps what ended
+            rows.append(await measure_size(size, ctx, args, modes))
+            save(args, options, ctx, started, rows, {}, f"{len(rows)} of {len(sizes)} sizes")
         any_size = next(iter(ctx["uris"].values()))
         checks = await features(env, any_size) if "vlmq" in modes else {}
         if "worker2" in ctx:
@@ -585,36 +631,7 @@ async def main() -> None:
             await serving2
         ctx["worker"].stop()
         await serving
-        worst = min(rows, key=lambda r: r["ratio"] or 0.0)
-        write_result(
-            args.name or f"gpu-{args.engine}-photos",
-            "images/s",
-            worst.get("ceiling", {}).get("images_per_s", 0.0),
-            worst.get("vlmq", {}).get("images_per_s", 0.0),
-            {
-                "engine": args.engine,
-                "model": args.model,
-                "weights": "random (load_format=dummy), real-size config"
-                if args.engine == "vllm"
-                else "random bf16 safetensors (make_weights.py), real-size config",
-                "images_per_size": args.images,
-                "sizes": args.sizes,
-                "mixed_set": [f"{w}x{h}" for w, h in MIXED],
-                "photos": "JPEG q90, photo-like (vlmq.worker.samples.photo)",
-                "prompt": PROMPT,
-                "max_tokens": args.max_tokens,
-                "engine_options": options,
-                "worker_max_in_flight": args.in_flight,
-                "image_pool": args.image_pool,
-                "engine_waiting_target": ctx["worker"].settings.engine_waiting_target,
-                "repeat": args.repeat,
-                "engine_start_s": started,
-                "device": hardware(),
-                "top_level": "baseline/value/ratio are the size with the lowest vlmq / ceiling",
-            },
-            rows=rows,
-            feature_jobs=checks,
-        )
+        save(args, options, ctx, started, rows, checks, None)
     finally:
         if "render_pool" in ctx:
             ctx["render_pool"].close()
