@@ -60,7 +60,9 @@ def worker(
     ] = None,
     image_pool: Annotated[
         str | None,
-        Opt(help="Where images are decoded: thread | process (with vLLM or LMDeploy-PyTorch: and rendered) [VLMQ_IMAGE_POOL]"),
+        Opt(
+            help="Where images are decoded: thread | process (vLLM, LMDeploy PyTorch: rendered too) [VLMQ_IMAGE_POOL]"
+        ),
     ] = None,
     image_workers: Annotated[
         int | None,
