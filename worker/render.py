@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
@@ -149,6 +150,21 @@ def _prepare(blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) 
 
         raise engine_error(exc) from None
     return Prepared([], rendered=rendered, nbytes=nbytes)
+
+
+def tensor_bytes(rendered: Any) -> int:
+    """Bytes of the arrays in an engine's finished input, however it nests them: mappings
+    (dicts, transformers' BatchFeature), lists and tuples, and vLLM's field elements, which
+    hold theirs in `data`. What `RenderBudget` charges a rendered job."""
+    nbytes = getattr(rendered, "nbytes", None)
+    if isinstance(nbytes, int):  # a tensor or an array
+        return nbytes
+    if isinstance(rendered, Mapping):
+        return sum(tensor_bytes(v) for v in rendered.values())
+    if isinstance(rendered, list | tuple):
+        return sum(tensor_bytes(v) for v in rendered)
+    data = getattr(rendered, "data", None)
+    return tensor_bytes(data) if data is not None else 0
 
 
 class RenderBudget:

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from PIL import Image
 
 from vlmq.schemas import ErrorCode, ImageRef, Message, TextPart
 from vlmq.worker.engines.lmdeploy import LmdeployRendererFactory
@@ -57,7 +56,9 @@ async def main(model: str) -> None:
 
     dtype = vl_engine._resolve_mm_feature_dtype(None, None)  # the parent's answer, sent along
     factory = LmdeployRendererFactory(model, None, False, str(dtype).removeprefix("torch."))
-    pool = ImagePool(DecodeLimits(28, 10**8, ()), pool="process", workers=2, renderer=factory)
+    limits = DecodeLimits(28, 10**8, ())
+    pool = ImagePool(limits, pool="process", workers=2, renderer=factory)
+    threads = ImagePool(limits, pool="thread", workers=1)  # decoded images, as the engine gets them
     ours = front_end(model)
     jobs = {  # one image; two images around text; an odd size (resized to the 28-pixel grid)
         "one": [photo(640, 480, seed=1)],
@@ -71,7 +72,7 @@ async def main(model: str) -> None:
             messages = [Message("user", [*parts, TextPart(f"Describe {name}.")])]
             got = await pool.prepare(blobs, [PIXELS] * len(blobs), messages)
             assert got.rendered is not None and got.nbytes > 0, name
-            images = [_resized(pool, b) for b in blobs]  # what the thread pool would give
+            images = (await threads.prepare(blobs, [PIXELS] * len(blobs), messages)).images
             want = await ours.get_prompt_input(lmdeploy_messages(messages, images), do_preprocess=True)
             same(got.rendered, want, name)
             tokens = sum(int(m["image_tokens"].sum()) for m in got.rendered["multimodal"])
@@ -89,14 +90,8 @@ async def main(model: str) -> None:
         assert (await pool.prepare(jobs["one"], [PIXELS], retry)).rendered is not None
     finally:
         pool.close()
+        threads.close()
     print("lmdeploy renderer: same as LMDeploy's front end")
-
-
-def _resized(pool: ImagePool, blob: bytes) -> Image.Image:
-    from vlmq.worker.preprocess import load_image
-
-    lo, hi = PIXELS
-    return load_image(blob, factor=pool.limits.factor, min_pixels=lo, max_pixels=hi, max_image_pixels=10**8)
 
 
 def _cuda_initialized() -> bool:

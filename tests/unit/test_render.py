@@ -19,7 +19,7 @@ from vlmq.schemas.errors import VlmqError
 from vlmq.worker.engines.fake import FakeEngine
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.pipeline import Pipeline
-from vlmq.worker.render import DecodeLimits, ImagePool, Prepared, RenderBudget
+from vlmq.worker.render import DecodeLimits, ImagePool, Prepared, RenderBudget, tensor_bytes
 from vlmq.worker.samples import photo
 from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
 
@@ -164,6 +164,25 @@ async def test_a_renderer_that_cannot_start_stops_the_worker_at_start(tmp_path: 
                 await pipeline.start()
         finally:
             pipeline.close()
+
+
+class _Array:  # what the budget reads of a tensor or an array
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+class _Elem:  # vLLM's field elements hold their tensor in `data`
+    def __init__(self, data: object) -> None:
+        self.data = data
+
+
+def test_tensor_bytes_counts_every_array_however_an_engine_nests_it() -> None:
+    vllm_like = {"image": [{"pixel_values": _Elem(_Array(1000)), "grid": _Elem(_Array(24))}, None]}
+    lmdeploy_like = [{"pixel_values": _Array(500), "offset": 54, "image_size": (448, 336)}]
+    assert tensor_bytes(vllm_like) == 1024
+    assert tensor_bytes(lmdeploy_like) == 500
+    assert tensor_bytes({"nested": _Elem([_Array(3), (_Array(4),)])}) == 7
+    assert tensor_bytes(None) == 0 and tensor_bytes("text") == 0
 
 
 async def test_the_budget_holds_bytes_and_lets_one_oversized_job_run_alone() -> None:

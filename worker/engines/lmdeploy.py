@@ -17,12 +17,13 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vlmq.schemas.job import Message
 from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, lmdeploy_gen_kwargs, lmdeploy_messages
+from vlmq.worker.render import tensor_bytes
 
 if TYPE_CHECKING:
+    from vlmq.schemas.job import Message
     from vlmq.worker.render import Prepared
 
 T = TypeVar("T")
@@ -224,8 +225,4 @@ class LmdeployRenderer:
     def render(self, messages: list[Message], inputs: Prepared) -> tuple[Any, int]:
         prompt = lmdeploy_messages(messages, inputs.images)
         out = self._loop.run_until_complete(self._processor.get_prompt_input(prompt, do_preprocess=True))
-        return out, sum(_nbytes(v) for item in out.get("multimodal") or [] for v in item.values())
-
-
-def _nbytes(value: Any) -> int:
-    return int(getattr(value, "nbytes", 0) or 0) if hasattr(value, "element_size") else 0
+        return out, tensor_bytes(out.get("multimodal"))

@@ -30,7 +30,7 @@ from vlmq.schemas.job import Message, TextPart
 from vlmq.worker.embeds import Embedding, EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import engine_error, hf_messages, vision_token_ids, vllm_sampling_kwargs
-from vlmq.worker.render import Prepared
+from vlmq.worker.render import Prepared, tensor_bytes
 from vlmq.worker.video import Video
 
 _PAIRS = re.compile(r"^\w+=[^=,]+(,\w+=[^=,]+)*$")
@@ -360,16 +360,3 @@ class VllmRenderer:
                     f"vLLM named an image {name!r}, which other image processes may also use; "
                     "run the worker with --image-pool thread"
                 )
-
-
-def tensor_bytes(mm_kwargs: Any) -> int:
-    """Bytes of the tensors in a finished input's `mm_kwargs` (modality -> items -> fields)."""
-    if not mm_kwargs:
-        return 0
-    total = 0
-    for items in mm_kwargs.values():
-        for item in items:
-            for elem in (item or {}).values():
-                data = getattr(elem, "data", None)
-                total += int(getattr(data, "nbytes", 0) or 0)
-    return total
