@@ -502,12 +502,14 @@ def save(
     checks: dict[str, Any],
     partial: str | None,
 ) -> None:
-    worst = min(rows, key=lambda r: r["ratio"] or 0.0)
+    # The headline is vlmq's default pool, or its process pool where only that ran.
+    mode, key = ("vlmq", "ratio") if "vlmq" in rows[0] else ("vlmq_process", "ratio_process")
+    worst = min(rows, key=lambda r: r.get(key) or 0.0)
     write_result(
         args.name or f"gpu-{args.engine}-photos",
         "images/s",
         worst.get("ceiling", {}).get("images_per_s", 0.0),
-        worst.get("vlmq", {}).get("images_per_s", 0.0),
+        worst.get(mode, {}).get("images_per_s", 0.0),
         {
             "engine": args.engine,
             "model": args.model,
@@ -522,12 +524,13 @@ def save(
             "max_tokens": args.max_tokens,
             "engine_options": options,
             "worker_max_in_flight": args.in_flight,
-            "image_pool": args.image_pool,
+            "modes": args.modes,
+            "image_pool": args.image_pool,  # the "vlmq" mode's; "vlmq_process" runs the process pool
             "engine_waiting_target": ctx["worker"].settings.engine_waiting_target,
             "repeat": args.repeat,
             "engine_start_s": started,
             "device": hardware(),
-            "top_level": "baseline/value/ratio are the size with the lowest vlmq / ceiling",
+            "top_level": f"baseline/value/ratio are the size with the lowest {mode} / ceiling",
         }
         | ({"partial": partial + ": the run did not end"} if partial else {}),
         rows=rows,
