@@ -379,6 +379,21 @@ class Lent:
 
 
 PROCESS_TOPIC = "vlmq.jobs.bench-process"
+MODES = ("run_batch", "ceiling", "render", "vlmq", "vlmq_process")
+
+
+def variant(mode: str) -> tuple[str, int | None]:
+    """ "vlmq_process@256": vlmq's process pool with engine_waiting_target 256, fed by a worker
+    of its own (so targets are compared on one engine start)."""
+    base, _, target = mode.partition("@")
+    return base, int(target) if target else None
+
+
+def topic_of(mode: str) -> str | None:
+    base, target = variant(mode)
+    if target is not None:
+        return f"vlmq.jobs.bench-{base}-{target}"
+    return PROCESS_TOPIC if base == "vlmq_process" else None
 
 
 async def start_worker(
@@ -387,6 +402,7 @@ async def start_worker(
     args: argparse.Namespace,
     image_pool: Literal["process", "thread"],
     topic: str | None = None,
+    waiting_target: int | None = None,
 ) -> tuple[Worker, asyncio.Task[int]]:
     settings = WorkerSettings(
         kafka_bootstrap=env["VLMQ_KAFKA_BOOTSTRAP"],
@@ -402,8 +418,9 @@ async def start_worker(
     )
     if topic:
         settings = msgspec.structs.replace(settings, jobs_topic=topic)
-    if args.waiting_target:
-        settings = msgspec.structs.replace(settings, engine_waiting_target=args.waiting_target)
+    if waiting_target or args.waiting_target:
+        target = waiting_target or args.waiting_target
+        settings = msgspec.structs.replace(settings, engine_waiting_target=target)
     worker = Worker(settings, engine=engine)
     serving = asyncio.create_task(worker.run())
     while worker.not_ready():  # image processes up, partitions assigned: then the clock may run
@@ -434,10 +451,8 @@ async def measure_size(
                 out = await ceiling(ctx["engine"], blobs, args.max_tokens)
             elif mode == "render":
                 out = await render(ctx["engine"], ctx["render_pool"], blobs, args.max_tokens, args.in_flight)
-            elif mode == "vlmq_process":
-                out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"], PROCESS_TOPIC)
-            else:
-                out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"])
+            else:  # vlmq, vlmq_process, and their @target variants
+                out = await through_vlmq(ctx["env"], uris, args, ctx["tmp"], topic_of(mode))
             print(size, mode, out, flush=True)
             runs[mode].append(out)
     row: dict[str, Any] = {"size": size, "images": len(blobs)} | {m: median_of(r) for m, r in runs.items()}
@@ -451,6 +466,9 @@ async def measure_size(
         row[key] = round(vlmq / ips[base], 3) if vlmq and ips.get(base) else None
     if ips.get("vlmq_process") and ips.get("ceiling"):
         row["ratio_process"] = round(ips["vlmq_process"] / ips["ceiling"], 3)
+    for mode in modes:
+        if "@" in mode and ips.get("ceiling"):
+            row[f"ratio_{mode}"] = round(ips[mode] / ips["ceiling"], 3)
     return row
 
 
@@ -555,7 +573,11 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="the workers' engine_waiting_target (default: the worker's own)",
     )
-    ap.add_argument("--modes", default="run_batch,ceiling,render,vlmq,vlmq_process")
+    ap.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="also vlmq@N, vlmq_process@N: that pool with engine_waiting_target N, on a worker of its own",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each mode per size; medians are kept")
     ap.add_argument(
         "--run-batch-first",
@@ -578,6 +600,10 @@ async def main() -> None:
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     options = engine_options(args)
     modes = [m for m in args.modes.split(",") if m]
+    for mode in modes:
+        base, target = variant(mode)
+        if base not in MODES or (target is not None and not base.startswith("vlmq")):
+            raise SystemExit(f"unknown mode {mode!r}: {', '.join(MODES)}, or vlmq[_process]@TARGET")
     if args.engine != "vllm":  # run-batch is vLLM's; without a renderer, "render" is "ceiling"
         modes = [m for m in modes if m not in ("run_batch", "render")]
     ctx: dict[str, Any] = {"env": env, "tmp": tmp}
@@ -597,11 +623,15 @@ async def main() -> None:
         t0 = time.perf_counter()
         await engine.start()
         ctx["worker"], serving = await start_worker(engine, env, args, args.image_pool)
-        if "vlmq_process" in modes:
-            await asyncio.to_thread(
-                ensure_topics, env["VLMQ_KAFKA_BOOTSTRAP"], stack.partitions, PROCESS_TOPIC
+        for mode in modes:  # vlmq_process and @target variants: a worker and topic each
+            if (topic := topic_of(mode)) is None:
+                continue
+            await asyncio.to_thread(ensure_topics, env["VLMQ_KAFKA_BOOTSTRAP"], stack.partitions, topic)
+            base, target = variant(mode)
+            pool: Literal["process", "thread"] = "process" if base == "vlmq_process" else args.image_pool
+            ctx.setdefault("workers", []).append(
+                await start_worker(Lent(engine), env, args, pool, topic, target)
             )
-            ctx["worker2"], serving2 = await start_worker(Lent(engine), env, args, "process", PROCESS_TOPIC)
         started = round(time.perf_counter() - t0, 1)
         print(f"engines up: run-batch {rb_started}s, vlmq's engine and worker {started}s", flush=True)
         await ceiling(engine, ctx["warm_blobs"], 8)
@@ -615,9 +645,9 @@ async def main() -> None:
             save(args, options, ctx, started, rows, {}, f"{len(rows)} of {len(sizes)} sizes")
         any_size = next(iter(ctx["uris"].values()))
         checks = await features(env, any_size) if "vlmq" in modes else {}
-        if "worker2" in ctx:
-            ctx["worker2"].stop()
-            await serving2
+        for worker, running in ctx.get("workers", []):
+            worker.stop()
+            await running
         ctx["worker"].stop()
         await serving
         save(args, options, ctx, started, rows, checks, None)
