@@ -107,10 +107,10 @@ class WorkerSettings(Connection, kw_only=True):
     # Where images are decoded and resized: thread (threads of this process; the engine
     # renders them into its input) or process (a pool of processes; with vLLM, or LMDeploy's
     # PyTorch backend, each also runs the engine's own renderer and the engine gets finished
-    # inputs). On an H200 neither won at every photo size (vLLM 0.26: process 0.92-1.00x the
-    # engine fed from memory, threads 0.94-0.98x; LMDeploy 0.18 at 1024x768: 0.835x and
-    # 0.823x; docs/performance.md): vLLM's front end keeps up once images are resized, and
-    # the tensors the pool hands over are 8x the pixels.
+    # inputs). On an H200 with vLLM 0.26 neither won at every photo size (process 0.92-1.00x
+    # the engine fed from memory, threads 0.94-0.98x): vLLM's front end keeps up once images
+    # are resized, and the tensors the pool hands over are 8x the pixels. LMDeploy 0.18 with
+    # its mp engine: process 0.945-1.05x, threads 0.87-0.93x (docs/performance.md).
     image_pool: Literal["process", "thread"] = "thread"
     # Processes or threads of that pool; 0: CPU cores - 4 processes (the engine's front end
     # and core and this event loop keep a core each), or one thread per core.

@@ -386,6 +386,8 @@ def variant(mode: str) -> tuple[str, int | None]:
     """ "vlmq_process@256": vlmq's process pool with engine_waiting_target 256, fed by a worker
     of its own (so targets are compared on one engine start)."""
     base, _, target = mode.partition("@")
+    if target and not target.isdigit():
+        raise SystemExit(f"mode {mode!r}: the waiting target after @ is a whole number")
     return base, int(target) if target else None
 
 
@@ -418,8 +420,7 @@ async def start_worker(
     )
     if topic:
         settings = msgspec.structs.replace(settings, jobs_topic=topic)
-    if waiting_target or args.waiting_target:
-        target = waiting_target or args.waiting_target
+    if target := waiting_target or args.waiting_target:
         settings = msgspec.structs.replace(settings, engine_waiting_target=target)
     worker = Worker(settings, engine=engine)
     serving = asyncio.create_task(worker.run())
@@ -594,18 +595,18 @@ async def main() -> None:
     from vlmq.core.logs import configure
 
     configure("console", "WARNING")
-    tmp = Path(tempfile.mkdtemp(prefix="vlmq-gpu-"))
-    stack = Stack(tmp / "stack", partitions=8)
-    env = await asyncio.to_thread(stack.up)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    options = engine_options(args)
     modes = [m for m in args.modes.split(",") if m]
-    for mode in modes:
+    for mode in modes:  # before the stack starts: a refused mode leaves nothing running
         base, target = variant(mode)
         if base not in MODES or (target is not None and not base.startswith("vlmq")):
             raise SystemExit(f"unknown mode {mode!r}: {', '.join(MODES)}, or vlmq[_process]@TARGET")
     if args.engine != "vllm":  # run-batch is vLLM's; without a renderer, "render" is "ceiling"
         modes = [m for m in modes if m not in ("run_batch", "render")]
+    tmp = Path(tempfile.mkdtemp(prefix="vlmq-gpu-"))
+    stack = Stack(tmp / "stack", partitions=8)
+    env = await asyncio.to_thread(stack.up)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    options = engine_options(args)
     ctx: dict[str, Any] = {"env": env, "tmp": tmp}
     try:
         ctx |= await prepare_data(args, env, tmp)
