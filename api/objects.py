@@ -13,7 +13,7 @@ BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
 TERMINAL = ("failed", "completed", "expired", "cancelled")
-ObjectId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+ObjectId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}(?!\n)$")]
 ENDPOINTS = ("/v1/chat/completions",)
 WINDOW = re.compile(r"^24h$")
 

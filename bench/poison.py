@@ -45,9 +45,9 @@ from PIL import Image
 from redis.asyncio import Redis
 
 from bench.common import hardware, peak_rss_mib, start_stack, write_result
-from vlmq.core.state import StateStore
+from vlmq.core.state import Queued, StateStore
 from vlmq.schemas import keys
-from vlmq.schemas.codec import JSON, MSGPACK, decode_job, invalid_job_id
+from vlmq.schemas.codec import JSON, MSGPACK, decode_job, invalid_job_id, message_digest
 from vlmq.schemas.errors import VlmqError
 from vlmq.worker.samples import photo
 
@@ -288,6 +288,24 @@ def named_job(m: Message) -> str | None:
         return invalid_job_id(m.value, m.key)
 
 
+async def record_submits(env: dict[str, str], messages: list[Message]) -> None:
+    """What a non-Python client's enqueue step records (wire.md), for the first message that
+    names each job: that one is its job as submitted; later ones naming it are not (forged)."""
+    items: dict[str, Queued] = {}
+    for m in messages:
+        try:
+            job_id, batch_id = (job := decode_job(m.value, m.content_type)).job_id, job.batch_id
+        except VlmqError:
+            job_id, batch_id = invalid_job_id(m.value, m.key), None
+        if job_id is not None and job_id not in items:
+            items[job_id] = (job_id, batch_id, time.time(), {}, message_digest(m.value))
+    store = StateStore(Redis.from_url(env["VLMQ_REDIS_URL"]))
+    queued = list(items.values())
+    for start in range(0, len(queued), 2000):
+        await store.enqueue_many(queued[start : start + 2000])
+    await store.redis.aclose()
+
+
 async def wait_terminal(
     store: StateStore, ids: list[str], worker: subprocess.Popen[bytes], timeout: float
 ) -> None:
@@ -404,6 +422,7 @@ async def main() -> int:
         await admin.close()
         worker = start_worker(env, tag, tmp / "worker.log")
         t1 = time.perf_counter()
+        await record_submits(env, messages)
         await produce(env, tag, messages)
         names = [named_job(m) for m in messages]
         named = sorted({j for j in names if j is not None})

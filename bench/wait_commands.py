@@ -52,7 +52,7 @@ async def commands(url: str, st: ModuleType | None, n: int) -> int:
     await r.flushdb()
     store = state_module(None).StateStore(r, ttl_s=600)
     ids = [f"j{i}" for i in range(n)]
-    await store.enqueue_many([(j, None, time.time(), {}) for j in ids])
+    await store.enqueue_many([(j, None, time.time(), {}, "") for j in ids])
 
     async def end_all() -> None:
         await asyncio.sleep(0.5)  # the waiter subscribes first

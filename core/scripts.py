@@ -25,7 +25,7 @@ NAMES = ("enqueue", "sent", "unqueue", "cancel", "claim", "finish", "lease", "re
 # Scripts that take many jobs in one call: (keys per job, shared leading arguments). A
 # job's own arguments follow the shared ones. `now` (argument 1) may differ between calls
 # of one tick: the merged call takes the first one's.
-MANY = {"claim": (6, 4)}
+MANY = {"claim": (6, 5)}
 VARYING = {1}
 WAIT_MS = 5000  # how long WAIT blocks for the replicas; then the calls are retried
 

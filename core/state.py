@@ -36,7 +36,8 @@ def _s(v: Any) -> str:
 class Claim(msgspec.Struct, frozen=True):
     """A claim's answer: `running` with this attempt's number; the job's terminal state; a
     lease another worker holds (`leased_until`: ask again then); or a conflict (the message
-    names another batch than the record written at enqueue)."""
+    names another batch than the record written at enqueue), or a refusal (`refused`: the
+    message is not the one submitted, see `Refused`)."""
 
     state: JobState | None
     attempt: int = 0
@@ -44,6 +45,7 @@ class Claim(msgspec.Struct, frozen=True):
     leased_until: float | None = None  # set while another worker's lease holds
     cancel_requested: bool = False  # the caller ends it `cancelled` instead of running it
     retry_base: int = 0  # attempts before the job's last retry (max_attempts counts from it)
+    refused: str | None = None  # "forged" or "unsubmitted": the message must not run
 
     @property
     def granted(self) -> bool:
@@ -51,7 +53,17 @@ class Claim(msgspec.Struct, frozen=True):
 
     @property
     def conflict(self) -> bool:
-        return self.state is None
+        return self.state is None and self.refused is None
+
+
+class Refused(Exception):
+    """A message that is not the job as submitted: `forged` (its bytes are not the ones the
+    submit record's digest names) or `unsubmitted` (no submit record names it). Nothing of
+    any job was written; the caller dead-letters the message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class CancelReply(msgspec.Struct, frozen=True):
@@ -60,8 +72,9 @@ class CancelReply(msgspec.Struct, frozen=True):
     found: bool  # False: no record of the job
 
 
-# (job id, batch id, submitted at, metadata): what `enqueue_many` records of one job.
-Queued = tuple[str, str | None, float, Mapping[str, str]]
+# (job id, batch id, submitted at, metadata, digest of its message): what `enqueue_many`
+# records of one job. The digest (schemas.codec.message_digest) is what a worker checks.
+Queued = tuple[str, str | None, float, Mapping[str, str], str]
 _META = msgspec.json.Encoder()
 _META_DECODE = msgspec.json.Decoder(dict[str, str])
 
@@ -153,9 +166,10 @@ class StateStore:
         batch_id: str | None,
         submitted_at: float,
         metadata: Mapping[str, str] | None = None,
+        digest: str = "",
     ) -> Enqueued:
         """Record a job as queued, once. Says whether it is new or how far it already got."""
-        return (await self.enqueue_many([(job_id, batch_id, submitted_at, metadata or {})]))[0]
+        return (await self.enqueue_many([(job_id, batch_id, submitted_at, metadata or {}, digest)]))[0]
 
     async def enqueue_many(self, items: Sequence[Queued]) -> list[Enqueued]:
         """`enqueue` for many jobs: one script call (per slot on a cluster), one round trip.
@@ -163,10 +177,11 @@ class StateStore:
         its message still ends with it (its export row keeps its key or custom_id)."""
 
         def each(i: int) -> tuple[list[str], list[Any]]:
-            job_id, batch_id, at, metadata = items[i]
+            job_id, batch_id, at, metadata, digest = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
             meta = _META.encode(metadata) if metadata else b""
-            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or "", at, meta]
+            args = [keys.job_key(job_id), batch_id or "", at, meta, digest]
+            return [keys.submitted_key(job_id), sub_batch], args
 
         out: list[Enqueued | None] = [None] * len(items)
         for idx, replies in await self._per_slot("enqueue", [it[0] for it in items], each, [self.ttl_s]):
@@ -190,13 +205,26 @@ class StateStore:
         done = await self._per_slot("unqueue", [j for j, _ in items], each, [])
         return sum(int(n) for _, n in done)
 
-    async def claim(self, job_id: str, batch_id: str | None, worker: str, lease_s: float = LEASE_S) -> Claim:
-        """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it."""
+    async def claim(
+        self,
+        job_id: str,
+        batch_id: str | None,
+        worker: str,
+        lease_s: float = LEASE_S,
+        *,
+        digest: str = "",
+        strict: bool = False,
+    ) -> Claim:
+        """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it
+        and the message (`digest`) is the one submitted. `strict`: a job without a submit
+        record is refused instead of run."""
         sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
         keys_ = [*self._job_keys(job_id, batch_id), keys.cancel_key(job_id), sub_batch]
-        args = [worker, time.time(), self.ttl_s, lease_s, batch_id or ""]
+        args = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else "", batch_id or "", digest]
         st, detail, *base = await self._call(Call("claim", keys_, args))
         match _s(st):
+            case "forged" | "unsubmitted" as why:
+                return Claim(None, refused=why)
             case "conflict":
                 return Claim(None, recorded_batch=_s(detail))
             case "leased":
@@ -224,10 +252,14 @@ class StateStore:
         done = await self._per_slot("lease", job_ids, lambda i: ([keys.job_key(job_ids[i])], []), head)
         return sum(int(n) for _, n in done)
 
-    async def finish(self, result: Result, *, requested: bool = False) -> bool:
+    async def finish(
+        self, result: Result, *, requested: bool = False, digest: str = "", strict: bool = False
+    ) -> bool:
         """Write the terminal state. True if this call ended the job (or an earlier call with
         this same record did), False if it had ended. `requested`: end it only if it is
-        queued and its cancel was requested (a worker answering a cancel request)."""
+        queued and its cancel was requested (a worker answering a cancel request). With a
+        `digest` (a message that was never claimed), raises Refused unless that message is
+        the one submitted (`strict`: a job without a submit record is refused too)."""
         assert result.state.terminal, result.state
         keys_ = [*self._job_keys(result.job_id, result.batch_id), keys.cancel_key(result.job_id)]
         args = [
@@ -238,8 +270,12 @@ class StateStore:
             keys.done_channel(result.job_id),
             result.batch_id or "",
             "1" if requested else "",
+            digest,
+            "1" if strict else "",
         ]
-        wrote, _prev = await self._call(Call("finish", keys_, args))
+        wrote, prev = await self._call(Call("finish", keys_, args))
+        if not wrote and _s(prev) in ("forged", "unsubmitted"):
+            raise Refused(_s(prev))
         return bool(wrote)
 
     async def cancel(self, job_id: str) -> CancelReply:
@@ -314,9 +350,12 @@ class StateStore:
         error: Error | None = None,
         worker: str | None = None,
         requested: bool = False,
+        digest: str = "",
+        strict: bool = False,
     ) -> bool:
         """End a job in `state`, in the batch its record names (never one a message claims).
-        A job without a record is ended without a batch. `requested`: see `finish`."""
+        A job without a record is ended without a batch. `requested`, `digest`, `strict`:
+        see `finish`."""
         batch_id, metadata = await self._recorded(job_id)
         result = Result(
             job_id=job_id,
@@ -327,7 +366,7 @@ class StateStore:
             metadata=metadata,
             timings=Timings(finished_at=time.time()),
         )
-        return await self.finish(result, requested=requested)
+        return await self.finish(result, requested=requested, digest=digest, strict=strict)
 
     async def exists(self, job_id: str) -> bool:
         """Whether any record of the job exists (one EXISTS: both keys share a slot)."""

@@ -38,7 +38,7 @@ from vlmq.producer.errors import (
     Unavailable,
     ValidationError,
 )
-from vlmq.schemas.codec import MSGPACK, decode_job, encode_job
+from vlmq.schemas.codec import MSGPACK, decode_job, encode_job, message_digest
 from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Job, JobState, Result
 
@@ -177,7 +177,9 @@ class Client:
         except Unavailable as exc:
             raise exc.not_submitted(job.job_id) from exc.cause
         with self._reaching_redis():
-            got = await self.store.enqueue(job.job_id, job.batch_id, job.submitted_at or 0, job.metadata)
+            got = await self.store.enqueue(
+                job.job_id, job.batch_id, job.submitted_at or 0, job.metadata, message_digest(value)
+            )
         if not got.must_send:
             return Handle(job.job_id, False, got.state)
         try:
@@ -215,19 +217,16 @@ class Client:
         await self._settle(in_flight, report, progress)
         return report
 
-    async def resend(self, jobs: Sequence[Job]) -> None:
-        """Send jobs whose records exist again (a retry: see StateStore.retry), without a
-        new submit record; returns once Kafka acknowledged every one."""
+    async def resend(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Send (job id, message) pairs whose records exist again (a retry: see
+        StateStore.retry), without a new submit record; returns once Kafka acknowledged
+        every one. Each message must be the bytes submitted (a dead letter's payload): a
+        worker runs only the message whose digest the submit record holds."""
         producer = await self._kafka()
         acks = []
-        for job in jobs:
-            value, headers = validated(job, self.content_type)
+        for job_id, value in messages:
             with self._reaching_kafka():
-                acks.append(
-                    await producer.send(
-                        self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
-                    )
-                )
+                acks.append(await producer.send(self.settings.jobs_topic, value, key=job_id.encode()))
         with self._reaching_kafka():
             await asyncio.gather(*acks)
 
@@ -238,7 +237,12 @@ class Client:
         encoded = [validated(j, self.content_type) for j in jobs]
         producer = await self._kafka()
         with self._reaching_redis():
-            states = await self.store.enqueue_many([(j.job_id, j.batch_id, now, j.metadata) for j in jobs])
+            states = await self.store.enqueue_many(
+                [
+                    (j.job_id, j.batch_id, now, j.metadata, message_digest(value))
+                    for j, (value, _) in zip(jobs, encoded, strict=True)
+                ]
+            )
             await self.store.index_batches({j.batch_id for j in jobs if j.batch_id}, now)
         sent = _Sent(jobs=list(jobs))
         for job, (value, headers), got in zip(jobs, encoded, states, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, TypeVar
 
@@ -147,3 +148,10 @@ def decode_dead_letter(value: bytes) -> DeadLetter:
 
 def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
+
+
+def message_digest(value: bytes | None) -> str:
+    """The digest a submit record keeps of a job's message (sha256 of the Kafka value's
+    exact bytes, hex): a worker runs a message only if its digest is the recorded one, so
+    whoever can write to the topic cannot run, replace or end another's job (wire.md)."""
+    return hashlib.sha256(value or b"").hexdigest()

@@ -10,6 +10,8 @@ class ErrorCode(str, enum.Enum):
     """Why a job failed. `RETRYABLE` says which a client may simply resubmit."""
 
     # The message itself.
+    NOT_SUBMITTED = "not_submitted"  # no submit record names this job: nobody submitted it
+    FORGED = "forged"  # the body is not the one recorded at submit (or names another batch)
     BAD_MESSAGE = "bad_message"  # not msgpack/JSON, or not a Job at all
     INVALID_JOB = "invalid_job"  # decodes, but a field is invalid
     UNSUPPORTED_VERSION = "unsupported_version"  # v newer than this worker speaks
@@ -45,6 +47,21 @@ def describe(exc: BaseException, limit: int = 500) -> str:
     reprs of objects (`<_io.BytesIO object at 0x...>`), at most `limit` characters."""
     text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", f"{type(exc).__name__}: {exc}".rstrip(": "))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# `scheme://user:password@host`: what a URL's userinfo looks like wherever a URL is quoted;
+# and query parameters that carry a secret (presigned URLs: X-Amz-Signature, sig, token).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,31}://)[^/@\s?#]*@")
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&][a-z0-9_.\-]*(?:sig|signature|token|key|secret|password|credential|auth)[a-z0-9_.\-]*=)[^&#\s]*"
+)
+
+
+def redact(text: str) -> str:
+    """`text` with every URL's credentials (`user:password@`, secret query values) replaced
+    by `***`: error messages quote URIs, and they travel to Redis, dead letters, logs and
+    the dashboard."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 class VlmqError(Exception):

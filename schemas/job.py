@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from msgspec import Meta, Struct
 from msgspec import json as _msgspec_json
 
-from vlmq.schemas.errors import ErrorCode
+from vlmq.schemas.errors import ErrorCode, redact
 
 VERSION = 1
 """Schema version this code writes. It reads any version <= VERSION."""
@@ -31,7 +31,10 @@ MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema for structured output, encoded
 MAX_SCHEMA_DEPTH = 64  # dicts and lists; one object level of a JSON schema is two (properties)
 INT64_MAX = 2**63 - 1
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,160}$"
+# `(?!\n)$`: a bare `$` also matches before a final newline (Python's re, which msgspec uses),
+# so "id\n" would pass; JSON Schema's regex dialect reads the lookahead the same way.
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,160}(?!\n)$"
+SHA256_PATTERN = r"^[0-9a-f]{64}(?!\n)$"
 JobId = Annotated[str, Meta(pattern=JOB_ID_PATTERN, description="Idempotency key")]
 Pixels = Annotated[int, Meta(ge=1, le=100_000_000)]
 # Unix seconds; NaN and infinities fail the bounds (a NaN deadline would never pass).
@@ -75,7 +78,7 @@ class ImageRef(Struct, tag="image", tag_field="type", frozen=True, omit_defaults
     kind: ClassVar[str] = "image"  # the wire tag, for code that handles images and videos alike
 
     uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)] | None = None
     min_pixels: Pixels | None = None
     max_pixels: Pixels | None = None
 
@@ -91,7 +94,7 @@ class VideoRef(Struct, tag="video", tag_field="type", frozen=True, omit_defaults
 
     kind: ClassVar[str] = "video"
     uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)] | None = None
     fps: Annotated[float, Meta(gt=0.0, le=60.0)] | None = None
     num_frames: Annotated[int, Meta(ge=1, le=MAX_VIDEO_FRAMES)] | None = None
     min_pixels: Pixels | None = None
@@ -112,7 +115,7 @@ class EmbeddingRef(Struct, tag="image_embeds", tag_field="type", frozen=True, om
 
     kind: ClassVar[str] = "image_embeds"
     uri: Annotated[str, Meta(min_length=1, max_length=8_000_000)]
-    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)] | None = None
     image_grid_thw: (
         Annotated[list[Annotated[int, Meta(ge=1, le=100_000)]], Meta(min_length=3, max_length=3)] | None
     ) = None
@@ -193,7 +196,7 @@ class Job(Struct, omit_defaults=True, frozen=True):
     metadata: Annotated[
         dict[Annotated[str, Meta(max_length=128)], Annotated[str, Meta(max_length=4096)]], Meta(max_length=64)
     ] = {}
-    result_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]{1,249}$")] | None = None
+    result_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]{1,249}(?!\n)$")] | None = None
     submitted_at: UnixTime | None = None
     v: Annotated[int, Meta(ge=1, le=1_000_000)] = VERSION
 
@@ -274,6 +277,10 @@ class Error(Struct):
     code: ErrorCode
     message: str
     retryable: bool = False
+
+    def __post_init__(self) -> None:
+        # Every failure is recorded, dead-lettered and shown through this one type.
+        self.message = redact(self.message)
 
 
 class Result(Struct, omit_defaults=True):

@@ -9,17 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from vlmq.deploy.stack import http_status, wait_until
 from vlmq.producer import Client
 from vlmq.schemas import JobState
+from vlmq.schemas.codec import message_digest
 from vlmq.worker.samples import photo
 
 
@@ -142,6 +144,37 @@ async def wait_running(client: Client, job_id: str, timeout: float = 30) -> None
     while (await client.status(job_id)).state is not JobState.RUNNING:
         assert time.monotonic() < deadline, f"{job_id} never started"
         await asyncio.sleep(0.05)
+
+
+# A message produced by hand: (key = its job id, value, headers).
+Raw = tuple[str, bytes, Sequence[tuple[str, bytes]]]
+
+
+async def produce(
+    e: Env,
+    messages: Iterable[tuple[str, bytes] | Raw],
+    *,
+    submitted: bool = True,
+    batch_id: str | None = None,
+) -> None:
+    """Messages produced by hand (a non-Python client, a broken producer), keyed by their
+    job ids; `submitted`: first recorded as wire.md's enqueue step does (the message's
+    digest), so a worker takes them as submitted; otherwise nobody submitted them."""
+    raw: list[Raw] = [m if len(m) == 3 else (m[0], m[1], ()) for m in messages]
+    if submitted:
+        async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
+            await client.store.enqueue_many(
+                [(key, batch_id, time.time(), {}, message_digest(value)) for key, value, _ in raw]
+            )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=e.kafka, acks="all", enable_idempotence=False, max_request_size=16 * 1024 * 1024
+    )
+    await producer.start()
+    try:
+        for key, value, headers in raw:
+            await producer.send_and_wait(e.jobs_topic, value, key=key.encode(), headers=list(headers))
+    finally:
+        await producer.stop()
 
 
 async def read_topic(e: Env, topic: str, expect: int, timeout: float = 30) -> list[Any]:

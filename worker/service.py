@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from vlmq.core import workers
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
-from vlmq.core.state import Claim, StateStore
+from vlmq.core.state import Claim, Refused, StateStore
 from vlmq.core.topology import AnyRedis, TopologyError, check_topology, connect_redis, wait_replicas
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
@@ -37,6 +37,7 @@ from vlmq.schemas.codec import (
     encode_result_msg,
     invalid_job_id,
     is_job_id,
+    message_digest,
     peek_job_id,
 )
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
@@ -348,10 +349,13 @@ class Worker:
                 woken.set_result(None)
 
     async def _serve_claimed(self, job: Job, msg: ConsumerRecord) -> None:
-        claim = await self._claim(job)
-        if claim.conflict:
-            error = Error(ErrorCode.INVALID_JOB, f"batch_id {job.batch_id!r} is not the job's batch")
-            await self._dead_letter(msg, error, job.job_id)  # the message is not trusted: no state
+        claim = await self._claim(job, message_digest(msg.value))
+        if claim.refused is not None:
+            await self._dead_letter(msg, refusal(claim.refused, job.job_id), None)
+            return
+        if claim.conflict:  # the message is not trusted: no state, no note on the job's record
+            error = Error(ErrorCode.FORGED, f"batch_id {job.batch_id!r} is not job {job.job_id}'s batch")
+            await self._dead_letter(msg, error, None)
             return
         if not claim.granted:
             metrics.SKIPPED.inc()
@@ -363,13 +367,21 @@ class Worker:
             result = self._refused(job, claim) or await self._run_cancellable(job, claim.attempt)
         await self._publish(job, result, msg)
 
-    async def _claim(self, job: Job) -> Claim:
+    async def _claim(self, job: Job, digest: str) -> Claim:
         """Claim the job; while someone runs it (here, or a worker whose lease holds), wait:
         it ends (the claim then says so and the job is skipped) or its lease runs out."""
         s = self.settings
         while True:
             claim = await through_outage(
-                lambda: self.store.claim(job.job_id, job.batch_id, s.worker_id, s.lease_s), OUTAGE_S
+                lambda: self.store.claim(
+                    job.job_id,
+                    job.batch_id,
+                    s.worker_id,
+                    s.lease_s,
+                    digest=digest,
+                    strict=s.require_submit_record,
+                ),
+                OUTAGE_S,
             )
             if claim.leased_until is None:
                 return claim
@@ -436,19 +448,28 @@ class Worker:
         await self._fail_recorded(msg, error, invalid_job_id(msg.value, msg.key))
 
     async def _fail_recorded(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
-        """Fail `job_id` (in the batch its record names) if given, and dead-letter the message.
-        If even the failure cannot be written, the dead letter still is."""
+        """Fail `job_id` (in the batch its record names) if given and this message is the one
+        submitted, and dead-letter the message. If even the failure cannot be written, the
+        dead letter still is; a message that is not the job as submitted writes nothing."""
         if job_id is not None:
             try:
                 wrote = await through_outage(
                     lambda: self.store.end_recorded(
-                        job_id, JobState.FAILED, error=error, worker=self.settings.worker_id
+                        job_id,
+                        JobState.FAILED,
+                        error=error,
+                        worker=self.settings.worker_id,
+                        digest=message_digest(msg.value),
+                        strict=self.settings.require_submit_record,
                     ),
                     OUTAGE_S,
                 )
                 if not wrote:
                     return  # it had ended already: its dead letter, if any, exists
                 metrics.JOBS.labels("failed").inc()
+            except Refused as refused:
+                await self._dead_letter(msg, refusal(refused.reason, job_id, error), None)
+                return
             except FATAL:
                 raise
             except Exception:
@@ -653,6 +674,18 @@ class Worker:
             for t in late:  # handed back: uncommitted, another worker takes them
                 t.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+
+
+def refusal(reason: str, job_id: str, cause: Error | None = None) -> Error:
+    """The dead letter's error for a message that is not job `job_id` as submitted: it
+    changes nothing of that job (nor of any other), whatever else was wrong with it."""
+    if reason == "forged":
+        what = f"not the message submitted as job {job_id} (its digest differs)"
+        code = ErrorCode.FORGED
+    else:
+        what = f"job {job_id} has no submit record (submit through the SDK, the API or the enqueue step)"
+        code = ErrorCode.NOT_SUBMITTED
+    return Error(code, f"{what}; {cause.code.value}: {cause.message}" if cause else what)
 
 
 async def serve(settings: WorkerSettings) -> int:

@@ -43,6 +43,11 @@ class WorkerSettings(Connection, kw_only=True):
     # Deliveries of one job before it fails as `poison` without running (a job that kills
     # its worker each time would otherwise go round the fleet forever).
     max_attempts: int = 3
+    # Run only jobs submitted through the SDK, the API or the documented enqueue step: a
+    # message without a submit record is dead-lettered `not_submitted` (a message whose
+    # bytes are not the recorded ones always is, `forged`). Off only where every producer
+    # is trusted and publishes straight to Kafka (docs/security.md).
+    require_submit_record: bool = True
     # Seconds between heartbeats in Redis (the dashboard's workers page); 3 missed: gone.
     heartbeat_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
     # Seconds a claim holds a running job; renewed every third of it while the job runs. A

@@ -233,10 +233,10 @@ class Board:
         report = RetryReport()
         failed = [r async for r in self._failed(batch_id, code)]
         for i in range(0, len(failed), 500):
-            jobs = await self._originals(failed[i : i + 500], report)
-            marked = set(await self.store.retry([j.job_id for j in jobs]))
-            again = [j for j in jobs if j.job_id in marked]
-            report.skipped += len(jobs) - len(again)
+            originals = await self._originals(failed[i : i + 500], report)
+            marked = set(await self.store.retry([job_id for job_id, _ in originals]))
+            again = [m for m in originals if m[0] in marked]
+            report.skipped += len(originals) - len(again)
             await self.client.resend(again)
             report.resent += len(again)
         return report
@@ -246,20 +246,22 @@ class Board:
             if r.state is JobState.FAILED and (code is None or (r.error and r.error.code.value == code)):
                 yield r
 
-    async def _originals(self, failed: Sequence[Result], report: RetryReport) -> list[Job]:
-        """The jobs as submitted, from their dead letters; the ones that cannot be read
-        back (a dead letter gone with the topic's retention, or cut at 256 KiB) are counted."""
+    async def _originals(self, failed: Sequence[Result], report: RetryReport) -> list[tuple[str, bytes]]:
+        """(job id, message) as submitted, from their dead letters: the very bytes, whose
+        digest the submit record holds. The ones that cannot be read back (a dead letter gone
+        with the topic's retention, cut at 256 KiB, or not this job's) are counted."""
         pipe = self.records.redis.pipeline(transaction=False)
         for r in failed:
             pipe.hget(keys.job_key(r.job_id), "dead_letter")
-        jobs = []
-        for pos in await pipe.execute():
-            job = _job_of(await self.dead_letter(_s(pos) if pos else None))
-            if job is None:
+        out = []
+        for r, pos in zip(failed, await pipe.execute(), strict=True):
+            dead = await self.dead_letter(_s(pos) if pos else None)
+            job = _job_of(dead)
+            if dead is None or job is None or job.job_id != r.job_id:
                 report.unreadable += 1
             else:
-                jobs.append(job)
-        return jobs
+                out.append((r.job_id, dead.payload))
+        return out
 
     async def cancel(self, batch_id: str) -> None:
         await self.store.cancel_batch(batch_id)

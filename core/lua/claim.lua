@@ -10,6 +10,10 @@
 --     waits and asks again, so a job never runs twice at once;
 --   {'conflict', recorded batch_id}: the record written at submit names another batch than
 --     the message: the message is not trusted, and nothing is written;
+--   {'forged', ''}: the message is not the one its submit record's digest names (someone
+--     reused the job's id): nothing is written;
+--   {'unsubmitted', ''}: no submit record names the job (and `strict`): nobody submitted
+--     it through the SDK, the API or the enqueue step: nothing is written;
 --   {'cancel', attempt}: a cancel was requested (for the job, or for its whole batch): the
 --     caller ends it `cancelled`.
 -- A retry (the producer's `retry` field on the submit record of a failed job) is taken
@@ -18,7 +22,8 @@
 -- KEYS: per job: job, sub, batch (this shard's counters; a placeholder when none), done
 --       (this shard's done list), cancel, sub batch (this shard's submit counters, where a
 --       batch cancel is recorded)
--- ARGV: worker, now, ttl_s, lease_s, then per job: batch_id ("" when none)
+-- ARGV: worker, now, ttl_s, lease_s, strict ("1": a job needs its submit record), then per
+--       job: batch_id ("" when none), digest (sha256 of the message's bytes, hex)
 local function cancelled(k5, k6, batch)
   if redis.call('EXISTS', k5) == 1 then return true end
   return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
@@ -39,7 +44,21 @@ local function retried(k1, k2, k3, k4, st)
   return true
 end
 
-local function claim(k1, k2, k3, k4, k5, k6, batch, worker, now, ttl, lease_s)
+-- The message is the one submitted: its digest is the submit record's (or, once that has
+-- expired, the copy the first claim made). Checked before anything else is read or written.
+local function unverified(k1, k2, digest, strict)
+  local expected = redis.call('HGET', k2, 'digest') or redis.call('HGET', k1, 'digest')
+  if expected then
+    if expected ~= digest then return {'forged', ''} end
+  elseif strict == '1' then
+    return {'unsubmitted', ''}
+  end
+  return nil
+end
+
+local function claim(k1, k2, k3, k4, k5, k6, batch, digest, worker, now, ttl, lease_s, strict)
+  local refused = unverified(k1, k2, digest, strict)
+  if refused then return refused end
   local st, owner, lease, attempt, recorded, base = unpack(redis.call('HMGET', k1,
     'state', 'worker', 'lease_until', 'attempt', 'batch_id', 'retry_base'))
   local again = false
@@ -60,6 +79,7 @@ local function claim(k1, k2, k3, k4, k5, k6, batch, worker, now, ttl, lease_s)
   redis.call('HSET', k1, 'state', 'running', 'worker', worker, 'started_at', now,
     'lease_until', tonumber(now) + tonumber(lease_s))
   redis.call('EXPIRE', k1, ttl)
+  if not st then redis.call('HSET', k1, 'digest', digest) end
   if batch ~= '' and not st then
     redis.call('HSET', k1, 'batch_id', batch)
     if not submitted then redis.call('HINCRBY', k3, 'unrecorded', 1) end
@@ -75,6 +95,6 @@ local out = {}
 for j = 0, #KEYS / 6 - 1 do
   local k = 6 * j
   out[j + 1] = claim(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
-    KEYS[k + 6], ARGV[5 + j], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+    KEYS[k + 6], ARGV[6 + 2 * j], ARGV[7 + 2 * j], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
 return out

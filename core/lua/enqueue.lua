@@ -1,28 +1,30 @@
 -- The producer records jobs as submitted (queued), once each, for many jobs in one call.
--- Idempotent: a job that exists (submitted, or already taken by a worker) is left as it is.
+-- Idempotent: a job that exists (submitted, or already taken by a worker) is left as it is,
+-- except that a record Kafka never acknowledged and no worker touched takes the digest of
+-- the message sent now (a resumed submit re-encodes its jobs).
 -- Writes only the producer's keys (`sub:`). The worker's job key, which it only reads,
 -- comes as an argument: Redis checks declared KEYS for write access (ACLs), and it is in
 -- the same slot as the job's sub key (one hash tag), so a cluster serves it too.
 -- KEYS: sub_1, batch_sub_1, sub_2, batch_sub_2, ...
--- ARGV: ttl_s, job_key_1, batch_id_1, submitted_at_1, metadata_1, job_key_2, ...
--- (metadata: the job's metadata as JSON, '' for none; kept for a job ended while queued)
+-- ARGV: ttl_s, then per job: job_key, batch_id, submitted_at, metadata, digest
+-- (metadata: the job's metadata as JSON, '' for none; kept for a job ended while queued;
+-- digest: sha256 of the Kafka message's bytes, hex: a worker runs only that message)
 -- Returns one entry per job: "new", or "<state>:<sent>" where sent is 1 once the producer
 -- saw Kafka acknowledge the job (sent.lua), so a resumed bulk submit sends nothing twice.
 local ttl = ARGV[1]
 local out = {}
 for i = 1, #KEYS / 2 do
   local sub, batch = KEYS[2 * i - 1], KEYS[2 * i]
-  local job, batch_id, at, meta = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1]
+  local a = 5 * i - 3
+  local job, batch_id, at, meta, digest = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local st = redis.call('HGET', job, 'state')
   local sent = redis.call('HGET', sub, 'sent')
   if st or sent then
+    if not st and sent == '0' then redis.call('HSET', sub, 'digest', digest) end
     out[i] = (st or 'queued') .. ':' .. (sent or '0')
   else
-    if meta ~= '' then
-      redis.call('HSET', sub, 'submitted_at', at, 'sent', 0, 'metadata', meta)
-    else
-      redis.call('HSET', sub, 'submitted_at', at, 'sent', 0)
-    end
+    redis.call('HSET', sub, 'submitted_at', at, 'sent', 0, 'digest', digest)
+    if meta ~= '' then redis.call('HSET', sub, 'metadata', meta) end
     if batch_id ~= '' then
       redis.call('HSET', sub, 'batch_id', batch_id)
       redis.call('HINCRBY', batch, 'total', 1)

@@ -6,8 +6,17 @@
 -- A batch_id other than the one recorded is refused with an error: nothing is written.
 -- KEYS: job, sub, batch, batch_done (this shard's; placeholders when the job has none),
 --       cancel
+-- With a digest (a message that never reached a claim: an invalid body, a failure before
+-- its claim), the job ends only if that message is the one submitted (claim.lua's check):
+-- {0, 'forged'} or {0, 'unsubmitted'} otherwise, and nothing is written.
 -- ARGV: job_id, state, record (Result as JSON), ttl_s, done channel, batch_id ("" when
---       none), requested ("1" or "")
+--       none), requested ("1" or ""), digest ("": not checked), strict ("1": a job needs
+--       its submit record)
+if ARGV[8] and ARGV[8] ~= '' then
+  local expected = redis.call('HGET', KEYS[2], 'digest') or redis.call('HGET', KEYS[1], 'digest')
+  if expected and expected ~= ARGV[8] then return {0, 'forged'} end
+  if not expected and ARGV[9] == '1' then return {0, 'unsubmitted'} end
+end
 local st, recorded = unpack(redis.call('HMGET', KEYS[1], 'state', 'batch_id'))
 if st and st ~= 'running' then
   if redis.call('HGET', KEYS[1], 'record') == ARGV[3] then return {1, st} end

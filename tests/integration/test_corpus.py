@@ -8,11 +8,10 @@ from __future__ import annotations
 import boto3
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from bench.common import peak_rss_mib
 from tests.corpus.build import CORPUS_SETTINGS, Case, cases
-from tests.helpers import Env, read_topic, start_worker, stop_worker
+from tests.helpers import Env, produce, read_topic, start_worker, stop_worker
 from vlmq.producer import Client
 from vlmq.schemas import Job, JobState, Message
 from vlmq.schemas.codec import decode_dead_letter
@@ -33,18 +32,14 @@ async def test_every_corpus_case_ends_as_documented(e: Env, image_pool: str) -> 
     w = start_worker(
         e, "w", allowed_buckets=e.bucket, image_pool=image_pool, image_workers=2, **CORPUS_SETTINGS
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=e.kafka, acks="all", enable_idempotence=False, max_request_size=16 * 1024 * 1024
-    )
-    await producer.start()
-    keys = {}
-    for case in corpus:
-        key = f"{e.tag}-{case.name}"
-        keys[case.name] = key
-        await producer.send_and_wait(
-            e.jobs_topic, _value(case, key, e), key=key.encode(), headers=_headers(case)
-        )
-    await producer.stop()
+    keys = {c.name: f"{e.tag}-{c.name}" for c in corpus}
+    for stateless in (False, True):  # a job that names itself for certain is recorded first
+        raw = [
+            (keys[c.name], _value(c, keys[c.name], e), _headers(c))
+            for c in corpus
+            if c.stateless is stateless
+        ]
+        await produce(e, raw, submitted=not stateless)
     stateful = [c for c in corpus if not c.stateless]
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         results = {r.job_id: r for r in await client.wait_many([keys[c.name] for c in stateful], timeout=120)}

@@ -6,10 +6,11 @@ batch, worker heartbeats, and reading dead letters and consumer lag back from Ka
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+import msgspec
 import pytest
 
 from tests.helpers import Env, put_images, start_worker, stop_worker
@@ -19,6 +20,7 @@ from vlmq.core import workers
 from vlmq.core.settings import Connection
 from vlmq.producer import Client
 from vlmq.producer.builders import caption
+from vlmq.producer.client import validated
 from vlmq.schemas import JobState
 from vlmq.schemas.job import Job
 
@@ -58,8 +60,11 @@ async def test_retry_runs_each_failed_job_exactly_once_more(e: Env) -> None:
     board = Board(client, Records(client.redis), e.dlq_topic)
     try:
         flaky = start_worker(e, "flaky", engine_args="fail_on=flaky")
-        jobs: list[Any] = flaky_jobs(e, 24, every=4)
-        await client.submit_many(jobs)
+        submitted_at = time.time()  # set here, so the test knows each message's bytes
+        submitted = [
+            msgspec.structs.replace(j, submitted_at=submitted_at) for j in flaky_jobs(e, 24, every=4)
+        ]
+        await client.submit_many(submitted)
         await until(lambda: _ended(client, e.tag, 24), "the first pass")
         counts = await client.store.batch_counts(e.tag)
         assert (counts.succeeded, counts.failed) == (18, 6)
@@ -73,7 +78,8 @@ async def test_retry_runs_each_failed_job_exactly_once_more(e: Env) -> None:
         start_worker(e, "fixed")
         first, second = await asyncio.gather(board.retry(e.tag), board.retry(e.tag))  # a double click
         assert first.resent + second.resent >= 6 and first.unreadable == second.unreadable == 0
-        await client.resend([j for i, j in enumerate(jobs) if i % 4 == 0])  # and a resend after a crash
+        # and a resend after a crash: the messages as submitted (their digests are recorded)
+        await client.resend([(j.job_id, validated(j)[0]) for i, j in enumerate(submitted) if i % 4 == 0])
         await until(lambda: _succeeded(client, e.tag, 24), "the retried jobs")
 
         writes = [await client.store.terminal_writes(f"{e.tag}-{i}") for i in range(24)]

@@ -18,7 +18,7 @@ from vlmq.core.state import StateStore
 from vlmq.producer import Client
 from vlmq.schemas import ErrorCode, Job, JobState, Message, Sampling
 from vlmq.schemas import keys as rkeys
-from vlmq.schemas.codec import decode_dead_letter, encode_job
+from vlmq.schemas.codec import decode_dead_letter, encode_job, message_digest
 
 
 def _job(job_id: str, prompt: str = "hi", **kw: Any) -> Job:
@@ -58,16 +58,17 @@ async def test_a_job_that_kills_its_worker_ends_poison_after_max_attempts(e: Env
 async def test_a_message_cannot_move_a_job_to_another_batch(e: Env, redis: Redis) -> None:
     store = StateStore(redis)
     job = _job(f"{e.tag}-j", batch_id=f"{e.tag}-b1")
-    await store.enqueue(job.job_id, job.batch_id, time.time())
+    genuine = encode_job(job)[0]
+    await store.enqueue(job.job_id, job.batch_id, time.time(), digest=message_digest(genuine))
     forged = _job(job.job_id, batch_id=f"{e.tag}-b2")  # same job, someone else's batch
     w = start_worker(e)
     await _produce(e, (job.job_id, encode_job(forged)[0]))
     dead = [decode_dead_letter(m.value) for m in await read_topic(e, e.dlq_topic, 1)]
-    assert [(d.job_id, d.error.code) for d in dead] == [(job.job_id, ErrorCode.INVALID_JOB)]
+    assert [(d.job_id, d.error.code) for d in dead] == [(None, ErrorCode.FORGED)]  # never on the job's page
     record = await store.get(job.job_id)
     assert record is not None and record.state is JobState.QUEUED
     assert not await redis.exists(rkeys.batch_key(rkeys.shard(job.job_id), f"{e.tag}-b2"))
-    await _produce(e, (job.job_id, encode_job(job)[0]))  # the genuine message still runs
+    await _produce(e, (job.job_id, genuine))  # the genuine message still runs
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         assert (await client.wait(job.job_id, timeout=30)).state is JobState.SUCCEEDED
         counts = await client.batch(f"{e.tag}-b1")
@@ -79,15 +80,16 @@ async def test_an_invalid_job_in_a_batch_ends_there(e: Env, redis: Redis) -> Non
     store = StateStore(redis)
     batch = f"{e.tag}-b"
     job_id = f"{e.tag}-bad"
-    await store.enqueue(job_id, batch, time.time())
     invalid: dict[str, Any] = {
         "job_id": job_id,
         "batch_id": batch,
         "messages": [{"role": "user", "content": "x"}],
     }
     invalid["sampling"] = {"max_tokens": 0}  # what a non-SDK producer might send
+    value = json.dumps(invalid).encode()
+    await store.enqueue(job_id, batch, time.time(), digest=message_digest(value))  # its enqueue step
     w = start_worker(e)
-    await _produce(e, (job_id, json.dumps(invalid).encode()))
+    await _produce(e, (job_id, value))
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
         (r,) = await client.wait_many([job_id], timeout=30)
         counts = await client.batch(batch)

@@ -66,7 +66,7 @@ async def test_a_ticks_claims_are_one_script_call_per_slot(redis: AnyRedis, topo
     on one Redis, one per slot on a cluster, and each caller gets its own job's answer."""
     store = StateStore(redis, ttl_s=60, coalesce=True)
     jobs, batch = _ids(300), uuid.uuid4().hex
-    await store.enqueue_many([(j, batch, time.time(), {}) for j in jobs])
+    await store.enqueue_many([(j, batch, time.time(), {}, "") for j in jobs])
     done = Result(job_id=jobs[0], state=JobState.SUCCEEDED, batch_id=batch)
     assert (await store.claim(jobs[0], batch, "w")).granted and await store.finish(done)
     sent: list[int] = []
