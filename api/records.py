@@ -112,11 +112,32 @@ class Records:
         return bool(await self.redis.delete(f"{P}:key:{hash_key(api_key)}"))
 
     async def tenant(self, api_key: str) -> Tenant | None:
-        row = await self.redis.hgetall(f"{P}:key:{hash_key(api_key)}")
+        return await self._tenant_of(hash_key(api_key))
+
+    async def _tenant_of(self, key_hash: str) -> Tenant | None:
+        row = await self.redis.hgetall(f"{P}:key:{key_hash}")
         if not row:
             return None
         r = {_s(k): _s(v) for k, v in row.items()}
         return Tenant(r["tenant"], "write" if r.get("scope") == "write" else "read", r.get("admin") == "1")
+
+    # -- dashboard sessions: the browser holds a random id, never the key -------------------
+
+    async def open_session(self, api_key: str, ttl_s: int) -> str | None:
+        """A session for a valid key: its id (random, shown once; Redis keeps its hash and
+        the key's hash). Revoking the key ends its sessions too. None for an unknown key."""
+        if await self.tenant(api_key) is None:
+            return None
+        session = secrets.token_urlsafe(32)
+        await self.redis.set(f"{P}:session:{hash_key(session)}", hash_key(api_key), ex=ttl_s)
+        return session
+
+    async def session_tenant(self, session: str) -> Tenant | None:
+        key_hash = await self.redis.get(f"{P}:session:{hash_key(session)}")
+        return await self._tenant_of(_s(key_hash)) if key_hash else None
+
+    async def close_session(self, session: str) -> None:
+        await self.redis.delete(f"{P}:session:{hash_key(session)}")
 
     async def reserve(self, tenant: str, counter: str, n: int, limit: int) -> bool:
         """Count `n` more against the tenant's `counter` unless it would pass `limit`."""

@@ -215,6 +215,8 @@ class Board:
         fields = {_s(k): _s(v) for k, v in raw.items() if _s(k) != "record"}
         dead = await self.dead_letter(fields.get("dead_letter"))
         job = _job_of(dead)
+        if job is not None and job.job_id != job_id:  # never show another message as this job's
+            dead, job = None, None
         return JobView(result=result, fields=fields, dead=dead, job=job)
 
     async def dead_letter(self, position: str | None) -> DeadLetter | None:

@@ -1,5 +1,7 @@
-"""Thumbnails of jobs' input images, fetched by the worker's own fetcher (its URI rules,
-size caps and timeouts), so the dashboard reaches nothing a worker would not."""
+"""Thumbnails of jobs' input images, fetched by the worker's own fetcher under the workers'
+own fetch policy (the same `VLMQ_*` settings: allowed buckets and file roots, URL schemes,
+hosts and networks, size caps and timeouts), so the dashboard reaches nothing a worker
+would not."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import contextlib
 import io
 from typing import Any
 
+import msgspec
 import structlog
 from PIL import Image
 
 from vlmq.api.settings import ApiSettings
+from vlmq.schemas.errors import redact
 from vlmq.schemas.job import ImageRef
 from vlmq.worker.fetch import Budget, Fetcher
 from vlmq.worker.settings import WorkerSettings
@@ -29,10 +33,9 @@ PLACEHOLDER = (
 
 class Thumbs:
     def __init__(self, settings: ApiSettings) -> None:
-        self.settings = WorkerSettings(
-            s3_endpoint_url=settings.s3_endpoint_url,
-            max_image_bytes=settings.thumb_max_bytes,
-        )
+        policy = WorkerSettings.load({"s3_endpoint_url": settings.s3_endpoint_url})
+        cap = min(policy.max_image_bytes, settings.thumb_max_bytes)
+        self.settings = msgspec.structs.replace(policy, max_image_bytes=cap)
         self._fetcher: Fetcher | None = None
         self._lock = asyncio.Lock()
 
@@ -50,7 +53,9 @@ class Thumbs:
             data = await (await self._started()).fetch(ref, Budget(self.settings.max_image_bytes))
             return await asyncio.to_thread(_thumb, data, self.settings.max_image_pixels), "image/jpeg"
         except Exception as exc:  # missing, refused, corrupt: the job's page says why
-            log.info("no thumbnail", uri=ref.uri[:200], error=f"{type(exc).__name__}: {exc}"[:300])
+            log.info(
+                "no thumbnail", uri=redact(ref.uri[:200]), error=redact(f"{type(exc).__name__}: {exc}"[:300])
+            )
             return PLACEHOLDER, "image/svg+xml"
 
     async def close(self) -> None:

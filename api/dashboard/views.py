@@ -1,9 +1,12 @@
 """The dashboard's pages: server-rendered Jinja2, live by htmx polling (a page asks for
 its own live fragment every few seconds; no build step, one vendored script).
 
-Auth is the API's keys: a login form puts the key in an HttpOnly, SameSite=Strict cookie
-(so a form on another site cannot post with it), or a client sends `Authorization:
-Bearer`. A tenant's key sees its own OpenAI batches; an admin key (`vlmq api key create
+Auth is the API's keys: a login form opens a server-side session (Redis keeps it; the
+browser holds only its random id, in an HttpOnly, SameSite=Strict cookie, `Secure` over
+TLS or behind a proxy that says `X-Forwarded-Proto: https`), or a client sends
+`Authorization: Bearer`. Every state-changing request made with the cookie must come from
+the dashboard's own origin (`Origin`/`Sec-Fetch-Site`, else 403): no other site can act
+through a logged-in browser. A tenant's key sees its own OpenAI batches; an admin key (`vlmq api key create
 NAME --admin`) sees every batch and the workers. Read-only keys see, never act. Anything
 not visible answers 404, as if it did not exist.
 """
@@ -17,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msgspec
 import structlog
@@ -37,7 +40,7 @@ from vlmq.schemas.job import Job, TextPart
 
 log = structlog.get_logger("vlmq.dashboard")
 HERE = Path(__file__).parent
-COOKIE = "vlmq_key"
+COOKIE = "vlmq_session"
 PAGE = 25
 ENDED = f"{P}:ended"  # zset: batch_id -> when the sampler saw it end (it samples it no more)
 SORTS = {
@@ -147,6 +150,10 @@ def mount(app: FastAPI, dash: Dashboard) -> None:
     async def to_login(request: Request, _: Login) -> Response:
         return RedirectResponse(f"/dashboard/login?next={quote(request.url.path)}", 303)
 
+    @app.exception_handler(CrossOrigin)
+    async def cross_origin(request: Request, _: CrossOrigin) -> Response:
+        return Response("cross-origin request refused", status_code=403, media_type="text/plain")
+
     @app.exception_handler(Missing)
     async def missing(request: Request, _: Missing) -> Response:
         return page(request, "missing.html", {}, 404)
@@ -162,14 +169,45 @@ def page(request: Request, name: str, ctx: dict[str, Any], status: int = 200) ->
 async def viewer(request: Request) -> Tenant:
     records: Records = request.app.state.ctx.records
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-    key = bearer.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
-    found = await records.tenant(key) if key else None
+    if scheme.lower() == "bearer" and bearer.strip():
+        found = await records.tenant(bearer.strip())
+    else:
+        session = request.cookies.get(COOKIE, "")
+        found = await records.session_tenant(session) if session else None
     if found is None:
         raise Login()
     return found
 
 
-async def actor(t: Annotated[Tenant, Depends(viewer)]) -> Tenant:
+class CrossOrigin(Exception):
+    """A state-changing request from another origin through the browser's cookie."""
+
+
+def same_origin(request: Request) -> None:
+    """Refuse a cookie-borne request that another site made (CSRF): browsers say where a
+    request comes from (`Sec-Fetch-Site`, `Origin`, else `Referer`), and a script cannot
+    forge those. A bearer-key client sends no cookie and is not a browser: not checked."""
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise CrossOrigin()
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if source is None:
+        return  # neither header: not a browser's cross-site form or fetch
+    hosts = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
+    if source == "null" or urlsplit(source).netloc not in hosts:
+        raise CrossOrigin()
+
+
+def over_tls(request: Request) -> bool:
+    """Served over https, directly or behind a proxy that says so: the cookie gets `Secure`."""
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or proto == "https"
+
+
+async def actor(request: Request, t: Annotated[Tenant, Depends(viewer)]) -> Tenant:
+    same_origin(request)
     if not t.may_write:
         raise Missing()  # a read-only key has no buttons; a forged post finds nothing
     return t
@@ -190,16 +228,28 @@ def _pages(app: FastAPI, dash: Dashboard) -> None:
     async def login(
         request: Request, key: Annotated[str, Form()], next: Annotated[str, Form()] = ""
     ) -> Response:
+        same_origin(request)
         records: Records = request.app.state.ctx.records
         target = next if next.startswith("/dashboard/") else "/dashboard/batches"
-        if await records.tenant(key.strip()) is None:
+        session = await records.open_session(key.strip(), dash.s.session_s)
+        if session is None:
             return RedirectResponse(f"/dashboard/login?failed=1&next={quote(target)}", 303)
         out = RedirectResponse(target, 303)
-        out.set_cookie(COOKIE, key.strip(), max_age=dash.s.session_s, httponly=True, samesite="strict")
+        out.set_cookie(
+            COOKIE,
+            session,
+            max_age=dash.s.session_s,
+            httponly=True,
+            samesite="strict",
+            secure=over_tls(request),
+        )
         return out
 
     @app.post("/dashboard/logout")
-    async def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        same_origin(request)
+        if session := request.cookies.get(COOKIE):
+            await request.app.state.ctx.records.close_session(session)
         out = RedirectResponse("/dashboard/login", 303)
         out.delete_cookie(COOKIE)
         return out

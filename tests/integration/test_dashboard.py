@@ -284,12 +284,18 @@ def test_a_tenant_sees_only_its_own(e: Env, console: Callable[[], Console], tmp_
         f"/dashboard/batches/{b.id}/export?format=openai",
         "/dashboard/workers",
     ):
-        got = httpx.get(base + path, cookies={"vlmq_key": other}, follow_redirects=False)
+        got = httpx.get(base + path, headers=_bearer(other), follow_redirects=False)
         assert got.status_code == 404 and b.id not in got.text, path
+        raw_key = httpx.get(base + path, cookies={"vlmq_session": acme.api_key}, follow_redirects=False)
+        assert raw_key.status_code == 303, path  # a cookie holds a session id, never a key
     for path in (f"/dashboard/batches/{b.id}/cancel", f"/dashboard/batches/{b.id}/retry"):
-        assert httpx.post(base + path, cookies={"vlmq_key": other}).status_code == 404
-        assert httpx.post(base + path, cookies={"vlmq_key": reader}).status_code == 404
+        assert httpx.post(base + path, headers=_bearer(other)).status_code == 404
+        assert httpx.post(base + path, headers=_bearer(reader)).status_code == 404
     assert httpx.get(base + "/dashboard/batches", follow_redirects=False).status_code == 303  # no key
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 def _a_job_of(e: Env, batch_id: str) -> str:
