@@ -293,8 +293,10 @@ async def record_submits(env: dict[str, str], messages: list[Message]) -> None:
     names each job: that one is its job as submitted; later ones naming it are not (forged)."""
     items: dict[str, Queued] = {}
     for m in messages:
+        job_id: str | None
         try:
-            job_id, batch_id = (job := decode_job(m.value, m.content_type)).job_id, job.batch_id
+            job = decode_job(m.value, m.content_type)
+            job_id, batch_id = job.job_id, job.batch_id
         except VlmqError:
             job_id, batch_id = invalid_job_id(m.value, m.key), None
         if job_id is not None and job_id not in items:

@@ -82,11 +82,13 @@ async def retry(
     initial: float = 0.05,
     max_wait: float = 2.0,
     jitter: float = 1.0,
+    quiet: bool = False,
 ) -> T:
     """Call `fn` until it returns, retrying the exceptions `on` with backoff, for up to
     `seconds` and/or `attempts` calls; then re-raise the last error. Other exceptions
     propagate at once. The n-th wait is `initial * 2**n` capped at `max_wait`, plus up to
-    `jitter` seconds at random, so a fleet does not retry in lockstep."""
+    `jitter` seconds at random, so a fleet does not retry in lockstep. `quiet`: no log line
+    per retry (the caller says once what it waits for)."""
     stops: list[stop_base] = []
     if seconds is not None:
         stops.append(stop_after_delay(seconds))
@@ -97,7 +99,7 @@ async def retry(
         retry=condition,
         wait=wait_exponential_jitter(multiplier=initial, max=max_wait, jitter=jitter),
         stop=stop_any(*stops) if stops else stop_never,
-        before_sleep=_warn,
+        before_sleep=None if quiet else _warn,
         reraise=True,
     )
 
@@ -107,17 +109,19 @@ async def retry(
     return cast(T, await retrying(call))
 
 
-async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float) -> T:
+async def through_outage(fn: Callable[[], Awaitable[T]], seconds: float, *, quiet: bool = False) -> T:
     """Call a Redis or Kafka operation until it succeeds, for up to `seconds` of outage;
-    then raise InfrastructureError. Errors that are not transient propagate at once."""
+    then raise InfrastructureError. Errors that are not transient propagate at once.
+    `quiet`: no log line per retry."""
     try:  # the hot path: tenacity's bookkeeping only once something failed
         return await fn()
     except Exception as exc:
         if not is_transient(exc):
             raise
-        log.warning("retrying", error=repr(exc))
+        if not quiet:
+            log.warning("retrying", error=repr(exc))
     try:
-        return await retry(fn, on=is_transient, seconds=seconds)
+        return await retry(fn, on=is_transient, seconds=seconds, quiet=quiet)
     except Exception as exc:
         if is_transient(exc):
             raise InfrastructureError(f"unavailable for {seconds:.0f}s: {exc!r}") from exc

@@ -26,6 +26,12 @@ NAMES = ("enqueue", "sent", "unqueue", "cancel", "claim", "finish", "lease", "re
 # job's own arguments follow the shared ones. `now` (argument 1) may differ between calls
 # of one tick: the merged call takes the first one's.
 MANY = {"claim": (6, 5)}
+# Scripts whose writes must reach `replicas` replicas before their callers go on (WAIT): a
+# terminal write, since the job's offset is committed after it. A claim need not: one lost
+# in a failover costs at most a second run of the job, whose terminal write the first
+# write wins refuses (docs/operations.md, "Durability"); it is not held up by a master
+# that lost its replica.
+DURABLE = frozenset({"finish"})
 VARYING = {1}
 WAIT_MS = 5000  # how long WAIT blocks for the replicas; then the calls are retried
 
@@ -113,17 +119,39 @@ class Scripts:
         return reply
 
     async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
-        # On a cluster each call goes to the node of its first key (all its keys share one
-        # slot): redis-py then skips hashing every key of every call.
+        """One pipeline per node, concurrently: a node that is down (a failover under way)
+        fails its own calls only, and the other nodes' calls return as usual."""
         if self.cluster is not None:
             await self.cluster.initialize()  # a no-op once the slot map is known
         node_of = self._router()
         targets = [node_of(c) for c in calls]
+        groups: dict[str | None, list[int]] = {}
+        for i, node in enumerate(targets):
+            groups.setdefault(_name(node), []).append(i)
+        if len(groups) == 1:
+            return await self._node_pipeline(calls, targets, durable)
+        parts = await asyncio.gather(
+            *(
+                self._node_pipeline([calls[i] for i in idx], [targets[i] for i in idx], durable)
+                for idx in groups.values()
+            ),
+            return_exceptions=True,
+        )
+        out: list[Any] = [None] * len(calls)
+        for idx, part in zip(groups.values(), parts, strict=True):
+            for n, i in enumerate(idx):
+                out[i] = part if isinstance(part, BaseException) else part[n]
+        return out
+
+    async def _node_pipeline(self, calls: Sequence[Call], targets: list[Any], durable: bool) -> list[Any]:
+        # On a cluster each call goes to the node of its first key (all its keys share one
+        # slot): redis-py then skips hashing every key of every call.
         pipe = self.redis.pipeline(transaction=False)
         for c, node in zip(calls, targets, strict=True):
             routed = {"target_nodes": node} if node is not None else {}
             pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args, **routed)
-        waits = self._waits(targets) if durable and self.replicas else []
+        durable_targets = [t for c, t in zip(calls, targets, strict=True) if c.script in DURABLE]
+        waits = self._waits(durable_targets) if durable and self.replicas and durable_targets else []
         for node in waits:
             pipe.execute_command("WAIT", self.replicas, WAIT_MS, **({"target_nodes": node} if node else {}))
         replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -139,6 +167,8 @@ class Scripts:
         for i, (c, node) in enumerate(zip(calls, targets, strict=True)):
             # Not durable: its node's replicas did not confirm, or it ran where no WAIT
             # looked (redirected by a failover or a slot move, or sent while unrouted).
+            if c.script not in DURABLE:
+                continue
             moved = self.cluster is not None and (node is None or _name(node_now(c)) != _name(node))
             if (_name(node) in short or moved) and not isinstance(replies[i], BaseException):
                 replies[i] = NotDurable(

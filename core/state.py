@@ -214,13 +214,16 @@ class StateStore:
         *,
         digest: str = "",
         strict: bool = False,
+        delivery: str = "",
     ) -> Claim:
         """Take the job for `lease_s` seconds (renew with `lease`), if nobody else holds it
         and the message (`digest`) is the one submitted. `strict`: a job without a submit
-        record is refused instead of run."""
+        record is refused instead of run. `delivery` names this delivery of the message
+        (worker, topic, partition, offset): claiming it again is idempotent (same attempt)."""
         sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
         keys_ = [*self._job_keys(job_id, batch_id), keys.cancel_key(job_id), sub_batch]
-        args = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else "", batch_id or "", digest]
+        head = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else ""]
+        args = [*head, batch_id or "", digest, delivery]
         st, detail, *base = await self._call(Call("claim", keys_, args))
         match _s(st):
             case "forged" | "unsubmitted" as why:

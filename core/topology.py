@@ -7,6 +7,7 @@ call inside one slot; the state store groups multi-job calls per slot on a clust
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -84,6 +85,91 @@ async def wait_replicas(redis: AnyRedis, conn: Connection) -> int:
             f"{fewest} replica(s): add replicas, or set VLMQ_REDIS_WAIT_REPLICAS={fewest}"
         )
     return wanted
+
+
+# The fleet's replica requirement once seen (auto mode): a worker started while a master has
+# lost its replica reads it here instead of settling for none.
+DURABILITY_KEY = "vlmq:{workers}:wait_replicas"
+
+
+class Durability:
+    """The replicas a worker's terminal writes wait for (WAIT), kept current as the topology
+    changes: `refresh()` re-reads every master's replicas. An operator's
+    `redis_wait_replicas` is never lowered; auto mode is 1 once every master had a replica
+    (here or, read from Redis, anywhere in the fleet) and never goes back to 0 by itself.
+    `short` names the masters that have fewer replicas than required right now: their
+    shards' terminal writes wait (and their offsets stay uncommitted) until they are back."""
+
+    def __init__(self, redis: AnyRedis, conn: Connection, required: int) -> None:
+        self.redis, self.conn, self.required = redis, conn, required
+        self.short: dict[str, int] = {}  # master (with its slots) -> replicas it has now
+
+    async def refresh(self) -> list[str]:
+        """Re-read the topology; returns one line per change (for the log)."""
+        masters = await _replicas_per_master(self.redis)
+        if masters is None:
+            return []
+        changes = []
+        if self.conn.redis_wait_replicas is None:
+            seen = int(await self.redis.get(DURABILITY_KEY) or 0)
+            wanted = max(self.required, seen, min(1, min(masters.values(), default=0)))
+            if wanted > seen:
+                await self.redis.set(DURABILITY_KEY, wanted)
+            if wanted != self.required:
+                changes.append(f"terminal writes now wait for {wanted} replica(s) of every master")
+                self.required = wanted
+        short = {m: n for m, n in masters.items() if n < self.required}
+        for m in short.keys() - self.short.keys():
+            changes.append(
+                f"master {m} has {short[m]} of {self.required} replica(s): its terminal writes wait"
+            )
+        for m in self.short.keys() - short.keys():
+            changes.append(f"master {m} has its replica(s) again")
+        self.short = short
+        return changes
+
+
+async def _replicas_per_master(redis: AnyRedis) -> dict[str, int] | None:
+    """Connected replicas of each master that answers, named with its slots on a cluster;
+    None when INFO is not allowed."""
+    try:
+        if not isinstance(redis, RedisCluster):
+            info = await redis.info("replication")
+            return {"redis": int(info.get("connected_slaves", 0))}
+        primaries = redis.get_primaries()
+        infos = await asyncio.gather(
+            *(redis.info("replication", target_nodes=n) for n in primaries), return_exceptions=True
+        )
+    except NoPermissionError:
+        return None
+    if any(isinstance(i, NoPermissionError) for i in infos):
+        return None
+    slots = _slot_ranges(redis)
+    # A master that does not answer is being failed over: its replica, once promoted, is
+    # counted on the next refresh.
+    return {
+        f"{n.name} (slots {slots.get(n.name, '-')})": int(i.get("connected_slaves", 0))
+        for n, i in zip(primaries, infos, strict=True)
+        if isinstance(i, dict)
+    }
+
+
+def _slot_ranges(cluster: RedisCluster) -> dict[str, str]:
+    """node name -> its slots as ranges (`0-5460`), from the client's slot map."""
+    owner: dict[str, list[int]] = {}
+    for slot, nodes in cluster.nodes_manager.slots_cache.items():
+        if nodes:
+            owner.setdefault(nodes[0].name, []).append(slot)
+    out = {}
+    for name, slots in owner.items():
+        slots.sort()
+        ranges, start = [], slots[0]
+        for prev, cur in zip(slots, [*slots[1:], None], strict=True):
+            if cur != prev + 1:
+                ranges.append(f"{start}-{prev}" if prev != start else f"{start}")
+                start = cur if cur is not None else start
+        out[name] = ",".join(ranges)
+    return out
 
 
 async def _fewest_replicas(redis: AnyRedis) -> int | None:

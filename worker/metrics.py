@@ -18,6 +18,9 @@ STAGE = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 IN_FLIGHT = Gauge("vlmq_in_flight", "Jobs held by this worker")
+PARKED = Gauge("vlmq_jobs_parked", "Jobs waiting for their shard's Redis master (no in-flight slot held)")
+WAIT_REPLICAS = Gauge("vlmq_redis_wait_replicas", "Replicas each terminal write waits for (WAIT)")
+MASTERS_SHORT = Gauge("vlmq_redis_masters_short", "Redis masters with fewer replicas than required now")
 PAUSED = Gauge("vlmq_partitions_paused", "1 while intake is paused because in-flight is full")
 LAG = Gauge("vlmq_consumer_lag", "Messages behind the log end, per partition", ["partition"])
 ENGINE_RUNNING = Gauge("vlmq_engine_running", "Sequences the engine is running (batch occupancy)")

@@ -15,8 +15,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -28,7 +28,14 @@ from vlmq.core import workers
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
 from vlmq.core.state import Claim, Refused, StateStore
-from vlmq.core.topology import AnyRedis, TopologyError, check_topology, connect_redis, wait_replicas
+from vlmq.core.topology import (
+    AnyRedis,
+    Durability,
+    TopologyError,
+    check_topology,
+    connect_redis,
+    wait_replicas,
+)
 from vlmq.schemas import keys
 from vlmq.schemas.codec import (
     content_type_of,
@@ -57,6 +64,7 @@ from vlmq.worker.pipeline import Pipeline
 from vlmq.worker.settings import WorkerSettings
 
 log = structlog.get_logger("vlmq.worker")
+T = TypeVar("T")
 # What stops a worker: nothing could be served without Redis, Kafka or the engine.
 FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
@@ -140,6 +148,10 @@ class Worker:
         self._user_cancelled: set[str] = set()
         self._cancelling: set[asyncio.Task[None]] = set()  # ending queued jobs on request
         self._slot_freed = asyncio.Event()
+        # Tasks whose Redis calls are being retried (their shard's master is down or has lost
+        # its replica): they keep their offsets but not an in-flight slot, so the other
+        # shards' jobs keep flowing; at most `max_parked` of them.
+        self._parked: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
         self._started = False
@@ -200,8 +212,8 @@ class Worker:
             await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
             await check_topology(self.store.redis, self.settings)
             replicas = await wait_replicas(self.store.redis, self.settings)
-            self.store.scripts.replicas = replicas
-            log.info("terminal writes wait for replicas", replicas=replicas)
+            self.durability = Durability(self.store.redis, self.settings, replicas)
+            await self._check_durability()
         except TopologyError as exc:
             raise InfrastructureError(str(exc)) from exc
         except Exception as exc:
@@ -222,6 +234,7 @@ class Worker:
             asyncio.create_task(self._supervised("redis probe", self._probe_redis)),
             asyncio.create_task(self._supervised("leases", self._renew_leases)),
             asyncio.create_task(self._supervised("heartbeats", self._heartbeats)),
+            asyncio.create_task(self._supervised("durability", self._watch_durability)),
         ]
         self._started = True
         log.info("worker ready", engine=self.engine.name, model=self.engine.model)
@@ -250,7 +263,7 @@ class Worker:
     async def _intake(self) -> None:
         consumer = self.consumer
         while not self._stop.is_set():
-            free = self.settings.max_in_flight - len(self._tasks)
+            free = self._free_slots()
             if free <= 0:
                 # Full: stop fetching but keep polling, so the group sees us alive.
                 consumer.pause(*consumer.assignment())
@@ -279,7 +292,7 @@ class Worker:
             for msg in records:
                 if tp not in assigned:
                     break  # revoked meanwhile: its new owner reads it
-                if len(self._tasks) >= self.settings.max_in_flight:
+                if self._free_slots() <= 0:
                     self.consumer.seek(tp, msg.offset)  # hand the rest back, unread
                     break
                 self.ledger.track(tp, msg.offset)
@@ -289,8 +302,38 @@ class Worker:
         self.max_in_flight_seen = max(self.max_in_flight_seen, len(self._tasks))
         metrics.IN_FLIGHT.set(len(self._tasks))
 
+    def _free_slots(self) -> int:
+        working = len(self._tasks) - len(self._parked)
+        parked_room = self.settings.max_in_flight + self.settings.max_parked - len(self._tasks)
+        return min(self.settings.max_in_flight - working, parked_room)
+
+    async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A Redis call of this job's, ridden through an outage of its shard; while it is
+        retried the job's task is parked (see `_parked`). One log line per parked job (the
+        error names the node), not one per retry: hundreds wait at once in a failover."""
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("waiting for the job's Redis shard", error=describe(exc))
+        task = asyncio.current_task()
+        parked = task in self._tasks
+        if parked:
+            self._parked.add(task)  # type: ignore[arg-type]  # a task of _tasks is a Task[None]
+            metrics.PARKED.set(len(self._parked))
+            self._slot_freed.set()
+        try:
+            return await through_outage(call, OUTAGE_S, quiet=True)
+        finally:
+            if parked:
+                self._parked.discard(task)
+                metrics.PARKED.set(len(self._parked))
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._parked.discard(task)
+        metrics.PARKED.set(len(self._parked))
         metrics.IN_FLIGHT.set(len(self._tasks))
         self._slot_freed.set()
 
@@ -349,7 +392,8 @@ class Worker:
                 woken.set_result(None)
 
     async def _serve_claimed(self, job: Job, msg: ConsumerRecord) -> None:
-        claim = await self._claim(job, message_digest(msg.value))
+        delivery = f"{self.settings.worker_id}:{msg.topic}:{msg.partition}:{msg.offset}"
+        claim = await self._claim(job, message_digest(msg.value), delivery)
         if claim.refused is not None:
             await self._dead_letter(msg, refusal(claim.refused, job.job_id), None)
             return
@@ -367,12 +411,12 @@ class Worker:
             result = self._refused(job, claim) or await self._run_cancellable(job, claim.attempt)
         await self._publish(job, result, msg)
 
-    async def _claim(self, job: Job, digest: str) -> Claim:
+    async def _claim(self, job: Job, digest: str, delivery: str) -> Claim:
         """Claim the job; while someone runs it (here, or a worker whose lease holds), wait:
         it ends (the claim then says so and the job is skipped) or its lease runs out."""
         s = self.settings
         while True:
-            claim = await through_outage(
+            claim = await self._redis(
                 lambda: self.store.claim(
                     job.job_id,
                     job.batch_id,
@@ -380,8 +424,8 @@ class Worker:
                     s.lease_s,
                     digest=digest,
                     strict=s.require_submit_record,
-                ),
-                OUTAGE_S,
+                    delivery=delivery,
+                )
             )
             if claim.leased_until is None:
                 return claim
@@ -421,7 +465,7 @@ class Worker:
 
     async def _publish(self, job: Job, result: Result, msg: ConsumerRecord) -> None:
         """Terminal state to Redis; then result topic and dead letter, before the commit."""
-        wrote = await through_outage(lambda: self.store.finish(result), OUTAGE_S)
+        wrote = await self._redis(lambda: self.store.finish(result))
         if not wrote:
             metrics.SKIPPED.inc()
             return
@@ -453,7 +497,7 @@ class Worker:
         dead letter still is; a message that is not the job as submitted writes nothing."""
         if job_id is not None:
             try:
-                wrote = await through_outage(
+                wrote = await self._redis(
                     lambda: self.store.end_recorded(
                         job_id,
                         JobState.FAILED,
@@ -461,8 +505,7 @@ class Worker:
                         worker=self.settings.worker_id,
                         digest=message_digest(msg.value),
                         strict=self.settings.require_submit_record,
-                    ),
-                    OUTAGE_S,
+                    )
                 )
                 if not wrote:
                     return  # it had ended already: its dead letter, if any, exists
@@ -498,9 +541,7 @@ class Worker:
         )
         metrics.DEAD_LETTERS.inc()
         if job_id is not None:  # for its page and a retry: where the original bytes are kept
-            await through_outage(
-                lambda: self.store.note_dead_letter(job_id, sent.partition, sent.offset), OUTAGE_S
-            )
+            await self._redis(lambda: self.store.note_dead_letter(job_id, sent.partition, sent.offset))
 
     # -- cancel, commit, revoke, drain ---------------------------------------------------
 
@@ -559,6 +600,23 @@ class Worker:
         # Best effort (the lease runs out anyway), bounded by the client's socket timeout.
         with contextlib.suppress(Exception):
             await asyncio.shield(self.store.lease([job_id], self.settings.worker_id, 0))
+
+    async def _watch_durability(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.durability_check_s)
+            await self._check_durability()
+
+    async def _check_durability(self) -> None:
+        """Follow the topology: how many replicas terminal writes wait for, and which masters
+        have fewer now (their shards' jobs wait; the rest flow). One log line per change."""
+        for change in await self.durability.refresh():
+            log.warning("durability", change=change, wait_replicas=self.durability.required)
+        self.store.scripts.replicas = self.durability.required
+        metrics.WAIT_REPLICAS.set(self.durability.required)
+        metrics.MASTERS_SHORT.set(len(self.durability.short))
+        self._down.discard("durability")
+        if self.durability.short:
+            self._down.add("durability")
 
     async def _probe_redis(self) -> None:
         """Readiness follows Redis: a PING every few seconds."""

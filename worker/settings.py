@@ -43,6 +43,12 @@ class WorkerSettings(Connection, kw_only=True):
     # Deliveries of one job before it fails as `poison` without running (a job that kills
     # its worker each time would otherwise go round the fleet forever).
     max_attempts: int = 3
+    # Jobs held beyond max_in_flight while their shard's Redis master is down or short of
+    # replicas (each keeps its offset uncommitted; the other shards' jobs keep flowing).
+    max_parked: Annotated[int, Meta(ge=0)] = 1024
+    # Seconds between re-reads of the Redis topology (each master's replicas): durability
+    # follows failovers (docs/operations.md, "Durability").
+    durability_check_s: Annotated[float, Meta(gt=0, le=300)] = 5.0
     # Run only jobs submitted through the SDK, the API or the documented enqueue step: a
     # message without a submit record is dead-lettered `not_submitted` (a message whose
     # bytes are not the recorded ones always is, `forged`). Off only where every producer

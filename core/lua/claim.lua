@@ -22,8 +22,12 @@
 -- KEYS: per job: job, sub, batch (this shard's counters; a placeholder when none), done
 --       (this shard's done list), cancel, sub batch (this shard's submit counters, where a
 --       batch cancel is recorded)
+-- An attempt is a delivery: a claim repeated for the delivery that holds the job (the same
+-- worker, topic, partition and offset: a reply lost to a dropped connection, a retried
+-- pipeline) renews its lease and returns the same attempt; a redelivery counts one more.
 -- ARGV: worker, now, ttl_s, lease_s, strict ("1": a job needs its submit record), then per
---       job: batch_id ("" when none), digest (sha256 of the message's bytes, hex)
+--       job: batch_id ("" when none), digest (sha256 of the message's bytes, hex), delivery
+--       ("worker:topic:partition:offset", "" when unknown)
 local function cancelled(k5, k6, batch)
   if redis.call('EXISTS', k5) == 1 then return true end
   return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
@@ -56,11 +60,11 @@ local function unverified(k1, k2, digest, strict)
   return nil
 end
 
-local function claim(k1, k2, k3, k4, k5, k6, batch, digest, worker, now, ttl, lease_s, strict)
+local function claim(k1, k2, k3, k4, k5, k6, batch, digest, delivery, worker, now, ttl, lease_s, strict)
   local refused = unverified(k1, k2, digest, strict)
   if refused then return refused end
-  local st, owner, lease, attempt, recorded, base = unpack(redis.call('HMGET', k1,
-    'state', 'worker', 'lease_until', 'attempt', 'batch_id', 'retry_base'))
+  local st, owner, lease, attempt, recorded, base, held = unpack(redis.call('HMGET', k1,
+    'state', 'worker', 'lease_until', 'attempt', 'batch_id', 'retry_base', 'delivery'))
   local again = false
   if st and st ~= 'running' then
     if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st) then
@@ -72,12 +76,16 @@ local function claim(k1, k2, k3, k4, k5, k6, batch, digest, worker, now, ttl, le
   if not st and submitted then recorded = redis.call('HGET', k2, 'batch_id') end
   if (st or submitted) and (recorded or '') ~= batch then return {'conflict', recorded or ''} end
   if not again and cancelled(k5, k6, batch) then return {'cancel', tonumber(attempt or '0')} end
+  if st == 'running' and delivery ~= '' and held == delivery then
+    redis.call('HSET', k1, 'lease_until', tonumber(now) + tonumber(lease_s))
+    return {'running', tonumber(attempt), tonumber(base or '0')}
+  end
   if st == 'running' and owner ~= worker and tonumber(lease or '0') > tonumber(now) then
     return {'leased', lease}
   end
   local n = redis.call('HINCRBY', k1, 'attempt', 1)
   redis.call('HSET', k1, 'state', 'running', 'worker', worker, 'started_at', now,
-    'lease_until', tonumber(now) + tonumber(lease_s))
+    'lease_until', tonumber(now) + tonumber(lease_s), 'delivery', delivery)
   redis.call('EXPIRE', k1, ttl)
   if not st then redis.call('HSET', k1, 'digest', digest) end
   if batch ~= '' and not st then
@@ -93,8 +101,8 @@ end
 
 local out = {}
 for j = 0, #KEYS / 6 - 1 do
-  local k = 6 * j
+  local k, a = 6 * j, 6 + 3 * j
   out[j + 1] = claim(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
-    KEYS[k + 6], ARGV[6 + 2 * j], ARGV[7 + 2 * j], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+    KEYS[k + 6], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
 return out
