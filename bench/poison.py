@@ -300,7 +300,7 @@ async def record_submits(env: dict[str, str], messages: list[Message]) -> None:
         except VlmqError:
             job_id, batch_id = invalid_job_id(m.value, m.key), None
         if job_id is not None and job_id not in items:
-            items[job_id] = (job_id, batch_id, time.time(), {}, message_digest(m.value))
+            items[job_id] = (job_id, batch_id, time.time(), {}, message_digest(m.value, m.content_type))
     store = StateStore(Redis.from_url(env["VLMQ_REDIS_URL"]))
     queued = list(items.values())
     for start in range(0, len(queued), 2000):

@@ -178,7 +178,11 @@ class Client:
             raise exc.not_submitted(job.job_id) from exc.cause
         with self._reaching_redis():
             got = await self.store.enqueue(
-                job.job_id, job.batch_id, job.submitted_at or 0, job.metadata, message_digest(value)
+                job.job_id,
+                job.batch_id,
+                job.submitted_at or 0,
+                job.metadata,
+                message_digest(value, self.content_type),
             )
         if not got.must_send:
             return Handle(job.job_id, False, got.state)
@@ -217,16 +221,19 @@ class Client:
         await self._settle(in_flight, report, progress)
         return report
 
-    async def resend(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        """Send (job id, message) pairs whose records exist again (a retry: see
-        StateStore.retry), without a new submit record; returns once Kafka acknowledged
-        every one. Each message must be the bytes submitted (a dead letter's payload): a
-        worker runs only the message whose digest the submit record holds."""
+    async def resend(self, messages: Sequence[tuple[str, bytes, bytes | None]]) -> None:
+        """Send (job id, message, content type) again for jobs whose records exist (a retry:
+        see StateStore.retry), without a new submit record; returns once Kafka acknowledged
+        every one. Each must be the message as submitted, header too (a dead letter's
+        payload and content_type): a worker runs only the one whose digest is recorded."""
         producer = await self._kafka()
         acks = []
-        for job_id, value in messages:
+        for job_id, value, content_type in messages:
+            headers = [("content-type", content_type)] if content_type is not None else []
             with self._reaching_kafka():
-                acks.append(await producer.send(self.settings.jobs_topic, value, key=job_id.encode()))
+                acks.append(
+                    await producer.send(self.settings.jobs_topic, value, key=job_id.encode(), headers=headers)
+                )
         with self._reaching_kafka():
             await asyncio.gather(*acks)
 
@@ -239,7 +246,7 @@ class Client:
         with self._reaching_redis():
             states = await self.store.enqueue_many(
                 [
-                    (j.job_id, j.batch_id, now, j.metadata, message_digest(value))
+                    (j.job_id, j.batch_id, now, j.metadata, message_digest(value, self.content_type))
                     for j, (value, _) in zip(jobs, encoded, strict=True)
                 ]
             )

@@ -150,8 +150,15 @@ def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
 
 
-def message_digest(value: bytes | None) -> str:
-    """The digest a submit record keeps of a job's message (sha256 of the Kafka value's
-    exact bytes, hex): a worker runs a message only if its digest is the recorded one, so
-    whoever can write to the topic cannot run, replace or end another's job (wire.md)."""
-    return hashlib.sha256(value or b"").hexdigest()
+def message_digest(value: bytes | None, content_type: bytes | None) -> str:
+    """The digest a submit record keeps of a job's message, hex: sha256 of
+    `content-type:<the header's value>\n` then the Kafka value's exact bytes (the header
+    too: the same bytes under another content type decode differently). A worker runs a
+    message only if its digest is the recorded one, so whoever can write to the topic
+    cannot run, replace or end another's job (wire.md)."""
+    return hashlib.sha256(b"content-type:" + (content_type or b"") + b"\n" + (value or b"")).hexdigest()
+
+
+def header_text(value: bytes | None) -> str | None:
+    """A header's bytes as text that gives the same bytes back (latin-1): any byte kept."""
+    return value.decode("latin-1") if value is not None else None

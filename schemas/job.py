@@ -317,6 +317,9 @@ class DeadLetter(Struct, omit_defaults=True):
     offset: int
     payload: bytes
     payload_size: int | None = None
+    # The message's content-type header (latin-1 text of its bytes): a retry sends the
+    # payload with it, so the digest recorded at submit matches again.
+    content_type: str | None = None
     job_id: str | None = None
     worker: str | None = None
     at: float | None = None

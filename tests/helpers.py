@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from vlmq.deploy.stack import http_status, wait_until
 from vlmq.producer import Client
 from vlmq.schemas import JobState
-from vlmq.schemas.codec import message_digest
+from vlmq.schemas.codec import content_type_of, message_digest
 from vlmq.worker.samples import photo
 
 
@@ -164,7 +164,7 @@ async def produce(
     if submitted:
         async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:
             await client.store.enqueue_many(
-                [(key, batch_id, time.time(), {}, message_digest(value)) for key, value, _ in raw]
+                [(key, batch_id, time.time(), {}, message_digest(v, content_type_of(h))) for key, v, h in raw]
             )
     producer = AIOKafkaProducer(
         bootstrap_servers=e.kafka, acks="all", enable_idempotence=False, max_request_size=16 * 1024 * 1024

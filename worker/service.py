@@ -42,6 +42,7 @@ from vlmq.schemas.codec import (
     decode_job,
     encode_dead_letter,
     encode_result_msg,
+    header_text,
     invalid_job_id,
     is_job_id,
     message_digest,
@@ -393,7 +394,7 @@ class Worker:
 
     async def _serve_claimed(self, job: Job, msg: ConsumerRecord) -> None:
         delivery = f"{self.settings.worker_id}:{msg.topic}:{msg.partition}:{msg.offset}"
-        claim = await self._claim(job, message_digest(msg.value), delivery)
+        claim = await self._claim(job, message_digest(msg.value, content_type_of(msg.headers)), delivery)
         if claim.refused is not None:
             await self._dead_letter(msg, refusal(claim.refused, job.job_id), None)
             return
@@ -483,7 +484,7 @@ class Worker:
                 OUTAGE_S,
             )
         if result.state is JobState.FAILED and result.error:
-            await self._dead_letter(msg, result.error, job.job_id)
+            await self._dead_letter(msg, result.error, job.job_id, note=True)
 
     async def _reject(self, msg: ConsumerRecord, error: Error) -> None:
         """A message that is not a valid Job. Its job fails only when the message says for
@@ -503,13 +504,15 @@ class Worker:
                         JobState.FAILED,
                         error=error,
                         worker=self.settings.worker_id,
-                        digest=message_digest(msg.value),
+                        digest=message_digest(msg.value, content_type_of(msg.headers)),
                         strict=self.settings.require_submit_record,
                     )
                 )
                 if not wrote:
                     return  # it had ended already: its dead letter, if any, exists
                 metrics.JOBS.labels("failed").inc()
+                await self._dead_letter(msg, error, job_id, note=True)
+                return
             except Refused as refused:
                 await self._dead_letter(msg, refusal(refused.reason, job_id, error), None)
                 return
@@ -519,7 +522,13 @@ class Worker:
                 log.exception("could not write the job's failure; dead letter only")
         await self._dead_letter(msg, error, job_id or peek_job_id(msg.value, msg.key))
 
-    async def _dead_letter(self, msg: ConsumerRecord, error: Error, job_id: str | None) -> None:
+    async def _dead_letter(
+        self, msg: ConsumerRecord, error: Error, job_id: str | None, *, note: bool = False
+    ) -> None:
+        """Send the message to the dead-letter topic, keyed by the job it names (`job_id`:
+        what it says, not proof). `note`: this message's failure was written on that job
+        (it is the message submitted), so its record points here: the job's page and a
+        retry read the original back. Nothing else may point a job's record at a message."""
         payload = msg.value or b""
         dead = DeadLetter(
             error=error,
@@ -528,6 +537,7 @@ class Worker:
             offset=msg.offset,
             payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
             payload_size=len(payload),
+            content_type=header_text(content_type_of(msg.headers)),
             job_id=job_id,
             worker=self.settings.worker_id,
             at=time.time(),
@@ -540,7 +550,7 @@ class Worker:
             OUTAGE_S,
         )
         metrics.DEAD_LETTERS.inc()
-        if job_id is not None:  # for its page and a retry: where the original bytes are kept
+        if note and job_id is not None:
             await self._redis(lambda: self.store.note_dead_letter(job_id, sent.partition, sent.offset))
 
     # -- cancel, commit, revoke, drain ---------------------------------------------------

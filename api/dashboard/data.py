@@ -236,7 +236,7 @@ class Board:
         failed = [r async for r in self._failed(batch_id, code)]
         for i in range(0, len(failed), 500):
             originals = await self._originals(failed[i : i + 500], report)
-            marked = set(await self.store.retry([job_id for job_id, _ in originals]))
+            marked = set(await self.store.retry([m[0] for m in originals]))
             again = [m for m in originals if m[0] in marked]
             report.skipped += len(originals) - len(again)
             await self.client.resend(again)
@@ -248,7 +248,9 @@ class Board:
             if r.state is JobState.FAILED and (code is None or (r.error and r.error.code.value == code)):
                 yield r
 
-    async def _originals(self, failed: Sequence[Result], report: RetryReport) -> list[tuple[str, bytes]]:
+    async def _originals(
+        self, failed: Sequence[Result], report: RetryReport
+    ) -> list[tuple[str, bytes, bytes | None]]:
         """(job id, message) as submitted, from their dead letters: the very bytes, whose
         digest the submit record holds. The ones that cannot be read back (a dead letter gone
         with the topic's retention, cut at 256 KiB, or not this job's) are counted."""
@@ -262,7 +264,8 @@ class Board:
             if dead is None or job is None or job.job_id != r.job_id:
                 report.unreadable += 1
             else:
-                out.append((r.job_id, dead.payload))
+                ct = dead.content_type.encode("latin-1") if dead.content_type is not None else None
+                out.append((r.job_id, dead.payload, ct))
         return out
 
     async def cancel(self, batch_id: str) -> None:

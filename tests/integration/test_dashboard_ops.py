@@ -22,6 +22,7 @@ from vlmq.producer import Client
 from vlmq.producer.builders import caption
 from vlmq.producer.client import validated
 from vlmq.schemas import JobState
+from vlmq.schemas.codec import MSGPACK
 from vlmq.schemas.job import Job
 
 
@@ -79,7 +80,9 @@ async def test_retry_runs_each_failed_job_exactly_once_more(e: Env) -> None:
         first, second = await asyncio.gather(board.retry(e.tag), board.retry(e.tag))  # a double click
         assert first.resent + second.resent >= 6 and first.unreadable == second.unreadable == 0
         # and a resend after a crash: the messages as submitted (their digests are recorded)
-        await client.resend([(j.job_id, validated(j)[0]) for i, j in enumerate(submitted) if i % 4 == 0])
+        await client.resend(
+            [(j.job_id, validated(j)[0], MSGPACK) for i, j in enumerate(submitted) if i % 4 == 0]
+        )
         await until(lambda: _succeeded(client, e.tag, 24), "the retried jobs")
 
         writes = [await client.store.terminal_writes(f"{e.tag}-{i}") for i in range(24)]

@@ -59,7 +59,7 @@ async def test_a_message_cannot_move_a_job_to_another_batch(e: Env, redis: Redis
     store = StateStore(redis)
     job = _job(f"{e.tag}-j", batch_id=f"{e.tag}-b1")
     genuine = encode_job(job)[0]
-    await store.enqueue(job.job_id, job.batch_id, time.time(), digest=message_digest(genuine))
+    await store.enqueue(job.job_id, job.batch_id, time.time(), digest=message_digest(genuine, None))
     forged = _job(job.job_id, batch_id=f"{e.tag}-b2")  # same job, someone else's batch
     w = start_worker(e)
     await _produce(e, (job.job_id, encode_job(forged)[0]))
@@ -87,7 +87,7 @@ async def test_an_invalid_job_in_a_batch_ends_there(e: Env, redis: Redis) -> Non
     }
     invalid["sampling"] = {"max_tokens": 0}  # what a non-SDK producer might send
     value = json.dumps(invalid).encode()
-    await store.enqueue(job_id, batch, time.time(), digest=message_digest(value))  # its enqueue step
+    await store.enqueue(job_id, batch, time.time(), digest=message_digest(value, None))  # its enqueue step
     w = start_worker(e)
     await _produce(e, (job_id, value))
     async with Client(e.kafka, e.redis, topic=e.jobs_topic) as client:

@@ -45,5 +45,6 @@ def test_ids_match_their_pattern_in_full(bad: str) -> None:
 
 
 def test_the_digest_is_of_the_exact_bytes() -> None:
-    assert message_digest(b"{}") != message_digest(b"{} ")
-    assert len(message_digest(None)) == 64 and message_digest(b"") == message_digest(None)
+    assert message_digest(b"{}", None) != message_digest(b"{} ", None)
+    assert message_digest(b"{}", b"application/json") != message_digest(b"{}", b"application/msgpack")
+    assert len(message_digest(None, None)) == 64 and message_digest(b"", b"") == message_digest(None, None)
