@@ -253,6 +253,8 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
             req = msgspec.json.decode(await request.body(), type=BatchCreate)
         except msgspec.DecodeError as exc:
             raise Failure(400, f"invalid request: {exc}") from None
+        except RecursionError:
+            raise Failure(400, "invalid request: nested too deeply") from None
         if req.endpoint not in ENDPOINTS:
             raise Failure(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         if not WINDOW.match(req.completion_window):
