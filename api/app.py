@@ -18,6 +18,7 @@ import structlog
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmq.api.dashboard.views import Dashboard, mount
 from vlmq.api.driver import Driver, file_key, live_counts
@@ -52,6 +53,78 @@ class Ctx:
         self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
         self.driver = Driver(settings, self.records, self.storage, self.client)
         self.dashboard = Dashboard(settings, self.client, self.records) if settings.dashboard else None
+
+
+# Multipart framing around an uploaded file: part headers and the small form fields
+# (api/upload.py bounds each of those).
+UPLOAD_FRAMING_BYTES = 1024 * 1024
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over its limit. An HTTPException, so FastAPI's own body parsing
+    (forms) passes it on as it is instead of turning it into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """Every request body bounded before it is read: a declared Content-Length over the
+    route's limit is answered 413 at once; the bytes of a body without one (chunked) are
+    counted as they arrive and the read that passes the limit raises BodyTooLarge, so no
+    route ever holds more than the limit (and one chunk)."""
+
+    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
+        self.app = app
+        self.s = settings
+
+    def limit(self, method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") == "/v1/files":
+            return self.s.max_file_bytes + UPLOAD_FRAMING_BYTES
+        return self.s.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["method"], scope["path"])
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(BodyTooLarge(limit), send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _refuse(exc: BodyTooLarge, send: Send) -> None:
+    response = _too_large(exc)
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _too_large(exc: BodyTooLarge) -> Response:
+    body = ErrorBody(ApiError(str(exc.detail), "invalid_request_error", code="request_too_large"))
+    return json_response(body, 413, {"Connection": "close"})  # the rest of the body is never read
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -104,6 +177,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     app = FastAPI(title="vlmq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.add_middleware(BodyLimit, settings=settings)
     _errors(app)
 
     @app.get("/healthz")
@@ -119,6 +193,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
 
 def _errors(app: FastAPI) -> None:
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> Response:
+        return _too_large(exc)
+
     @app.exception_handler(Failure)
     async def failure(_: Request, exc: Failure) -> Response:
         return json_response(
@@ -253,6 +331,8 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
             req = msgspec.json.decode(await request.body(), type=BatchCreate)
         except msgspec.DecodeError as exc:
             raise Failure(400, f"invalid request: {exc}") from None
+        except RecursionError:
+            raise Failure(400, "invalid request: nested too deeply") from None
         if req.endpoint not in ENDPOINTS:
             raise Failure(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
         if not WINDOW.match(req.completion_window):

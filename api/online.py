@@ -44,11 +44,17 @@ def online_job(body: bytes, settings: ApiSettings) -> Job:
         row = json.loads(body)
     except ValueError as exc:
         raise Failure(400, f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise Failure(400, "the body is nested too deeply") from None
     if not isinstance(row, dict):
         raise Failure(400, "the body must be a JSON object")
     job_id = f"chat-{uuid.uuid4().hex}"
     line = {"custom_id": job_id, "method": "POST", "url": "/v1/chat/completions", "body": row}
-    item = OpenAIReader("online", allow_https=settings.allow_https).line(1, json.dumps(line))
+    try:  # a body just under the parser's depth is deeper than that once wrapped in `line`
+        text = json.dumps(line)
+    except RecursionError:
+        raise Failure(400, "the body is nested too deeply") from None
+    item = OpenAIReader("online", allow_https=settings.allow_https).line(1, text)
     if not isinstance(item, Job):
         reason = item.reason if item else "empty body"
         raise Failure(400, reason, code=item.code if item else None)

@@ -36,7 +36,12 @@ class ApiSettings(Connection, kw_only=True):
     # `gpt-4o-mini=Qwen/Qwen2-VL-7B-Instruct,Qwen/Qwen2-VL-7B-Instruct`. A bare name is
     # itself; a name not here fails the batch at validation (`model_not_found`).
     models: list[str] = msgspec.field(default_factory=list)
-    # -- files (OpenAI's limits)
+    # -- request bodies
+    # Bytes of any request body but a file upload (chat completions, batches, dashboard
+    # forms): larger ones are answered 413 before they are read. Room for a 20 MB image
+    # sent inline (data: URI, base64) with its prompt.
+    max_request_bytes: Annotated[int, Meta(ge=1024)] = 32 * MB
+    # -- files (OpenAI's limits; an upload's body may be this plus its multipart framing)
     max_file_bytes: Annotated[int, Meta(ge=1)] = 200 * MB
     max_file_lines: Annotated[int, Meta(ge=1)] = 50_000
     # Seconds an uploaded batch file lives when the upload names no expiry (OpenAI: 30 days).

@@ -146,6 +146,8 @@ def _parse_line(
         return BadLine(n, str(exc), exc.key, exc.code)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         return BadLine(n, f"not JSON: {exc}", code="invalid_json_line")
+    except RecursionError:  # parsing, or re-encoding a line just under the parser's depth
+        return BadLine(n, "not JSON this server reads: nested too deeply", code="invalid_json_line")
 
 
 class _Bad(ValueError):

@@ -19,7 +19,13 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    RequestTimedOutError,
+)
 from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -103,6 +109,7 @@ class Client:
         self.content_type = content_type
         self._kafka_options = kafka_options or {}
         self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()  # concurrent first submits start one producer
         self.redis = connect_redis(self.settings, **(redis_options or {}))
         self.store = StateStore(self.redis, ttl_s=self.settings.result_ttl_s)
 
@@ -138,15 +145,26 @@ class Client:
 
     @contextlib.contextmanager
     def _reaching_kafka(self) -> Iterator[None]:
+        """Kafka not answering as `Unavailable`, naming the bootstrap address: refused or
+        dropped connections, and a broker that stalls (its requests time out). Errors
+        aiokafka calls retriable are the cluster not serving either, once its own retries
+        are spent."""
         try:
             yield
         except KafkaError as exc:
-            if not isinstance(exc, KafkaConnectionError | KafkaTimeoutError | NoBrokersAvailable):
+            stalled = isinstance(exc, KafkaConnectionError | KafkaTimeoutError | RequestTimedOutError)
+            if not (stalled or isinstance(exc, NoBrokersAvailable) or exc.retriable):
                 raise
             raise Unavailable("Kafka", self.settings.kafka_bootstrap, exc) from exc
 
     async def _kafka(self) -> AIOKafkaProducer:
-        if self._producer is None:
+        if self._producer is not None:
+            return self._producer
+        async with self._producer_lock:
+            return await self._start_producer()
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:  # another caller may have started it while this one waited
             # No idempotent producer: tansu's memory storage rejects it, and the job id
             # de-duplicates downstream anyway.
             # linger_ms and max_batch_size are defaults (an online service may want

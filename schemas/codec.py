@@ -14,6 +14,10 @@ from vlmq.schemas.job import JOB_ID_PATTERN, VERSION, DeadLetter, Job, Result
 MSGPACK = b"application/msgpack"
 JSON = b"application/json"
 CONTENT_TYPE = "content-type"
+# Other names producers use for msgpack (the IANA one is newer than most libraries).
+_MSGPACK_ALIASES = {MSGPACK, b"application/x-msgpack", b"application/vnd.msgpack"}
+_BOM = b"\xef\xbb\xbf"
+_JSON_SPACE = b" \t\r\n"
 
 Headers = list[tuple[str, bytes]]
 T = TypeVar("T")
@@ -46,16 +50,44 @@ def content_type_of(headers: Any) -> bytes | None:
     return None
 
 
+def media_type(content_type: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """A content-type header as a media type (RFC 9110): its `type/subtype`, lowercased,
+    and its parameters (names lowercased, values unquoted)."""
+    kind, *params = content_type.split(b";")
+    out: dict[bytes, bytes] = {}
+    for param in params:
+        name, _, val = param.partition(b"=")
+        out[name.strip().lower()] = val.strip().strip(b'"')
+    return kind.strip().lower(), out
+
+
+def _is_json(value: bytes, content_type: bytes | None) -> bool:
+    """Whether `value` is JSON by its header; without one, by its first byte past a UTF-8
+    BOM and JSON whitespace (a msgpack Job is a map: it never starts with either)."""
+    if content_type is None:
+        return value.removeprefix(_BOM).lstrip(_JSON_SPACE)[:1] == b"{"
+    kind, params = media_type(content_type)
+    if kind == JSON:
+        charset = params.get(b"charset", b"utf-8").lower()
+        if charset not in (b"utf-8", b"utf8"):  # RFC 8259: JSON between systems is UTF-8
+            raise VlmqError(ErrorCode.BAD_MESSAGE, f"unsupported JSON charset {charset.decode('latin-1')!r}")
+        return True
+    if kind in _MSGPACK_ALIASES:
+        return False
+    raise VlmqError(ErrorCode.BAD_MESSAGE, f"unsupported content-type {content_type!r}")
+
+
 def decode_job(value: bytes | None, content_type: bytes | None = None) -> Job:
     """Decode a Kafka value into a Job, or raise VlmqError with a code and the field's path.
 
-    Without a header, a value starting with `{` is JSON, anything else msgpack.
+    `content_type` is a media type (`application/json; charset=utf-8`, any case). Without
+    a header, a value starting with `{` (after a BOM or whitespace) is JSON, else msgpack.
     """
     if not value:
         raise VlmqError(ErrorCode.BAD_MESSAGE, "empty message value")
-    is_json = content_type == JSON or (content_type is None and value[:1] == b"{")
-    if content_type not in (None, JSON, MSGPACK):
-        raise VlmqError(ErrorCode.BAD_MESSAGE, f"unsupported content-type {content_type!r}")
+    is_json = _is_json(value, content_type)
+    if is_json:
+        value = value.removeprefix(_BOM)  # msgspec takes whitespace, not a BOM
     try:
         return (_job_js if is_json else _job_mp).decode(value)
     except msgspec.ValidationError as exc:
@@ -112,7 +144,7 @@ def invalid_job_id(value: bytes | None, key: bytes | None) -> str | None:
 def _body_job_id(value: bytes | None) -> str | None:
     for dec in (msgspec.msgpack.decode, msgspec.json.decode):
         try:
-            obj = dec(value or b"")
+            obj = dec((value or b"").removeprefix(_BOM))
         except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
             continue
         if isinstance(obj, dict) and isinstance(obj.get("job_id"), str):
@@ -135,7 +167,9 @@ def encode_result_msg(result: Result) -> tuple[bytes, Headers]:
 
 
 def decode_result_msg(value: bytes, content_type: bytes | None = None) -> Result:
-    return (_result_js if content_type == JSON else _result_mp).decode(value)
+    if content_type is not None and media_type(content_type)[0] == JSON:
+        return _result_js.decode(value.removeprefix(_BOM))
+    return _result_mp.decode(value)
 
 
 def encode_dead_letter(dead: DeadLetter) -> tuple[bytes, Headers]:

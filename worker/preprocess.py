@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, _imaging
 
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Bytes Pillow stores per pixel where it is not 4.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+# Pillow allocates an image in blocks (16 MB by default). Once glibc has freed one large
+# block its mmap threshold rises (up to 32 MB), and later blocks come from its heap, where
+# freed ones stay in the process between smaller live allocations: a flood of 64-megapixel
+# decodes one at a time grew a worker by ~600 MB under a 400 MB decode budget. Blocks over
+# 32 MB are always mapped on their own and given back when freed (the same flood: +420-466
+# MB). Small images fit in one block of their own size either way.
+_BLOCK_BYTES = 64 * 1024 * 1024
+if "PILLOW_BLOCK_SIZE" not in os.environ:  # an operator's own choice stands
+    _imaging.set_block_size(_BLOCK_BYTES)
 
 try:  # HEIC/HEIF (phone photos): Pillow has no decoder of its own; AVIF it has.
     import pillow_heif
@@ -85,14 +99,62 @@ def load_image(
         raise VlmqError(ErrorCode.IMAGE_CORRUPT, f"cannot decode image: {describe(exc, 300)}") from None
 
 
-def _to_rgb_resized(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+def decode_bytes(
+    data: bytes,
+    *,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    max_image_pixels: int,
+    formats: tuple[str, ...] | None = None,
+) -> int:
+    """Bytes `load_image` will hold at its peak for these bytes, from the header alone (no
+    pixel is decoded): the full-size decode, not the resized result, is what a 62 KB PNG of
+    64 megapixels costs. 0 when the header cannot be read or is over `max_image_pixels`:
+    `load_image` then refuses it before decoding anything."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=formats)
+            if img.size[0] * img.size[1] > max_image_pixels:
+                return 0
+            orientation, _ = _plan(img, factor, min_pixels, max_pixels, probing=True)
+            w, h = img.size  # after draft: a JPEG's reduced decode size
+            return _peak_bytes(w * h, img.mode, "transparency" in img.info, orientation != 1)
+    except Exception:  # whatever a plugin raises on a bad header
+        return 0
+
+
+def _peak_bytes(pixels: int, mode: str, transparency: bool, rotated: bool) -> int:
+    """The decoded image, plus each full-size copy `_to_rgb_resized` may make while the
+    decoded one is still held: rotated, converted to RGB(A), flattened onto white (with its
+    alpha mask), and the resize's reduced intermediate (at most a quarter of the pixels).
+    Pillow keeps multi-band pixels in 4 bytes, RGB too. Within 10-20% above the peak RSS
+    measured for 64-megapixel PNGs of each mode."""
+    stored = _STORED_BYTES.get(mode, 4)
+    alpha = mode in _ALPHA or transparency
+    converted = mode not in ("RGB", "RGBA")
+    return pixels * (stored * (1 + rotated) + 4 * converted + 5 * alpha + 1)
+
+
+def _plan(
+    img: Image.Image, factor: int, min_pixels: int, max_pixels: int, *, probing: bool = False
+) -> tuple[int, tuple[int, int]]:
+    """(EXIF orientation, target (width, height)); a JPEG is set to decode at the smallest
+    DCT scale still at least the target size (its `size` shrinks to that at once)."""
     w, h = img.size
-    orientation = img.getexif().get(0x0112, 1)
+    # A PNG's EXIF may follow its pixels: reading it would decode them, which a probe must not.
+    unread = probing and img.format == "PNG" and "exif" not in img.info
+    orientation = 1 if unread else img.getexif().get(0x0112, 1)
     disp_h, disp_w = (w, h) if orientation in _ROTATED else (h, w)
     th, tw = smart_resize(disp_h, disp_w, factor, min_pixels, max_pixels)
     if img.format == "JPEG":
-        # Decode at the smallest DCT scale still at least the target size.
         img.draft("RGB", (th, tw) if orientation in _ROTATED else (tw, th))
+    return orientation, (tw, th)
+
+
+def _to_rgb_resized(img: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    _, (tw, th) = _plan(img, factor, min_pixels, max_pixels)
     img.seek(0)  # animated GIF/WebP: the first frame
     img.load()
     img = ImageOps.exif_transpose(img) or img
@@ -111,7 +173,7 @@ def _rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # no full-size copy of itself
         bg = Image.new("RGB", img.size, (255, 255, 255))
         bg.paste(rgba, mask=rgba.getchannel("A"))
         return bg

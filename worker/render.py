@@ -30,7 +30,7 @@ import structlog
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import EmbeddingRef, Message
 from vlmq.worker.embeds import Embedding, EmbedSpec, load_embedding
-from vlmq.worker.preprocess import load_image
+from vlmq.worker.preprocess import decode_bytes, load_image
 from vlmq.worker.video import Video, VideoLimits, VideoSampling, load_video
 
 if TYPE_CHECKING:
@@ -134,6 +134,25 @@ def _decode_one(limits: DecodeLimits, blob: bytes, how: Sizing) -> Decoded:
     )
 
 
+def decode_cost(limits: DecodeLimits, blobs: list[bytes], sizing: list[Sizing]) -> int:
+    """Bytes decoding a job's images holds at its peak, read from their headers: the
+    largest image's full-size decode (a job's images are decoded one after another, and
+    each is freed once resized). Videos and embeddings count nothing here."""
+    costs = [
+        decode_bytes(
+            b,
+            factor=limits.factor,
+            min_pixels=how[0],
+            max_pixels=how[1],
+            max_image_pixels=limits.max_image_pixels,
+            formats=limits.formats or None,
+        )
+        for b, how in zip(blobs, sizing, strict=True)
+        if isinstance(how, tuple)
+    ]
+    return max(costs, default=0)
+
+
 def _prepare(blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) -> Prepared:
     """In a pool process. Only VlmqError leaves it: any other exception (which may not even
     pickle) becomes this job's typed failure here."""
@@ -168,10 +187,11 @@ def tensor_bytes(rendered: Any) -> int:
 
 
 class RenderBudget:
-    """Bytes of prepared inputs held at once (a weighted semaphore). A job reserves an
-    estimate before it is prepared, trues it up once its size is known, and gives it back
-    when the engine has answered. One job larger than the whole budget still runs, alone.
-    Giving back never waits, so a job cancelled twice cannot leak its bytes."""
+    """Bytes held at once (a weighted semaphore): prepared inputs (`max_render_bytes`; a job
+    reserves an estimate before it is prepared, trues it up once its size is known, and
+    gives it back when the engine has answered), or images being decoded
+    (`max_decode_bytes`, `ImagePool.prepare`). One job larger than the whole budget still
+    runs, alone. Giving back never waits, so a job cancelled twice cannot leak its bytes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -221,11 +241,15 @@ class ImagePool:
         pool: Literal["process", "thread"],
         workers: int,
         renderer: RendererFactory | None = None,
+        max_decode_bytes: int | None = None,
     ) -> None:
         self.limits = limits
         self.kind = pool
         self.workers = workers
         self.renderer = renderer if pool == "process" else None
+        # Images being decoded, by their full-size bytes: a pool of small files that decode
+        # to 64 megapixels each would otherwise hold workers x 300+ MB at once.
+        self.decoding = RenderBudget(max_decode_bytes) if max_decode_bytes else None
         self._executor = self._start(workers)
         self._generation = 0
         self._alone: Executor | None = None  # where jobs run again after their pool broke
@@ -246,7 +270,10 @@ class ImagePool:
         formats = tuple(settings.image_formats)
         limits = DecodeLimits(engine.image_factor, settings.max_image_pixels, formats, video, engine.embeds)
         factory = engine.renderer() if kind == "process" else None
-        return cls(limits, pool=kind, workers=settings.pool_workers(kind), renderer=factory)
+        workers = settings.pool_workers(kind)
+        return cls(
+            limits, pool=kind, workers=workers, renderer=factory, max_decode_bytes=settings.max_decode_bytes
+        )
 
     @property
     def renders(self) -> bool:
@@ -276,6 +303,24 @@ class ImagePool:
             await asyncio.gather(*pids)
 
     async def prepare(self, blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) -> Prepared:
+        """The job's inputs prepared, once the decode budget has room for its largest image."""
+        cost = decode_cost(self.limits, blobs, sizing) if self.decoding is not None else 0
+        if self.decoding is None or not cost:
+            return await self._prepare(blobs, sizing, messages)
+        held = await self.decoding.acquire(cost)
+        work = asyncio.ensure_future(self._prepare(blobs, sizing, messages))
+        # A job cancelled meanwhile does not stop its thread or process: the bytes stay held
+        # until the decode has really ended.
+        work.add_done_callback(lambda done: self._decoded(done, held))
+        return await asyncio.shield(work)
+
+    def _decoded(self, work: asyncio.Future[Prepared], held: int) -> None:
+        assert self.decoding is not None
+        self.decoding.release(held)
+        if not work.cancelled():
+            work.exception()  # retrieved: a cancelled job's failure is no one's to log
+
+    async def _prepare(self, blobs: list[bytes], sizing: list[Sizing], messages: list[Message]) -> Prepared:
         if self.kind == "thread":
             media = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _decode, self.limits, blobs, sizing

@@ -129,6 +129,11 @@ class WorkerSettings(Connection, kw_only=True):
     # Bytes of prepared inputs (decoded images or rendered tensors) held at once, from
     # preparing until the engine answers; Qwen-VL's tensors are ~24 MB per image.
     max_render_bytes: Annotated[int, Meta(ge=1)] = 8 * 1024**3
+    # Bytes of images being decoded at once, counted at their full size from each header
+    # before any pixel is decoded (a 62 KB PNG of 64 megapixels holds ~370 MB while it is
+    # decoded and converted); a job holds its largest image's. An image larger than this
+    # is decoded alone. 0: no limit.
+    max_decode_bytes: Annotated[int, Meta(ge=0)] = 1024**3
     # Jobs being prepared plus jobs waiting inside the engine (its own queue): images are
     # prepared no further ahead of the engine than this.
     engine_waiting_target: Annotated[int, Meta(ge=1)] = 64

@@ -10,7 +10,9 @@ DNS answer that changes between the check and the connect (rebinding) changes no
 TLS still verifies the certificate against the host name. Bytes are counted while they
 stream (`max_image_bytes`, `max_video_bytes`), the `Content-Type` must be an image's (a
 video's, for a video; or a generic binary type, as presigned S3/GCS URLs give) and the
-first bytes must be an image's (a video's; a safetensors file's) magic.
+first bytes must be an image's (a video's; a safetensors file's) magic. Bodies are asked
+for uncompressed; one sent gzip or deflate anyway is decoded, and its limit counts the
+decoded bytes.
 Timeouts: connect, per read, and for the whole image (a server that trickles bytes).
 Only 429, 5xx, timeouts and broken connections are retried, within `fetch_retry_s`.
 """
@@ -22,6 +24,7 @@ import contextvars
 import ipaddress
 import socket
 import ssl
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
@@ -37,6 +40,9 @@ Resolve = Callable[[str], Awaitable[list[str]]]
 _PINNED: contextvars.ContextVar[dict[str, list[str]]] = contextvars.ContextVar("vlmq_pinned_hosts")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", ""}
+# Content-Encodings undone here (a server may compress whatever it is asked), zlib's window
+# bits for each; deflate is zlib-wrapped by the standard, raw from some servers.
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # The first bytes of every format the worker decodes (see `image_formats`).
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -188,7 +194,12 @@ class WebFetcher:
         """The body, or the next URL of a redirect."""
         assert self._session is not None, "use `async with WebFetcher(...)`"
         try:
-            async with self._session.get(url, allow_redirects=False, auto_decompress=False) as resp:
+            # identity: images are compressed already; a server that compresses anyway is
+            # decoded below, its size limit applied to the decoded bytes.
+            headers = {"Accept-Encoding": "identity"}
+            async with self._session.get(
+                url, allow_redirects=False, auto_decompress=False, headers=headers
+            ) as resp:
                 if resp.status in _REDIRECTS and resp.headers.get("Location"):
                     return urljoin(url, resp.headers["Location"])
                 _raise_for(resp.status, url)
@@ -202,22 +213,76 @@ class WebFetcher:
     async def _body(
         self, resp: aiohttp.ClientResponse, url: str, charge: Callable[[int], None], cap: int, kind: _Kind
     ) -> bytes:
-        if resp.content_length is not None:
+        decoder = _Decoder.of(resp.headers.get("Content-Encoding", ""), url, cap)
+        if resp.content_length is not None and decoder is None:  # an encoded length says nothing
             if resp.content_length > cap:
                 raise VlmqError(
                     ErrorCode.IMAGE_TOO_LARGE, f"{_short(url)} is {resp.content_length} bytes > {cap}"
                 )
             charge(resp.content_length)
         body = bytearray()
-        async for chunk in resp.content.iter_chunked(64 * 1024):
+        async for sent in resp.content.iter_chunked(64 * 1024):
+            chunk = decoder.feed(sent) if decoder else sent
             body += chunk
             if len(body) > cap:
                 raise VlmqError(ErrorCode.IMAGE_TOO_LARGE, f"{_short(url)} sent over {cap} bytes")
             if len(body) >= 16 and len(body) - len(chunk) < 16:
                 _check_magic(bytes(body[:16]), url, kind)
+        if decoder:
+            decoder.end()
         _check_magic(bytes(body[:16]), url, kind)
         charge(len(body))
         return bytes(body)
+
+
+class _Decoder:
+    """A gzip or deflate body undone as it streams, never more than `cap` + 1 bytes out of
+    one chunk: a bomb (a few KB that inflate to gigabytes) stops at the limit."""
+
+    def __init__(self, coding: str, wbits: int, url: str, cap: int) -> None:
+        self.coding, self.url, self.cap = coding, url, cap
+        self.out = 0
+        self._z = zlib.decompressobj(wbits)
+        self._raw_ok = coding == "deflate"  # may still turn out to be raw deflate
+
+    @classmethod
+    def of(cls, header: str, url: str, cap: int) -> _Decoder | None:
+        coding = header.strip().lower()
+        if coding in ("", "identity"):
+            return None
+        if coding not in _CODINGS:
+            raise VlmqError(
+                ErrorCode.IMAGE_FETCH_FAILED,
+                f"{_short(url)} came with Content-Encoding {coding[:40]!r} (gzip and deflate are decoded)",
+            )
+        return cls(coding, _CODINGS[coding], url, cap)
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            out = self._z.decompress(data, self.cap - self.out + 1)
+        except zlib.error:
+            if not self._raw_ok:
+                raise self._corrupt() from None
+            self._raw_ok = False  # no zlib header: raw deflate, from its first byte
+            self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self.feed(data)
+        self._raw_ok = False
+        self.out += len(out)
+        if self.out > self.cap:
+            raise VlmqError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"{_short(self.url)} decodes ({self.coding}) to over {self.cap} bytes",
+            )
+        return out
+
+    def end(self) -> None:
+        if not self._z.eof:
+            raise self._corrupt()
+
+    def _corrupt(self) -> VlmqError:
+        return VlmqError(
+            ErrorCode.IMAGE_CORRUPT, f"{_short(self.url)}: its {self.coding} body does not decode"
+        )
 
 
 def _raise_for(status: int, url: str) -> None:
