@@ -42,6 +42,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.common import hardware, start_stack, write_result
+from bench.forgery_api import api_phase
 from vlmq.core.state import Queued
 from vlmq.producer import Client
 from vlmq.schemas import keys
@@ -668,6 +669,9 @@ def git_state() -> dict[str, Any]:
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=240, help="forged messages (every family in turn)")
+    ap.add_argument(
+        "--api-cases", type=int, default=80, help="requests to the API and dashboard (plus lists, CSRF)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", default="forgery")
     args = ap.parse_args()
@@ -685,6 +689,9 @@ async def main() -> int:
         end: dict[str, Any] = (
             await finale(rig, v) if alive else {"queued_victims_wrong": v.queued, "genuine_job_ok": False}
         )
+        api = await api_phase(
+            env, rig.topic, tag, tmp / "api.log", rig.client, random.Random(args.seed), args.api_cases
+        )
         exits = int(rig.worker.poll() is not None)
     finally:
         if rig is not None:
@@ -695,8 +702,11 @@ async def main() -> int:
         stack.down()
     wall = time.perf_counter() - t0
     report = {
-        "cases": tally.cases,
-        "victim_changes": tally.victim_changes,
+        "cases": tally.cases + api.cases,
+        "victim_changes": tally.victim_changes + api.victim_changes,
+        "kafka_cases": tally.cases,
+        "api_cases": api.cases,
+        "api_wrong_answers": api.wrong_answers,
         "worker_exits": exits,
         "unhandled": tally.unhandled,
         "dead_letter_mismatch": tally.dead_letter_mismatch,
@@ -711,16 +721,20 @@ async def main() -> int:
         + len(end["queued_victims_wrong"])
         + int(not end.get("batch_counts_exact", False))
         + int(not end["genuine_job_ok"])
+        + api.victim_changes
+        + api.wrong_answers
     )
     print(" | ".join(f"{k}: {x}" for k, x in report.items() if k != "batch_counts"), flush=True)
     write_result(
         args.name,
         "forgery cases with the victim unchanged and the worker serving",
-        tally.cases,
-        tally.cases - tally.victim_changes - exits,
+        report["cases"],
+        report["cases"] - report["victim_changes"] - exits,
         {**vars(args), "device": hardware(), **git_state()},
         **report,
         families={k: dict(c) for k, c in sorted(tally.per_family.items())},
+        api_families=api.per_family,
+        api_examples=api.examples,
         first_diffs=tally.diffs,
         wall_s=round(wall, 1),
         log=str(tmp / "worker.log"),
