@@ -496,6 +496,7 @@ class Worker:
         """Fail `job_id` (in the batch its record names) if given and this message is the one
         submitted, and dead-letter the message. If even the failure cannot be written, the
         dead letter still is; a message that is not the job as submitted writes nothing."""
+        wrote = False
         if job_id is not None:
             try:
                 wrote = await self._redis(
@@ -511,8 +512,6 @@ class Worker:
                 if not wrote:
                     return  # it had ended already: its dead letter, if any, exists
                 metrics.JOBS.labels("failed").inc()
-                await self._dead_letter(msg, error, job_id, note=True)
-                return
             except Refused as refused:
                 await self._dead_letter(msg, refusal(refused.reason, job_id, error), None)
                 return
@@ -520,7 +519,7 @@ class Worker:
                 raise
             except Exception:
                 log.exception("could not write the job's failure; dead letter only")
-        await self._dead_letter(msg, error, job_id or peek_job_id(msg.value, msg.key))
+        await self._dead_letter(msg, error, job_id or peek_job_id(msg.value, msg.key), note=wrote)
 
     async def _dead_letter(
         self, msg: ConsumerRecord, error: Error, job_id: str | None, *, note: bool = False
