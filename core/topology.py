@@ -16,6 +16,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import AskError, NoPermissionError, RedisClusterException, ResponseError
 
+from vlmq.core.retry import is_transient
 from vlmq.core.settings import Connection, redact_url
 
 AnyRedis = Redis | RedisCluster
@@ -111,10 +112,7 @@ class Durability:
             return []
         changes = []
         if self.conn.redis_wait_replicas is None:
-            seen = int(await self.redis.get(DURABILITY_KEY) or 0)
-            wanted = max(self.required, seen, min(1, min(masters.values(), default=0)))
-            if wanted > seen:
-                await self.redis.set(DURABILITY_KEY, wanted)
+            wanted = await self._fleet(max(self.required, min(1, min(masters.values(), default=0))))
             if wanted != self.required:
                 changes.append(f"terminal writes now wait for {wanted} replica(s) of every master")
                 self.required = wanted
@@ -127,6 +125,20 @@ class Durability:
             changes.append(f"master {m} has its replica(s) again")
         self.short = short
         return changes
+
+    async def _fleet(self, mine: int) -> int:
+        """The fleet's requirement, raised to `mine` where lower. While the key's own master
+        does not answer (it may be the very one failing over), `mine`: the masters' replicas
+        are still re-read, rather than the whole check failing until the failover ends."""
+        try:
+            seen = int(await self.redis.get(DURABILITY_KEY) or 0)
+            if mine > seen:
+                await self.redis.set(DURABILITY_KEY, mine)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return mine
+        return max(seen, mine)
 
 
 async def _replicas_per_master(redis: AnyRedis) -> dict[str, int] | None:
