@@ -1,23 +1,26 @@
 """Running the Lua scripts of core/lua/: pipelined, on any topology, durable when asked.
 
-`Scripts.run` sends many script calls in one pipeline (redis-py's cluster pipeline splits
-it per node and sends those in parallel), loads a script a server lacks (a new node, a
+`Scripts.run` sends many script calls in one pipeline (on a cluster one per node, in
+parallel, each on that node's connections only), loads a script a server lacks (a new node, a
 promoted replica, a restart) and repeats those calls, and with `durable` ends each node's
 part with `WAIT`: the calls' writes reached `replicas` replicas before anyone is told.
-`Coalescer` gathers the calls of concurrent callers into one `run` per loop tick.
+`Coalescer` gathers the calls of concurrent callers into one `run` per loop tick; `Lanes`
+keeps one per node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import AskError, NoScriptError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, SlotNotCoveredError
 
 from vlmq.core.topology import AnyRedis
 
@@ -57,6 +60,12 @@ class Scripts:
         self.replicas = replicas
         self.source = {n: resources.files("vlmq.core.lua").joinpath(f"{n}.lua").read_text() for n in NAMES}
         self.sha = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self.source.items()}
+        self._reload: asyncio.Task[None] | None = None  # a slot-map refresh under way
+
+    def lane(self, call: Call) -> str | None:
+        """The node a call goes to (None on a single Redis): the Coalescer keeps one queue
+        per node, so a node that is slow (WAIT for a replica it lost) holds back its own."""
+        return _name(self._router()(call))
 
     async def run(self, calls: Sequence[Call], *, durable: bool = False) -> list[Any]:
         """The replies in order; an error reply is its exception, in its place. A dropped
@@ -121,8 +130,8 @@ class Scripts:
     async def _pipeline(self, calls: Sequence[Call], durable: bool) -> list[Any]:
         """One pipeline per node, concurrently: a node that is down (a failover under way)
         fails its own calls only, and the other nodes' calls return as usual."""
-        if self.cluster is not None:
-            await self.cluster.initialize()  # a no-op once the slot map is known
+        if self.cluster is not None and not self.cluster.nodes_manager.slots_cache:
+            await self.cluster.initialize()  # the first call: learn the slot map
         node_of = self._router()
         targets = [node_of(c) for c in calls]
         groups: dict[str | None, list[int]] = {}
@@ -144,17 +153,12 @@ class Scripts:
         return out
 
     async def _node_pipeline(self, calls: Sequence[Call], targets: list[Any], durable: bool) -> list[Any]:
-        # On a cluster each call goes to the node of its first key (all its keys share one
-        # slot): redis-py then skips hashing every key of every call.
-        pipe = self.redis.pipeline(transaction=False)
-        for c, node in zip(calls, targets, strict=True):
-            routed = {"target_nodes": node} if node is not None else {}
-            pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args, **routed)
         durable_targets = [t for c, t in zip(calls, targets, strict=True) if c.script in DURABLE]
         waits = self._waits(durable_targets) if durable and self.replicas and durable_targets else []
-        for node in waits:
-            pipe.execute_command("WAIT", self.replicas, WAIT_MS, **({"target_nodes": node} if node else {}))
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if self.cluster is not None and targets[0] is not None:
+            replies = await self._on_node(targets[0], calls, bool(waits))
+        else:
+            replies = await self._client_pipeline(calls, targets, waits)
         replies, acks = replies[: len(calls)], replies[len(calls) :]
         if not waits:
             return replies
@@ -175,6 +179,58 @@ class Scripts:
                     f"writes not confirmed by {self.replicas} replica(s) of {_name(node)}"
                 )
         return replies
+
+    async def _client_pipeline(
+        self, calls: Sequence[Call], targets: list[Any], waits: list[Any]
+    ) -> list[Any]:
+        """Through redis-py's pipeline: on one Redis, or for calls whose node is unknown."""
+        pipe = self.redis.pipeline(transaction=False)
+        for c, node in zip(calls, targets, strict=True):
+            routed = {"target_nodes": node} if node is not None else {}
+            pipe.execute_command("EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args, **routed)
+        for node in waits:
+            pipe.execute_command("WAIT", self.replicas, WAIT_MS, **({"target_nodes": node} if node else {}))
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _on_node(self, node: Any, calls: Sequence[Call], wait: bool) -> list[Any]:
+        """One node's calls (then WAIT) on a connection of that node only. Not through
+        redis-py's cluster pipeline: on a connection error or CLUSTERDOWN from one node it
+        closes every node's connections (other pipelines' too) and re-reads the slot map
+        through the first master, which may be the dead one, so one master down stopped
+        every shard. Here a failure is this node's; the slot map is re-read aside."""
+        cmds = [
+            PipelineCommand(i, "EVALSHA", self.sha[c.script], len(c.keys), *c.keys, *c.args)
+            for i, c in enumerate(calls)
+        ]
+        if wait:
+            cmds.append(PipelineCommand(len(cmds), "WAIT", self.replicas, WAIT_MS))
+        try:
+            await node.execute_pipeline(cmds)
+        except AttributeError as exc:
+            # redis-py closed the connection under this pipeline (its cluster client does so
+            # to every node on a CLUSTERDOWN elsewhere): a dropped connection, not a bug here.
+            self._reload_slots()
+            raise RedisConnectionError(f"connection to {_name(node)} closed while in use") from exc
+        except Exception:
+            self._reload_slots()
+            raise
+        replies = [c.result for c in cmds]
+        for i, r in enumerate(replies):
+            if isinstance(r, AskError):  # MOVED too: the slot has a new master (a failover)
+                self._reload_slots()
+                replies[i] = TryAgainError(f"{_name(node)} no longer serves this slot: {r}")
+        return replies
+
+    def _reload_slots(self) -> None:
+        """Re-read the slot map (CLUSTER SLOTS from any node that answers), once at a time."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.create_task(self._reload_now())
+
+    async def _reload_now(self) -> None:
+        assert self.cluster is not None
+        with contextlib.suppress(Exception):  # a failover under way: the next error retries
+            await self.cluster.nodes_manager.initialize()
+        await asyncio.sleep(0.25)  # at most four reloads a second while it lasts
 
     def _router(self) -> Callable[[Call], Any]:
         """call -> the cluster node serving its slot now (None on a single Redis). Keys
@@ -255,3 +311,19 @@ class Coalescer:
                     fut.set_exception(reply)
                 else:
                     fut.set_result(reply)
+
+
+class Lanes:
+    """A Coalescer per node (`lane` names a call's node): a node whose pipelines are slow (a
+    master that lost its replica holds each WAIT for WAIT_MS) fills its own in-flight
+    pipelines only, and the other nodes' calls go on at once."""
+
+    def __init__(self, run: Runner, lane: Callable[[Call], str | None]) -> None:
+        self.run, self.lane = run, lane
+        self._lanes: dict[str | None, Coalescer] = {}
+
+    async def call(self, call: Call) -> Any:
+        lane = self.lane(call)
+        if lane not in self._lanes:
+            self._lanes[lane] = Coalescer(self.run)
+        return await self._lanes[lane].call(call)

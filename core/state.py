@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core.retry import REDIS_FAILOVER
-from vlmq.core.scripts import Call, Coalescer, Scripts
+from vlmq.core.scripts import Call, Lanes, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
 from vlmq.core.topology import AnyRedis
 from vlmq.schemas import keys
@@ -127,7 +127,10 @@ class StateStore:
         self.recheck_s = recheck_s
         self.outage_s = outage_s  # how long waiters ride out a Redis restart
         self.scripts = Scripts(redis, replicas=wait_replicas)
-        self._batch = Coalescer(lambda calls: self.scripts.run(calls, durable=True)) if coalesce else None
+        self._batch = Lanes(self._durable, self.scripts.lane) if coalesce else None
+
+    async def _durable(self, calls: Sequence[Call]) -> list[Any]:
+        return await self.scripts.run(calls, durable=True)
 
     async def _call(self, call: Call) -> Any:
         if self._batch is not None:

@@ -13,7 +13,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from vlmq.core.scripts import Call, Coalescer
+from vlmq.core.scripts import Call, Coalescer, Lanes
 
 
 class Server:
@@ -110,3 +110,23 @@ async def test_calls_made_while_a_pipeline_waits_go_out_at_once_up_to_max_inflig
     gate.set()
     assert await asyncio.gather(*first, *second, *third) == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]
     assert sorted(server.pipelines) == [3, 4, 5]  # then go out together, in one pipeline
+
+
+async def test_a_slow_node_holds_back_only_its_own_lane() -> None:
+    """Issue 37: a master that lost its replica holds each pipeline in WAIT; the calls of
+    the other nodes (lanes) must not queue behind its pipelines."""
+    stuck = asyncio.Event()
+
+    async def run(calls: Sequence[Call]) -> list[Any]:
+        if calls[0].keys[0].startswith("slow"):
+            await stuck.wait()
+        return [c.args[0] for c in calls]
+
+    lanes = Lanes(run, lambda call: call.keys[0].partition(":")[0])
+    slow = [asyncio.ensure_future(lanes.call(_call("slow:k", i))) for i in range(8)]
+    for _ in range(5):  # more ticks than the slow lane has pipelines: all of them stuck
+        slow.append(asyncio.ensure_future(lanes.call(_call("slow:k", "x"))))
+        await asyncio.sleep(0)
+    assert await asyncio.wait_for(lanes.call(_call("fast:k", "now")), 1) == "now"
+    stuck.set()
+    assert len(await asyncio.gather(*slow)) == 13
