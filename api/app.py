@@ -33,12 +33,13 @@ from vlmq.api.objects import (
     FileDeleted,
     FileObject,
 )
-from vlmq.api.online import Failure, complete
+from vlmq.api.online import Failure, Online
 from vlmq.api.records import Records, Tenant, new_id
 from vlmq.api.settings import ApiSettings
 from vlmq.api.storage import Storage
 from vlmq.api.upload import Refused, receive
 from vlmq.producer.client import Client
+from vlmq.producer.errors import Unavailable
 
 log = structlog.get_logger("vlmq.api")
 
@@ -48,10 +49,14 @@ class Ctx:
 
     def __init__(self, settings: ApiSettings) -> None:
         self.s = settings
-        self.client = Client(settings=settings)
+        # Blocking on a full pool is never an outage: callers are bounded (api/online.py).
+        self.client = Client(
+            settings=settings, redis_options={"max_connections": settings.redis_max_connections}
+        )
         self.records = Records(self.client.redis, settings.files_bucket)
         self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
         self.driver = Driver(settings, self.records, self.storage, self.client)
+        self.online = Online(settings, self.records, self.client)
         self.dashboard = Dashboard(settings, self.client, self.records) if settings.dashboard else None
 
 
@@ -162,6 +167,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if settings.openai_routes:
             await ctx.storage.start(settings.create_bucket)
             tasks.append(asyncio.create_task(ctx.driver.run()))
+            tasks.append(asyncio.create_task(ctx.online.waiters.run()))
         if ctx.dashboard is not None:
             tasks.append(asyncio.create_task(ctx.dashboard.run_sampler()))
         log.info("api ready", host=settings.host, port=settings.port, models=settings.aliases())
@@ -202,6 +208,14 @@ def _errors(app: FastAPI) -> None:
         return json_response(
             ErrorBody(ApiError(exc.message, exc.kind, exc.param, exc.code)), exc.status, exc.headers
         )
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> Response:
+        log.warning("a backend did not answer", service=exc.service, error=str(exc))
+        body = ErrorBody(
+            ApiError(f"{exc.service} did not answer; retry shortly", "server_error", code="unavailable")
+        )
+        return json_response(body, 503, {"Retry-After": "1"})
 
     @app.exception_handler(HTTPException)
     async def http(_: Request, exc: HTTPException) -> Response:
@@ -390,5 +404,9 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
     # -- online ----------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, _: Writer) -> Response:
-        return json_response(await complete(await request.body(), s, records, ctx.client))
+    async def chat_completions(request: Request) -> Response:
+        # The replica's own bound first: past it, 429 before the key is looked up in Redis.
+        with ctx.online.slot():
+            async with ctx.online.gate:
+                await writer(await tenant(request))
+            return json_response(await ctx.online.complete(await request.body()))

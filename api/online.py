@@ -5,18 +5,22 @@ Retry-After at once: a client backs off instead of piling onto a full queue."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 
 from vlmq.api.records import Records
 from vlmq.api.settings import ApiSettings
+from vlmq.api.waiters import Waiters
 from vlmq.producer.bulk import OpenAIReader, chat_completion, http_error, public
 from vlmq.producer.client import Client
-from vlmq.schemas.job import Job, JobState
+from vlmq.schemas.job import Job, JobState, Result
 
 RETRY_AFTER_S = 1
 
@@ -71,26 +75,72 @@ def online_job(body: bytes, settings: ApiSettings) -> Job:
     )
 
 
-async def complete(body: bytes, settings: ApiSettings, records: Records, client: Client) -> dict[str, Any]:
-    """Run one chat completion through the queue; its ChatCompletion object, or Failure."""
-    job = online_job(body, settings)
-    give_up = time.time() + settings.online_timeout_s
-    if not await records.admit_online(job.job_id, give_up, settings.online_max_queued):
-        raise Failure(
-            429,
-            f"more than {settings.online_max_queued} requests are waiting: retry after {RETRY_AFTER_S} s",
-            "rate_limit_error",
-            "queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    try:
-        await client.submit(job)
-        result = await client.store.wait(job.job_id, settings.online_timeout_s)
-    finally:
-        await records.online_done(job.job_id)
+class Online:
+    """The online door of one process: a local bound on waiting requests (answered 429
+    before the body is read or Redis is asked), a bound on the pool connections they use at
+    once (`online_redis_share`: the rest stays for /healthz, the batch driver and the
+    dashboard), the fleet-wide admission (`online_max_queued`), and the shared waiters."""
+
+    def __init__(self, settings: ApiSettings, records: Records, client: Client) -> None:
+        self.s, self.records, self.client = settings, records, client
+        self.waiters = Waiters(client.redis, client.store)
+        self.gate = asyncio.Semaphore(settings.online_redis_share())
+        self.inside = 0  # requests of this process between arrival and answer
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """A place among this process's online requests, or 429 at once."""
+        if self.inside >= self.s.online_max_waiting:
+            raise busy(f"this replica holds {self.s.online_max_waiting} online requests", "replica_full")
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+    async def complete(self, body: bytes) -> dict[str, Any]:
+        """Run one chat completion through the queue; its ChatCompletion object, or Failure."""
+        job = online_job(body, self.s)
+        async with self.gate:
+            if not await self.records.admit_online(
+                job.job_id, time.time() + self.s.online_timeout_s, self.s.online_max_queued
+            ):
+                raise busy(f"more than {self.s.online_max_queued} requests are waiting", "queue_full")
+        try:
+            result = await self._run(job)
+        finally:
+            async with self.gate:
+                await self.records.online_done(job.job_id)
+        return answer(result, self.s.online_timeout_s)
+
+    async def _run(self, job: Job) -> Result | None:
+        await self.waiters.watch(job.job_id)
+        try:
+            async with self.gate:
+                await self.client.submit(job)
+            result = await self.waiters.wait(job.job_id, self.s.online_timeout_s)
+            if result is None:
+                async with self.gate:
+                    await self.client.cancel(job.job_id)
+            return result
+        finally:
+            await self.waiters.forget(job.job_id)
+
+
+def busy(why: str, code: str) -> Failure:
+    return Failure(
+        429,
+        f"{why}: retry after {RETRY_AFTER_S} s",
+        "rate_limit_error",
+        code,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def answer(result: Result | None, timeout_s: float) -> dict[str, Any]:
+    """A job's end as a ChatCompletion, or the Failure that says why there is none."""
     if result is None:
-        await client.cancel(job.job_id)
-        raise Failure(504, f"no answer within {settings.online_timeout_s} s", "server_error", "timeout")
+        raise Failure(504, f"no answer within {timeout_s} s", "server_error", "timeout")
     if result.state is JobState.SUCCEEDED:
         return chat_completion(result)
     if result.error is None:
