@@ -168,6 +168,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await ctx.storage.start(settings.create_bucket)
             tasks.append(asyncio.create_task(ctx.driver.run()))
             tasks.append(asyncio.create_task(ctx.online.waiters.run()))
+            tasks.append(asyncio.create_task(ctx.online.renew()))
         if ctx.dashboard is not None:
             tasks.append(asyncio.create_task(ctx.dashboard.run_sampler()))
         log.info("api ready", host=settings.host, port=settings.port, models=settings.aliases())

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import msgspec
+import structlog
 
 from vlmq.api.records import Records
 from vlmq.api.settings import ApiSettings
@@ -23,6 +24,7 @@ from vlmq.producer.client import Client
 from vlmq.schemas.job import Job, JobState, Result
 
 RETRY_AFTER_S = 1
+log = structlog.get_logger("vlmq.api")
 
 
 class Failure(Exception):
@@ -86,6 +88,7 @@ class Online:
         self.waiters = Waiters(client.redis, client.store)
         self.gate = asyncio.Semaphore(settings.online_redis_share())
         self.inside = 0  # requests of this process between arrival and answer
+        self.held: set[str] = set()  # job ids holding a fleet-wide slot (leases to renew)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -101,17 +104,29 @@ class Online:
     async def complete(self, body: bytes) -> dict[str, Any]:
         """Run one chat completion through the queue; its ChatCompletion object, or Failure."""
         job = online_job(body, self.s)
+        me, lease = self.s.replica_id, self.s.online_lease_s
         async with self.gate:
-            if not await self.records.admit_online(
-                job.job_id, time.time() + self.s.online_timeout_s, self.s.online_max_queued
-            ):
+            if not await self.records.admit_online(me, job.job_id, lease, self.s.online_max_queued):
                 raise busy(f"more than {self.s.online_max_queued} requests are waiting", "queue_full")
+        self.held.add(job.job_id)
         try:
             result = await self._run(job)
         finally:
+            self.held.discard(job.job_id)
             async with self.gate:
-                await self.records.online_done(job.job_id)
+                await self.records.online_done(me, job.job_id)
         return answer(result, self.s.online_timeout_s)
+
+    async def renew(self) -> None:
+        """Forever: renew this replica's slots every third of their lease, so they outlive
+        their requests only when the replica died."""
+        while True:
+            await asyncio.sleep(self.s.online_lease_s / 3)
+            try:
+                async with self.gate:
+                    await self.records.renew_online(self.s.replica_id, list(self.held), self.s.online_lease_s)
+            except Exception as exc:  # Redis away: the next round tries again
+                log.warning("online leases not renewed", error=f"{type(exc).__name__}: {exc}")
 
     async def _run(self, job: Job) -> Result | None:
         await self.waiters.watch(job.job_id)

@@ -74,6 +74,9 @@ class ApiSettings(Connection, kw_only=True):
     # answer); more are answered 429 before their body is read or Redis is asked. A waiting
     # request costs a future and its body, not a connection (api/waiters.py).
     online_max_waiting: Annotated[int, Meta(ge=1)] = 2048
+    # Seconds an online request's admission slot lasts unless its replica renews it (every
+    # third of it): a replica that dies (kill -9) gives its slots back after this.
+    online_lease_s: Annotated[float, Meta(gt=0)] = 5.0
     # Seconds an online request waits for its answer before it fails with 504.
     online_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     # Connections in this process's Redis pool (per node on a cluster). Online requests

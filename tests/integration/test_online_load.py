@@ -75,6 +75,34 @@ def test_ten_times_the_limit_gets_429s_and_healthz_stays_up(e: Env, api: Api) ->
     print(f"200: {len(ok)}, 429: {len(full)}, /healthz max {max(health) * 1000:.0f} ms")
 
 
+def test_a_killed_replicas_slots_are_freed_within_seconds(e: Env, api: Api) -> None:
+    """kill -9 of a replica with requests waiting (no worker: they wait): its admission
+    slots leave the online set within a few `online_lease_s`, not `online_timeout_s`."""
+    first = api.start("api-1", online_max_queued=10, online_lease_s=1, online_timeout_s=600)
+    second = api.start("api-2", online_max_queued=10, online_lease_s=1, online_timeout_s=600)
+    key = api.key("kill")
+
+    async def fill() -> None:
+        async with httpx.AsyncClient(timeout=600) as http:
+            headers = {"Authorization": f"Bearer {key}"}
+            waiting = [
+                asyncio.create_task(http.post(f"{first}/chat/completions", json=BODY, headers=headers))
+                for _ in range(10)
+            ]
+            await _until_depth(e, 10, 30)
+            full = await http.post(f"{second}/chat/completions", json=BODY, headers=headers)
+            assert full.status_code == 429  # the first replica's 10 hold every slot
+            api.kill(first)
+            t0 = time.monotonic()
+            await _until_depth(e, 0, 15)
+            print(f"a dead replica's 10 slots freed after {time.monotonic() - t0:.1f} s")
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(fill())
+
+
 async def _until_depth(e: Env, n: int, timeout: float) -> None:
     """Wait until `n` online requests hold admission slots (fleet-wide)."""
     redis = connect_redis(Connection.load({"redis_url": e.redis, "redis_topology": e.topology}))
