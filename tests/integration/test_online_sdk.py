@@ -57,16 +57,17 @@ def test_stream_true_gives_chunks_the_sdk_parses(e: Env, api: Api) -> None:
 def test_unsupported_parameters_are_refused_by_name(e: Env, api: Api) -> None:
     client = api.client(api.start())
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for name, value in [
+    cases: list[tuple[str, Any]] = [
         ("tools", [tool]),
         ("logprobs", True),
         ("top_logprobs", 2),
         ("n", 2),
         ("frequency_penalty", 0.5),
         ("audio", {"voice": "alloy", "format": "wav"}),
-    ]:
+    ]
+    for name, value in cases:
         with pytest.raises(openai.BadRequestError) as bad:
-            client.chat.completions.create(**body(**{name: value}))
+            client.chat.completions.create(**{**body(), name: value})
         assert bad.value.code == "unsupported_parameter", name
         assert bad.value.param == name and name in bad.value.message, (name, bad.value.param)
     assert _depth(e) == 0  # nothing was admitted
