@@ -8,6 +8,7 @@ decoded and encoded by msgspec like every other vlmq object; pydantic is not inv
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,12 +35,14 @@ from vlmq.api.objects import (
     FileDeleted,
     FileObject,
 )
-from vlmq.api.online import Failure, complete
+from vlmq.api.online import Failure, Online, answer
 from vlmq.api.records import Records, Tenant, new_id
 from vlmq.api.settings import ApiSettings
 from vlmq.api.storage import Storage
+from vlmq.api.stream import EventStream
 from vlmq.api.upload import Refused, receive
 from vlmq.producer.client import Client
+from vlmq.producer.errors import Unavailable
 
 log = structlog.get_logger("vlmq.api")
 
@@ -48,10 +52,14 @@ class Ctx:
 
     def __init__(self, settings: ApiSettings) -> None:
         self.s = settings
-        self.client = Client(settings=settings)
+        # Blocking on a full pool is never an outage: callers are bounded (api/online.py).
+        self.client = Client(
+            settings=settings, redis_options={"max_connections": settings.redis_max_connections}
+        )
         self.records = Records(self.client.redis, settings.files_bucket)
         self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
         self.driver = Driver(settings, self.records, self.storage, self.client)
+        self.online = Online(settings, self.records, self.client)
         self.dashboard = Dashboard(settings, self.client, self.records) if settings.dashboard else None
 
 
@@ -162,6 +170,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if settings.openai_routes:
             await ctx.storage.start(settings.create_bucket)
             tasks.append(asyncio.create_task(ctx.driver.run()))
+            tasks.append(asyncio.create_task(ctx.online.waiters.run()))
+            tasks.append(asyncio.create_task(ctx.online.renew()))
         if ctx.dashboard is not None:
             tasks.append(asyncio.create_task(ctx.dashboard.run_sampler()))
         log.info("api ready", host=settings.host, port=settings.port, models=settings.aliases())
@@ -197,11 +207,30 @@ def _errors(app: FastAPI) -> None:
     async def too_large(_: Request, exc: BodyTooLarge) -> Response:
         return _too_large(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own 422 would not be OpenAI's shape: the first problem, as a 400 naming it.
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(x) for x in first.get("loc", ()) if x not in ("query", "path", "body")]
+        param = ".".join(where) or None
+        message = f"invalid {param or 'request'}: {first.get('msg', 'not valid')}"
+        return json_response(
+            ErrorBody(ApiError(message, "invalid_request_error", param, "invalid_value")), 400
+        )
+
     @app.exception_handler(Failure)
     async def failure(_: Request, exc: Failure) -> Response:
         return json_response(
             ErrorBody(ApiError(exc.message, exc.kind, exc.param, exc.code)), exc.status, exc.headers
         )
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> Response:
+        log.warning("a backend did not answer", service=exc.service, error=str(exc))
+        body = ErrorBody(
+            ApiError(f"{exc.service} did not answer; retry shortly", "server_error", code="unavailable")
+        )
+        return json_response(body, 503, {"Retry-After": "1"})
 
     @app.exception_handler(HTTPException)
     async def http(_: Request, exc: HTTPException) -> Response:
@@ -229,10 +258,20 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
             raise Failure(404, f"No such Batch object: {batch_id[:64]}", param="batch_id")
         return found[1]
 
+    def model(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "vlmq"}
+
     @app.get("/v1/models")
     async def models(_: Reader) -> Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "vlmq"} for m in s.aliases()]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": [model(m) for m in s.aliases()]})
+
+    @app.get("/v1/models/{model_id:path}")  # ids may hold a slash (Qwen/Qwen2-VL-7B-Instruct)
+    async def get_model(model_id: str, _: Reader) -> Response:
+        if model_id not in s.aliases():
+            raise Failure(
+                404, f"The model {json.dumps(model_id)} does not exist", param="model", code="model_not_found"
+            )
+        return json_response(model(model_id))
 
     # -- files -----------------------------------------------------------------------------
 
@@ -390,5 +429,23 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
     # -- online ----------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, _: Writer) -> Response:
-        return json_response(await complete(await request.body(), s, records, ctx.client))
+    async def chat_completions(request: Request) -> Response:
+        online = ctx.online
+        online.enter()  # the replica's own bound first: past it, 429 before Redis is asked
+        streaming_left = False
+        try:
+            async with online.gate:
+                await writer(await tenant(request))
+            job, streaming = await online.start(await request.body())
+            if streaming is not None:  # the stream gives the slot back when it ends
+                streaming_left = True
+                return EventStream(online, job, streaming)
+            result = None
+            try:
+                result = await online.wait(job.job_id, s.online_timeout_s)
+            finally:
+                await online.finish(job.job_id, cancel=result is None)
+            return json_response(answer(result, s.online_timeout_s))
+        finally:
+            if not streaming_left:
+                online.leave()

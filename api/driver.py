@@ -358,7 +358,10 @@ class Driver:
                     await out.write(enc.encode(openai_output(r, custom_id)) + b"\n")
                     continue
                 counts.failed += 1
-                if r is not None and r.state.terminal:
+                # A request the expiry itself stopped (cancelled while it ran) never ran
+                # to its end because the window passed: batch_expired, as OpenAI says.
+                stopped = r is not None and r.state in (JobState.CANCELLED, JobState.EXPIRED)
+                if r is not None and r.state.terminal and not (stopped and end == "expired"):
                     line = openai_output(r, custom_id)
                 else:
                     line = openai_line(

@@ -21,7 +21,8 @@ from vlmq.api.objects import TERMINAL, Batch, FileObject, Page
 from vlmq.core.topology import AnyRedis
 
 P = "vlmq:{api}"
-ONLINE = f"{P}:online"  # zset: online job id -> when its wait gives up
+# zset: "<replica>/<online job id>" -> when its lease runs out (renewed while it waits)
+ONLINE = f"{P}:online"
 Scope = Literal["read", "write"]
 T = TypeVar("T", FileObject, Batch)
 
@@ -54,7 +55,8 @@ if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-# One more online request, unless `limit` are waiting already (the given-up ones leave first).
+# One more online request, unless `limit` are waiting already (entries whose lease ran out,
+# a dead replica's, leave first).
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -258,11 +260,21 @@ class Records:
         """Take or renew this replica's lease on driving a batch."""
         return bool(await self._lease(keys=[f"{P}:lease:{batch_id}"], args=[replica, int(lease_s * 1000)]))
 
-    async def admit_online(self, job_id: str, give_up_at: float, limit: int) -> bool:
-        return bool(await self._admit(keys=[ONLINE], args=[time.time(), limit, give_up_at, job_id]))
+    async def admit_online(self, owner: str, job_id: str, lease_s: float, limit: int) -> bool:
+        """Take a slot among the fleet's online requests for `lease_s` (renew_online keeps it)."""
+        now = time.time()
+        return bool(await self._admit(keys=[ONLINE], args=[now, limit, now + lease_s, f"{owner}/{job_id}"]))
 
-    async def online_done(self, job_id: str) -> None:
-        await self.redis.zrem(ONLINE, job_id)
+    async def renew_online(self, owner: str, job_ids: Sequence[str], lease_s: float) -> None:
+        """Push the leases of this replica's waiting requests on (only those still there: XX)."""
+        until = time.time() + lease_s
+        for i in range(0, len(job_ids), 1000):
+            chunk = {f"{owner}/{j}": until for j in job_ids[i : i + 1000]}
+            await self.redis.zadd(ONLINE, chunk, xx=True)
+
+    async def online_done(self, owner: str, job_id: str) -> None:
+        await self.redis.zrem(ONLINE, f"{owner}/{job_id}")
 
     async def online_depth(self) -> int:
-        return int(await self.redis.zcard(ONLINE))
+        """Online requests holding a slot now (leases that ran out do not count)."""
+        return int(await self.redis.zcount(ONLINE, time.time(), "+inf"))

@@ -70,8 +70,19 @@ class ApiSettings(Connection, kw_only=True):
     # -- online: POST /v1/chat/completions
     # Online requests waiting or running at once (all replicas); more get 429 + Retry-After.
     online_max_queued: Annotated[int, Meta(ge=1)] = 256
+    # Online requests one replica holds at once (waiting for a slot, for Redis or for the
+    # answer); more are answered 429 before their body is read or Redis is asked. A waiting
+    # request costs a future and its body, not a connection (api/waiters.py).
+    online_max_waiting: Annotated[int, Meta(ge=1)] = 2048
+    # Seconds an online request's admission slot lasts unless its replica renews it (every
+    # third of it): a replica that dies (kill -9) gives its slots back after this.
+    online_lease_s: Annotated[float, Meta(gt=0)] = 5.0
     # Seconds an online request waits for its answer before it fails with 504.
     online_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    # Connections in this process's Redis pool (per node on a cluster). Online requests
+    # use at most half of them at once (short commands only), so /healthz, the batch
+    # driver and the dashboard always find one.
+    redis_max_connections: Annotated[int, Meta(ge=4)] = 100
     # Accept https:// image URLs in requests (workers check each one: worker/web.py).
     allow_https: bool = True
     # -- the dashboard (/dashboard)
@@ -89,6 +100,10 @@ class ApiSettings(Connection, kw_only=True):
     thumb_max_bytes: Annotated[int, Meta(ge=1)] = 20 * MB
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+
+    def online_redis_share(self) -> int:
+        """Pool connections online requests may use at once."""
+        return self.redis_max_connections // 2
 
     def aliases(self) -> dict[str, str]:
         """`models` as a table: every name a request may give -> the served model."""

@@ -189,6 +189,8 @@ def _openai_job(row: dict[str, Any], key: str, batch_id: str, allow_https: bool)
         sampling["stop"] = [sampling["stop"]]
     if body.get("stream"):
         raise _Bad("stream is not supported here", key, "unsupported_parameter")
+    if (param := unsupported_parameter(body)) is not None:
+        raise _Bad(f"{param} is not supported here", key, "unsupported_parameter")
     if body.get("n", 1) != 1:
         raise _Bad("n must be 1", key, "unsupported_parameter")
     raw = {
@@ -201,6 +203,42 @@ def _openai_job(row: dict[str, Any], key: str, batch_id: str, allow_https: bool)
         "metadata": {"custom_id": key},
     }
     return _validated(msgspec.json.encode(raw), key)
+
+
+# Body fields a chat completion runs with (stream: the online route's; a batch line refuses it).
+_RUNS = frozenset(
+    {
+        *("model", "messages", "max_tokens", "max_completion_tokens", "n", "response_format"),
+        *("temperature", "top_p", "seed", "stop", "stream", "stream_options"),
+    }
+)
+# Fields that change nothing a response says (who asked; OpenAI's own storage and tiers).
+_INERT = frozenset(("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"))
+# Fields accepted only at a value that asks for nothing (clients send these defaults).
+_NEUTRAL: dict[str, Any] = {
+    "logprobs": False,
+    "top_logprobs": 0,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": {},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "modalities": ["text"],
+}
+
+
+def unsupported_parameter(body: dict[str, Any]) -> str | None:
+    """The first body field vlmq would not honour (tools, logprobs, audio...): a request
+    that asks for one is refused by name, never run without it."""
+    for name, value in body.items():
+        if name in _RUNS or name in _INERT or name == "parallel_tool_calls":
+            continue
+        if name in _NEUTRAL and (value is None or value == _NEUTRAL[name]):
+            continue
+        return str(name)
+    return None
 
 
 def _openai_message(m: Any, i: int, key: str, allow_https: bool) -> dict[str, Any]:

@@ -1,0 +1,266 @@
+"""The online door under load: `POST /v1/chat/completions` at 1, 10, 100 and 1,000
+concurrent clients against real `vlmq api` replicas and one fake-engine worker (a fixed
+engine time per request), on a private stack (tansu, redis-server, moto_server).
+
+Per concurrency: each client sends requests back to back (one round at 1,000); `added_ms`
+is each answered request's latency minus the engine's fixed time; 429s are counted (and
+not retried); `/healthz` is polled every 50 ms throughout (`healthz_ok`: every one 200).
+`ttft_ms`: time to the first streamed content chunk at 10 concurrent (`stream: true`).
+The kill row: 200 concurrent over two replicas, one `kill -9`ed mid-run; the survivor's
+answers and the seconds until the dead replica's admission slots are free.
+
+    python bench/online.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from bench.common import start_stack, write_result
+from vlmq.api.records import ONLINE, Records
+from vlmq.core.settings import Connection
+from vlmq.core.topology import AnyRedis, connect_redis
+from vlmq.deploy.stack import free_port, wait_until, worker_ready
+
+STEP_MS, TOKENS = 5, 10  # the fake engine: 10 tokens, 5 ms a step: 50 ms a request
+ENGINE_MS = STEP_MS * TOKENS
+BODY = {"model": "fake", "max_tokens": TOKENS, "messages": [{"role": "user", "content": "ping"}]}
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return -1.0
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
+
+class Fleet:
+    def __init__(self, env: dict[str, str]) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.env = {
+            **os.environ,
+            **env,
+            "VLMQ_JOBS_TOPIC": f"online-{tag}",
+            "VLMQ_GROUP_ID": f"g-{tag}",
+            "VLMQ_LOG_LEVEL": "WARNING",
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def worker(self) -> None:
+        port = free_port()
+        args = ["-e", f"step_ms={STEP_MS}", "-e", f"completion_tokens={TOKENS}", "-e", "max_num_seqs=2048"]
+        env = {**self.env, "VLMQ_METRICS_PORT": str(port), "VLMQ_MAX_IN_FLIGHT": "2048"}
+        self._spawn([sys.executable, "-m", "vlmq.worker", "--engine", "fake", *args], env)
+        wait_until(lambda: worker_ready(port), "the worker", 90)
+
+    def api(self, name: str, **settings: Any) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        env = {
+            **self.env,
+            "VLMQ_PORT": str(port),
+            "VLMQ_REPLICA_ID": name,
+            "VLMQ_MODELS": "fake",
+            "VLMQ_FILES_BUCKET": f"online-{uuid.uuid4().hex[:8]}",
+            "VLMQ_CREATE_BUCKET": "true",
+            **{f"VLMQ_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        proc = self._spawn([sys.executable, "-m", "vlmq.cli", "api", "serve"], env)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _up(url), f"vlmq api {name}", 60)
+        return url, proc
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.added: list[float] = []
+        self.ttft: list[float] = []
+        self.status: dict[str, int] = {}
+        self.refused_connections = 0
+
+    def count(self, key: str) -> None:
+        self.status[key] = self.status.get(key, 0) + 1
+
+
+async def request(http: httpx.AsyncClient, url: str, key: str, t: Tally, stream: bool) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    t0 = time.perf_counter()
+    try:
+        if not stream:
+            r = await http.post(f"{url}/v1/chat/completions", json=BODY, headers=headers)
+            t.count(str(r.status_code))
+            if r.status_code == 200:
+                t.added.append((time.perf_counter() - t0) * 1000 - ENGINE_MS)
+            return
+        async with http.stream(
+            "POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}, headers=headers
+        ) as r:
+            t.count(str(r.status_code))
+            first = None
+            async for chunk in r.aiter_lines():
+                if first is None and '"content":"' in chunk and '"content":""' not in chunk:
+                    first = time.perf_counter()
+            if r.status_code == 200 and first is not None:
+                t.ttft.append((first - t0) * 1000)
+                t.added.append((time.perf_counter() - t0) * 1000 - ENGINE_MS)
+    except httpx.TransportError:
+        t.refused_connections += 1  # a killed replica's connections
+
+
+async def healthz(http: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            ok = (await http.get(f"{url}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.append((time.perf_counter() - t0) * 1000 if ok else -1.0)
+        await asyncio.sleep(0.05)
+
+
+async def row(
+    urls: list[str], key: str, concurrent: int, rounds: int, stream: bool = False, health_url: str = ""
+) -> dict[str, Any]:
+    t, health, stop = Tally(), list[float](), asyncio.Event()
+    limits = httpx.Limits(max_connections=concurrent + 16, max_keepalive_connections=concurrent + 16)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        poller = asyncio.create_task(healthz(http, health_url or urls[0], stop, health))
+
+        async def client(i: int) -> None:
+            for _ in range(rounds):
+                await request(http, urls[i % len(urls)], key, t, stream)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrent)))
+        wall = time.perf_counter() - t0
+        stop.set()
+        await poller
+    return _summary(concurrent, t, health, wall, stream)
+
+
+def _summary(concurrent: int, t: Tally, health: list[float], wall: float, stream: bool) -> dict[str, Any]:
+    fives = sum(n for s, n in t.status.items() if s.startswith("5"))
+    out: dict[str, Any] = {
+        "concurrent": concurrent,
+        "stream": stream,
+        "requests": sum(t.status.values()) + t.refused_connections,
+        "answered": t.status.get("200", 0),
+        "http_429": t.status.get("429", 0),
+        "http_5xx": fives,
+        "statuses": t.status,
+        "wall_s": round(wall, 2),
+        "added_ms": {"p50": pct(t.added, 0.5), "p99": pct(t.added, 0.99)},
+        "healthz_ok": bool(health) and min(health) >= 0,
+        "healthz_ms": {"p50": pct(health, 0.5), "max": round(max(health), 1) if health else -1},
+    }
+    if stream:
+        out["ttft_ms"] = {"p50": pct(t.ttft, 0.5), "p99": pct(t.ttft, 0.99)}
+    if t.refused_connections:
+        out["connection_errors"] = t.refused_connections
+    print(out, flush=True)
+    return out
+
+
+async def kill_row(fleet: Fleet, conn: Connection, key: str, lease_s: float) -> dict[str, Any]:
+    """200 concurrent over two replicas; one is killed after a second."""
+    (a, pa), (b, _) = fleet.api("kill-a", online_lease_s=lease_s), fleet.api("kill-b", online_lease_s=lease_s)
+    redis = connect_redis(conn)
+    try:
+        task = asyncio.create_task(row([a, b], key, 200, 3, health_url=b))  # the survivor's
+        await asyncio.sleep(1.0)
+        os.killpg(pa.pid, signal.SIGKILL)
+        t0 = time.perf_counter()
+        while await _held_by(redis, "kill-a"):
+            await asyncio.sleep(0.05)
+        freed_s = time.perf_counter() - t0
+        out = await task
+    finally:
+        await redis.aclose()
+    out.update({"killed_replica": "kill-a", "slots_freed_s": round(freed_s, 2), "online_lease_s": lease_s})
+    print(out, flush=True)
+    return out
+
+
+async def _held_by(redis: AnyRedis, replica: str) -> int:
+    """Live admission slots of one replica."""
+    live = await redis.zrangebyscore(ONLINE, time.time(), "+inf")
+    return sum(1 for m in live if isinstance(m, bytes) and m.startswith(f"{replica}/".encode()))
+
+
+async def run(env: dict[str, str], requests: int, concurrency: list[int]) -> list[dict[str, Any]]:
+    fleet = Fleet(env)
+    conn = Connection.load({"redis_url": env["VLMQ_REDIS_URL"]})
+    try:
+        fleet.worker()
+        url, _ = fleet.api("api-1")
+        redis = connect_redis(conn)
+        key = await Records(redis).create_key("bench")
+        await redis.aclose()
+        await row([url], key, 4, 5)  # warm: connections, the producer, the worker's partitions
+        rows = [await row([url], key, n, max(1, requests // n)) for n in concurrency]
+        rows.append(await row([url], key, 10, max(1, requests // 10), stream=True))
+        rows.append(await kill_row(fleet, conn, key, lease_s=5.0))
+        return rows
+    finally:
+        fleet.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--concurrency", default="1,10,100,1000")
+    ap.add_argument("--requests", type=int, default=200, help="per row, at least one round")
+    args = ap.parse_args()
+    stack, env = start_stack()
+    try:
+        rows = asyncio.run(run(env, args.requests, [int(n) for n in args.concurrency.split(",")]))
+    finally:
+        stack.down()
+    at10 = next(r for r in rows if r["concurrent"] == 10 and not r["stream"])
+    write_result(
+        "online",
+        "ms added p50 at 10 concurrent (bound: 15)",
+        15.0,
+        at10["added_ms"]["p50"],
+        {
+            "engine_ms": ENGINE_MS,
+            "online_max_queued": 256,
+            "redis_max_connections": 100,
+            "replicas": 1,
+            "requests_per_row": args.requests,
+        },
+        rows=rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
