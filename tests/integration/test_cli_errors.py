@@ -207,3 +207,31 @@ async def test_files_and_jobs_that_are_not_there(e: Env) -> None:
         await client.submit(caption(f"s3://{e.bucket}/a.jpg", job_id=f"{e.tag}-1", batch_id=e.tag))
     proc = run("bulk", "export", e.tag, "-o", str(e.tmp / "no-such-dir" / "out.jsonl"), env=env)
     assert proc.returncode == 2 and "cannot use" in proc.stderr and "No such file" in proc.stderr, proc.stderr
+
+
+# -- issue 40 ----------------------------------------------------------------------------
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args", [("status", "j1"), ("submit", "s3://b/k.jpg"), ("worker", "--engine", "fake")]
+)
+@pytest.mark.parametrize(
+    ("setting", "value", "fix"),
+    [
+        ("VLMQ_REDIS_URL", "127.0.0.1:6379/0", "write redis://127.0.0.1:6379/0"),
+        ("VLMQ_S3_ENDPOINT_URL", "127.0.0.1:9000", "write http://127.0.0.1:9000"),
+    ],
+)
+def test_a_url_without_its_scheme_is_one_line_with_the_fix(
+    args: tuple[str, ...], setting: str, value: str, fix: str
+) -> None:
+    proc = run(*args, env={**_dead(), setting: value})
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert line.startswith(f"error: invalid setting: {setting}") and fix in line, line
