@@ -5,6 +5,7 @@ Exit codes: 1 failed, 2 usage, 3 unreachable, 4 not found, 5 denied (cli/errors.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,17 @@ def test_a_url_without_its_scheme_is_one_line_with_the_fix(
     assert proc.returncode == 2
     line = one_line(proc)
     assert line.startswith(f"error: invalid setting: {setting}") and fix in line, line
+
+
+def test_a_metrics_port_in_use_is_refused_before_joining_the_group(e: Env) -> None:
+    """The quickstart's second worker on its --metrics-port 9400: it used to join the group
+    (a rebalance for the first) and then die with a 57-line traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run("worker", "--engine", "fake", "--metrics-port", str(port), env=e.worker_env())
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in line and "--metrics-port" in line, line
+    assert "worker starting" not in proc.stdout + proc.stderr
