@@ -138,11 +138,12 @@ def worker(
         raise typer.Exit(2)
 
     from vlmq.core.retry import InfrastructureError
-    from vlmq.worker.engines import check_installed
+    from vlmq.worker.engines import check_installed, check_model
 
     _check_metrics_port(settings.metrics_host, settings.metrics_port)
     try:
         check_installed(settings.engine)
+        check_model(settings.engine, settings.model)
         code = asyncio.run(serve(settings))
     except EngineConfigError as exc:
         _fail(str(exc), 2)
