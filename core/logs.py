@@ -75,6 +75,8 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "IN
     )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for name in ("botocore.credentials", "aiobotocore.credentials"):  # "Found credentials in ..."
+        logging.getLogger(name).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

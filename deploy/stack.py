@@ -393,6 +393,8 @@ class Stack:
             env["VLMQ_FETCH_MAX_WAIT_MS"] = "10"
         if self.services["s3"].pid is not None:
             env.update(AWS_ENV)
+            # moto starts empty: `vlmq api serve` creates its files bucket there by itself
+            env["VLMQ_CREATE_BUCKET"] = "true"
         return env
 
     def restart(self, name: str) -> None:

@@ -8,13 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import boto3
 import pytest
 
 from tests.helpers import Env
-from vlmq.deploy.stack import free_port
+from vlmq.deploy.stack import free_port, http_status, wait_until
 from vlmq.producer import Client, caption
 
 STACK_HINT = 'eval "$(vlmq stack up)"'
@@ -250,3 +251,51 @@ def test_a_metrics_port_in_use_is_refused_before_joining_the_group(e: Env) -> No
     line = one_line(proc)
     assert f"cannot serve /metrics on 127.0.0.1:{port}" in line and "--metrics-port" in line, line
     assert "worker starting" not in proc.stdout + proc.stderr
+
+
+README_API = [
+    sys.executable,
+    "-m",
+    "vlmq.cli",
+    "api",
+    "serve",
+    "--model",
+    "gpt-4o-mini=Qwen/Qwen2-VL-7B-Instruct",
+]
+
+
+def test_the_readmes_api_command_runs_on_the_local_stack(stack: dict[str, str]) -> None:
+    """README: `vlmq api serve --model gpt-4o-mini=Qwen/Qwen2-VL-7B-Instruct` right after
+    `eval "$(vlmq stack up)"`; it used to stop in a uvicorn traceback (no files bucket)."""
+    port = free_port()
+    env = {**os.environ, "COLUMNS": "300", **stack, "VLMQ_FILES_BUCKET": f"files-{uuid.uuid4().hex[:8]}"}
+    proc = subprocess.Popen(
+        [*README_API, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or http_status(f"http://127.0.0.1:{port}/healthz") == 200, "api"
+        )
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_api_serve_without_its_bucket_is_one_line(stack: dict[str, str]) -> None:
+    bucket = f"files-{uuid.uuid4().hex[:8]}"
+    proc = run(
+        "api",
+        "serve",
+        "--model",
+        "m",
+        env={**stack, "VLMQ_CREATE_BUCKET": "false", "VLMQ_FILES_BUCKET": bucket},
+    )
+    assert proc.returncode == 4
+    line = one_line(proc)
+    assert f"files bucket {bucket}" in line and "--create-bucket" in line, line
