@@ -89,7 +89,7 @@ def _check_bucket(settings: ApiSettings) -> None:
     import asyncio
 
     from vlmq.api.storage import Storage
-    from vlmq.cli.errors import Exit, UserError
+    from vlmq.producer.errors import NotFound  # the CLI's boundary: exit 4 (api may not import cli)
 
     async def check() -> None:
         storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
@@ -101,7 +101,7 @@ def _check_bucket(settings: ApiSettings) -> None:
     try:
         asyncio.run(check())
     except RuntimeError as exc:  # Storage.start's: the bucket is not there or not ours
-        raise UserError(str(exc), Exit.NOT_FOUND) from None
+        raise NotFound(str(exc)) from None
 
 
 def _run(settings: ApiSettings) -> None:
