@@ -83,18 +83,42 @@ def dashboard(
     _run(ApiSettings.load({**flags, "dashboard": True, "openai_routes": False}))
 
 
+def _check_bucket(settings: ApiSettings) -> None:
+    """The files bucket, before uvicorn starts: a missing one is the CLI's one line, not
+    a traceback from inside uvicorn's startup."""
+    import asyncio
+
+    from vlmq.api.storage import Storage
+    from vlmq.producer.errors import NotFound  # the CLI's boundary: exit 4 (api may not import cli)
+
+    async def check() -> None:
+        storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
+        try:
+            await storage.start(settings.create_bucket)
+        finally:
+            await storage.close()
+
+    try:
+        asyncio.run(check())
+    except RuntimeError as exc:  # Storage.start's: the bucket is not there or not ours
+        raise NotFound(str(exc)) from None
+
+
 def _run(settings: ApiSettings) -> None:
     configure(settings.log_format, settings.log_level)
     try:
         import uvicorn
     except ImportError:
+        # markup=False: rich would take `[api]` for a style and print `pip install 'vlmq'`
         Console(stderr=True).print(
-            "[red]error:[/] the API server needs the api extra: pip install 'vlmq[api]'"
+            "error: the API server needs the api extra: pip install 'vlmq[api]'", markup=False
         )
         raise typer.Exit(2) from None
 
     from vlmq.api.app import create_app
 
+    if settings.openai_routes:
+        _check_bucket(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -66,10 +66,24 @@ def schema_export(
         console.print(f"wrote {path}")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"vlmq {version('vlmq')}")
+        except PackageNotFoundError:  # a checkout run without an install
+            typer.echo("vlmq (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[
         bool, typer.Option("--debug", envvar="VLMQ_DEBUG", help="Show tracebacks instead of one-line errors.")
+    ] = False,
+    _show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     global DEBUG

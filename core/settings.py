@@ -31,7 +31,8 @@ class SettingsError(ValueError):
 
     def __init__(self, exc: msgspec.ValidationError) -> None:
         text = str(exc)
-        field = text.rpartition("$.")[2].split("`")[0].split(".")[0].split("[")[0]
+        # "... - at `$.field`"; a check of the whole (__post_init__) names its variable itself
+        field = text.rpartition("$.")[2].split("`")[0].split(".")[0].split("[")[0] if "$." in text else ""
         where = f" (VLMQ_{field.upper()} or --{field.replace('_', '-')})" if field else ""
         super().__init__(f"invalid setting: {text}{where}")
 
@@ -56,6 +57,9 @@ class Settings(msgspec.Struct, kw_only=True):
     def redacted(self) -> dict[str, Any]:
         """The settings for a log line: secrets never appear in one."""
         return _redact(msgspec.to_builtins(self))
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Connection(Settings, kw_only=True):
@@ -89,6 +93,21 @@ class Connection(Settings, kw_only=True):
     kafka_ssl_cafile: str | None = None
     # Seconds every job record (and batch) lives in Redis after its last write.
     result_ttl_s: int = RESULT_TTL_S
+
+    def __post_init__(self) -> None:
+        # redis-py would say so only at the first command, as a 65-line traceback.
+        if self.redis_url.partition("://")[0] not in REDIS_SCHEMES:
+            raise ValueError(
+                f"VLMQ_REDIS_URL (--redis-url) {redact_url(self.redis_url)!r} is not a Redis URL: "
+                f"write redis://{self.redis_url.partition('://')[2] or self.redis_url} "
+                "(rediss:// for TLS, unix:// for a socket)"
+            )
+        s3 = self.s3_endpoint_url
+        if s3 and s3.partition("://")[0] not in ("http", "https"):
+            raise ValueError(
+                f"VLMQ_S3_ENDPOINT_URL (--s3-endpoint-url) {s3!r} is not an "
+                f"http(s) URL: write http://{s3.partition('://')[2] or s3}"
+            )
 
     def kafka_options(self) -> dict[str, Any]:
         """aiokafka's TLS/SASL keyword arguments, for producers and consumers alike."""

@@ -31,22 +31,23 @@ def stack_up(
     """Start what is missing and print the settings: `eval "$(vlmq stack up)"`.
 
     A real service is used instead whenever VLMQ_KAFKA_BOOTSTRAP, VLMQ_REDIS_URL or
-    VLMQ_S3_ENDPOINT_URL is set (Redis: when it answers)."""
-    from vlmq.deploy.stack import Stack, StackError
+    VLMQ_S3_ENDPOINT_URL is set (Redis: when it answers). One stack per folder: a second
+    `stack up` there waits for the first and prints the same settings."""
+    from vlmq.deploy.stack import Stack
 
-    stack = Stack(state_dir, partitions=partitions)
+    def waiting() -> None:
+        console.print(f"another `vlmq stack up` is starting the stack in {state_dir}: waiting to use it")
+
+    stack = Stack(state_dir, partitions=partitions, on_wait=waiting)
     ports = {k: v for k, v in (("kafka", kafka_port), ("redis", redis_port), ("s3", s3_port)) if v}
-    try:
-        env = stack.up(
-            kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
-            redis_url=os.environ.get("VLMQ_REDIS_URL"),
-            s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
-            ports=ports,
-            redis_cluster=redis_cluster,
-        )
-    except StackError as exc:
-        console.print(f"[red]stack up failed:[/] {exc}")
-        raise typer.Exit(1) from None
+    # A StackError (no tansu, a port taken, the folder held too long) is the CLI's one line, exit 3.
+    env = stack.up(
+        kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),
+        redis_url=os.environ.get("VLMQ_REDIS_URL"),
+        s3=os.environ.get("VLMQ_S3_ENDPOINT_URL"),
+        ports=ports,
+        redis_cluster=redis_cluster,
+    )
     for name, (url, ok, pid) in stack.status().items():
         owner = f"(ours, pid {pid})" if pid else "(external)"
         console.print(f"{name:6} {url:32} {'up' if ok else 'DOWN'} {owner}")
@@ -68,7 +69,14 @@ def stack_status(state_dir: StackDir = DEFAULT_STACK_DIR) -> None:
     """Show the stack's services and whether they answer; exit 1 if one does not."""
     from vlmq.deploy.stack import Stack
 
-    status = Stack(state_dir).status()
+    stack = Stack(state_dir)
+    if stack.stale():  # a reboot or a kill -9 ended every server: the file is all that is left
+        stack.down()
+        console.print(
+            f"the stack in {state_dir} had stopped (its servers are gone): `vlmq stack up` starts it again"
+        )
+        raise typer.Exit(1)
+    status = stack.status()
     if not status:
         console.print("no stack here: `vlmq stack up` starts one")
         raise typer.Exit(1)

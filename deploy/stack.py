@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -19,13 +20,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vlmq.schemas import keys
 
 DEFAULT_PARTITIONS = 8
+LOCK_WAIT_S = 180.0  # a `stack up` waits this long for another one in the same folder
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -186,11 +188,49 @@ def _runnable(path: str, setting: str) -> str:
 class Stack:
     """Local services, their state kept in `state_dir/stack.json` so `down` finds them."""
 
-    def __init__(self, state_dir: Path, *, partitions: int = DEFAULT_PARTITIONS) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        partitions: int = DEFAULT_PARTITIONS,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.dir = Path(state_dir)
         self.partitions = partitions
         self.services: dict[str, Service] = {}
+        self.on_wait = on_wait  # told once when another `up`/`down` holds the folder
         self._load()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` or `down` at a time per folder: a second `up` waits for the first, then
+        finds its servers answering and uses them (the same settings, nothing orphaned).
+        The lock is the kernel's (flock): a killed holder releases it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "stack.lock", "a") as fh:
+
+            def take() -> bool:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    return False
+
+            if not take():
+                if self.on_wait:
+                    self.on_wait()
+                try:
+                    wait_until(take, "the other `vlmq stack up`/`down` in this folder", LOCK_WAIT_S)
+                except StackError:
+                    raise StackError(
+                        f"another `vlmq stack up` or `down` has held {self.dir} for {LOCK_WAIT_S:.0f}s: "
+                        "wait for it or end it, or use another --state-dir"
+                    ) from None
+            try:
+                self._load()  # what the other one recorded meanwhile
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     @property
     def _file(self) -> Path:
@@ -202,8 +242,11 @@ class Stack:
             self.services = {k: Service(**v) for k, v in raw.items()}
 
     def _save(self) -> None:
+        # Whole or not at all: a reader never sees half a file.
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._file.write_text(json.dumps({k: asdict(v) for k, v in self.services.items()}))
+        tmp = self._file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in self.services.items()}))
+        tmp.replace(self._file)
 
     def _spawn(self, name: str, cmd: list[str], url: str) -> Service:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +277,18 @@ class Stack:
     ) -> dict[str, str]:
         """Start what is missing and alive-check the rest. Returns the VLMQ_* settings.
         `redis_cluster`: a 3-master + 3-replica Redis Cluster instead of one Redis."""
-        ports = ports or {}
+        with self._locked():
+            return self._up(kafka, redis_url, s3, ports or {}, redis_args, redis_cluster)
+
+    def _up(
+        self,
+        kafka: str | None,
+        redis_url: str | None,
+        s3: str | None,
+        ports: dict[str, int],
+        redis_args: list[str] | None,
+        redis_cluster: bool,
+    ) -> dict[str, str]:
         self._up_kafka(kafka, ports.get("kafka"))
         if redis_cluster and not redis_url:
             self._up_redis_cluster(redis_args or [])
@@ -246,8 +300,13 @@ class Stack:
         return self.env()
 
     def _alive(self, name: str, ok: Callable[[str], bool]) -> bool:
+        """Whether our `name` answers; one recorded that does not (killed, stopped, hung) is
+        ended first, so the new one started instead never leaves it orphaned."""
         svc = self.services.get(name)
-        return svc is not None and ok(svc.url)
+        if svc is not None and ok(svc.url):
+            return True
+        self.kill(name)
+        return False
 
     def _up_kafka(self, url: str | None, port: int | None) -> None:
         if url:
@@ -334,6 +393,8 @@ class Stack:
             env["VLMQ_FETCH_MAX_WAIT_MS"] = "10"
         if self.services["s3"].pid is not None:
             env.update(AWS_ENV)
+            # moto starts empty: `vlmq api serve` creates its files bucket there by itself
+            env["VLMQ_CREATE_BUCKET"] = "true"
         return env
 
     def restart(self, name: str) -> None:
@@ -351,19 +412,25 @@ class Stack:
 
     def kill(self, name: str) -> None:
         svc = self.services.get(name)
-        if svc is None or svc.pid is None:
-            return
+        if svc is None or svc.pid is None or not _runs(svc):
+            return  # external, or gone (its pid may be someone else's by now)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(svc.pid, signal.SIGCONT)
             os.killpg(svc.pid, signal.SIGKILL)
         _reap(svc.pid)
 
     def down(self) -> None:
-        for name in list(self.services):
-            self.kill(name)
-        self.services.clear()
-        with contextlib.suppress(FileNotFoundError):
-            self._file.unlink()
+        with self._locked():
+            for name in list(self.services):
+                self.kill(name)
+            self.services.clear()
+            with contextlib.suppress(FileNotFoundError):
+                self._file.unlink()
+
+    def stale(self) -> bool:
+        """A stack file whose servers (ours) are all gone: a reboot, a kill -9."""
+        ours = [s for s in self.services.values() if s.pid is not None]
+        return bool(ours) and not any(_runs(s) for s in ours)
 
     def status(self) -> dict[str, tuple[str, bool, int | None]]:
         """Each service that runs as one process (not a cluster's many-host entry)."""
@@ -372,6 +439,23 @@ class Stack:
     def redis_nodes(self) -> list[Service]:
         """The servers of a cluster `_up_redis_cluster` started (redis-1, redis-2, ...)."""
         return [s for n, s in self.services.items() if n.startswith("redis-")]
+
+
+def _runs(svc: Service) -> bool:
+    """Whether `svc`'s process still runs as the command we started (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{svc.pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): trust the pid
+        try:
+            os.kill(svc.pid or 0, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    # redis-server rewrites its argv ("redis-server 127.0.0.1:port"): compare the program
+    return bool(args) and bool(svc.cmd) and Path(args[0].split()[0]).name == Path(svc.cmd[0]).name
 
 
 def _answers(name: str, url: str) -> bool:

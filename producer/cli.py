@@ -79,7 +79,7 @@ def submit(
     max_tokens: Annotated[int, typer.Option()] = 128,
     job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: a UUIDv7).")] = None,
     wait: Annotated[
-        float | None, typer.Option(help="Also wait up to this many seconds for the result.")
+        float | None, typer.Option(min=0, help="Also wait up to this many seconds for the result.")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:

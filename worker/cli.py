@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import socket
 from typing import Annotated, NoReturn
 
 import typer
@@ -137,16 +138,35 @@ def worker(
         raise typer.Exit(2)
 
     from vlmq.core.retry import InfrastructureError
-    from vlmq.worker.engines import check_installed
+    from vlmq.worker.engines import check_installed, check_model
 
+    _check_metrics_port(settings.metrics_host, settings.metrics_port)
     try:
         check_installed(settings.engine)
+        check_model(settings.engine, settings.model)
         code = asyncio.run(serve(settings))
     except EngineConfigError as exc:
         _fail(str(exc), 2)
     except InfrastructureError as exc:  # Kafka or Redis not there at start
         _fail(str(exc), 3)
     raise typer.Exit(code)
+
+
+def _check_metrics_port(host: str, port: int) -> None:
+    """Before the engine loads and the worker joins its group (a rebalance for every other
+    worker): a port in use would only fail once it serves."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds it
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            _fail(
+                f"cannot serve /metrics on {host}:{port} ({exc.strerror}): another worker has it? "
+                "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
+                2,
+            )
 
 
 def _fail(message: str, code: int) -> NoReturn:

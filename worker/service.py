@@ -72,6 +72,10 @@ PROBE_S = 5.0  # how often readiness checks Redis
 START_S = 10.0  # how long a starting worker waits for Redis
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 MAX_CANCELLING = 1000  # cancel requests for queued jobs handled at once; more wait for the claim
+# After the drain, how long closing the clients, the engine and the pool may take in all: a
+# broker or Redis that is gone must not hold a stopping worker (aiokafka retries forever).
+CLOSE_S = 5.0
+ENGINE_CLOSE_S = 30.0  # the engine is local (a vLLM engine core process to end): its own budget
 
 
 def make_redis(settings: WorkerSettings) -> AnyRedis:
@@ -154,6 +158,8 @@ class Worker:
         # shards' jobs keep flowing; at most `max_parked` of them.
         self._parked: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._now = asyncio.Event()  # a second signal: no more waiting for in-flight jobs
+        self._close_by = 0.0  # loop time by which closing must be done (set when it starts)
         self._fatal: BaseException | None = None
         self._started = False
         self._down: set[str] = set()  # helpers (and services) not working right now
@@ -162,9 +168,20 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Begin a graceful drain (what SIGTERM does)."""
+    def stop(self, *, now: bool = False) -> None:
+        """Begin a graceful drain (what SIGTERM does); `now`: hand in-flight jobs back at
+        once instead (a second SIGTERM or SIGINT)."""
         self._stop.set()
+        if now:
+            self._now.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def serving(self) -> bool:
+        return self._started
 
     def not_ready(self) -> list[str]:
         """Why the worker is not serving; empty when it is: started, not draining, engine
@@ -183,29 +200,48 @@ class Worker:
         redis = self._make_redis(s)
         self.store = StateStore(redis, ttl_s=s.result_ttl_s, coalesce=True)
         async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_callback(redis.aclose)
+            stack.push_async_callback(self._bounded, "redis", redis.aclose)
             # Redis and the producer first: a wrong address fails in seconds, not after the
             # engine loaded for minutes. The consumer last: joining the group starts the clock.
             await self._reach_redis()
             self.producer = self._make_producer(s)
-            stack.push_async_callback(self.producer.stop)  # also when start() fails: no leaked sockets
+            # also when start() fails: no leaked sockets
+            stack.push_async_callback(self._bounded, "kafka producer", self.producer.stop)
             await self._reach_kafka(self.producer.start)
             await self.engine.start()
-            stack.push_async_callback(self.engine.close)
+            stack.push_async_callback(self._bounded, "engine", self.engine.close, ENGINE_CLOSE_S)
             self.fetcher = await stack.enter_async_context(Fetcher(s))
             self.pipeline = Pipeline(s, self.fetcher, self.engine)
             stack.callback(self.pipeline.close)
             await self.pipeline.start()
             self.consumer = self._make_consumer(s)
             self.consumer.subscribe([s.jobs_topic], listener=_Rebalance(self))
-            stack.push_async_callback(self.consumer.stop)
+            stack.push_async_callback(self._bounded, "kafka consumer", self.consumer.stop)
             await self._reach_kafka(self.consumer.start)
             if s.metrics_port:
                 runner = await metrics.serve(
                     s.metrics_host, s.metrics_port, self.engine.healthy, self.not_ready
                 )
-                stack.push_async_callback(runner.cleanup)
+                stack.push_async_callback(self._bounded, "metrics", runner.cleanup)
             return await self._serve()
+
+    async def _bounded(
+        self, what: str, close: Callable[[], Awaitable[None]], seconds: float | None = None
+    ) -> None:
+        """Close one thing within what is left of CLOSE_S, in a task of its own: a client
+        whose server is gone may retry forever, or re-raise its own tasks' CancelledError
+        (aiokafka's fetcher), and neither may hold the stop or print a traceback."""
+        loop = asyncio.get_running_loop()
+        if not self._close_by:
+            self._close_by = loop.time() + CLOSE_S
+        task = asyncio.ensure_future(close())
+        left = seconds if seconds is not None else max(self._close_by - loop.time(), 0.1)
+        await asyncio.wait([task], timeout=left)
+        if not task.done():
+            task.cancel()
+            log.warning("gave up closing; its server does not answer", what=what)
+        elif not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("closing failed", what=what, error=describe(exc))
 
     async def _reach_redis(self) -> None:
         """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
@@ -245,10 +281,11 @@ class Worker:
             await self._drain()
             for t in helpers:
                 t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            with contextlib.suppress(RedisError, OSError):
-                await workers.gone(self.store.redis, self.settings.worker_id)
-            await self._commit(None)
+            await asyncio.wait(helpers, timeout=CLOSE_S)
+            await self._bounded(
+                "worker record", lambda: workers.gone(self.store.redis, self.settings.worker_id)
+            )
+            await self._bounded("last commit", lambda: self._commit(None))
         if self._fatal is not None:
             log.error("worker stopped on an unrecoverable error", error=repr(self._fatal))
             return 1
@@ -587,8 +624,11 @@ class Worker:
             try:
                 await helper()
                 return
-            except Exception:
-                log.exception("helper crashed; restarting", helper=name)
+            except Exception as exc:
+                if is_transient(exc):  # its server is down: one line, not a traceback a second
+                    log.warning("helper waiting for its server", helper=name, error=describe(exc))
+                else:
+                    log.exception("helper crashed; restarting", helper=name)
                 metrics.HELPER_RESTARTS.labels(name).inc()
                 self._down.add(name)
                 await asyncio.sleep(1)
@@ -735,12 +775,27 @@ class Worker:
         self.ledger.drop(revoked)
 
     async def _drain(self) -> None:
-        if self._tasks:
-            log.info("draining", jobs=len(self._tasks), timeout_s=self.settings.drain_timeout_s)
-            _, late = await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout_s)
-            for t in late:  # handed back: uncommitted, another worker takes them
-                t.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        """Give in-flight jobs up to drain_timeout_s (none after a second signal), then hand
+        the rest back: uncommitted, another worker takes them. A cancelled job that is
+        stuck in a client call gets CLOSE_S more, not forever."""
+        if not self._tasks:
+            return
+        log.info("draining", jobs=len(self._tasks), timeout_s=self.settings.drain_timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        now = asyncio.ensure_future(self._now.wait())
+        try:
+            while self._tasks and not now.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait([*self._tasks, now], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            now.cancel()
+        late = list(self._tasks)
+        if late:
+            log.warning("handing unfinished jobs back", jobs=len(late))
+        for t in late:
+            t.cancel()
+        if late:
+            await asyncio.wait(late, timeout=CLOSE_S)
 
 
 def refusal(reason: str, job_id: str, cause: Error | None = None) -> Error:
@@ -756,9 +811,31 @@ def refusal(reason: str, job_id: str, cause: Error | None = None) -> Error:
 
 
 async def serve(settings: WorkerSettings) -> int:
-    """Run a worker until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    """Run a worker until SIGTERM/SIGINT, then drain. Returns the exit code: 0 after a
+    drain; 1 when a second signal cut it short or it stopped before serving."""
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None  # serve() runs as asyncio.run's task
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not worker.stopping:
+            log.info(
+                "stopping: finishing in-flight jobs; signal again to stop at once",
+                signal=sig.name,
+                timeout_s=settings.drain_timeout_s,
+            )
+            worker.stop()
+        else:
+            log.warning("stopping at once: in-flight jobs go back to the queue", signal=sig.name)
+            worker.stop(now=True)
+        if not worker.serving:
+            main.cancel()  # still starting (an engine loading, a server not there): nothing to drain
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    return await worker.run()
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await worker.run()
+    except asyncio.CancelledError:
+        log.info("worker stopped before it served")
+        return 1

@@ -5,15 +5,17 @@ Exit codes: 1 failed, 2 usage, 3 unreachable, 4 not found, 5 denied (cli/errors.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import boto3
 import pytest
 
 from tests.helpers import Env
-from vlmq.deploy.stack import free_port
+from vlmq.deploy.stack import free_port, http_status, wait_until
 from vlmq.producer import Client, caption
 
 STACK_HINT = 'eval "$(vlmq stack up)"'
@@ -207,3 +209,93 @@ async def test_files_and_jobs_that_are_not_there(e: Env) -> None:
         await client.submit(caption(f"s3://{e.bucket}/a.jpg", job_id=f"{e.tag}-1", batch_id=e.tag))
     proc = run("bulk", "export", e.tag, "-o", str(e.tmp / "no-such-dir" / "out.jsonl"), env=env)
     assert proc.returncode == 2 and "cannot use" in proc.stderr and "No such file" in proc.stderr, proc.stderr
+
+
+# -- issue 40 ----------------------------------------------------------------------------
+
+
+def one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args", [("status", "j1"), ("submit", "s3://b/k.jpg"), ("worker", "--engine", "fake")]
+)
+@pytest.mark.parametrize(
+    ("setting", "value", "fix"),
+    [
+        ("VLMQ_REDIS_URL", "127.0.0.1:6379/0", "write redis://127.0.0.1:6379/0"),
+        ("VLMQ_S3_ENDPOINT_URL", "127.0.0.1:9000", "write http://127.0.0.1:9000"),
+    ],
+)
+def test_a_url_without_its_scheme_is_one_line_with_the_fix(
+    args: tuple[str, ...], setting: str, value: str, fix: str
+) -> None:
+    proc = run(*args, env={**_dead(), setting: value})
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert line.startswith(f"error: invalid setting: {setting}") and fix in line, line
+
+
+def test_a_metrics_port_in_use_is_refused_before_joining_the_group(e: Env) -> None:
+    """The quickstart's second worker on its --metrics-port 9400: it used to join the group
+    (a rebalance for the first) and then die with a 57-line traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run("worker", "--engine", "fake", "--metrics-port", str(port), env=e.worker_env())
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in line and "--metrics-port" in line, line
+    assert "worker starting" not in proc.stdout + proc.stderr
+
+
+README_API = [
+    sys.executable,
+    "-m",
+    "vlmq.cli",
+    "api",
+    "serve",
+    "--model",
+    "gpt-4o-mini=Qwen/Qwen2-VL-7B-Instruct",
+]
+
+
+def test_the_readmes_api_command_runs_on_the_local_stack(stack: dict[str, str]) -> None:
+    """README: `vlmq api serve --model gpt-4o-mini=Qwen/Qwen2-VL-7B-Instruct` right after
+    `eval "$(vlmq stack up)"`; it used to stop in a uvicorn traceback (no files bucket)."""
+    port = free_port()
+    env = {**os.environ, "COLUMNS": "300", **stack, "VLMQ_FILES_BUCKET": f"files-{uuid.uuid4().hex[:8]}"}
+    proc = subprocess.Popen(
+        [*README_API, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or http_status(f"http://127.0.0.1:{port}/healthz") == 200, "api"
+        )
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_api_serve_without_its_bucket_is_one_line(stack: dict[str, str]) -> None:
+    bucket = f"files-{uuid.uuid4().hex[:8]}"
+    proc = run(
+        "api",
+        "serve",
+        "--model",
+        "m",
+        env={**stack, "VLMQ_CREATE_BUCKET": "false", "VLMQ_FILES_BUCKET": bucket},
+    )
+    assert proc.returncode == 4
+    line = one_line(proc)
+    assert f"files bucket {bucket}" in line and "--create-bucket" in line, line

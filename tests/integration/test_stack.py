@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -73,3 +78,63 @@ def test_a_local_redis_cluster_with_replicas_and_back_to_one_redis(tmp_path: Pat
         assert not st.redis_nodes()
     finally:
         st.down()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stack_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmq.cli", "stack", *args],
+        cwd=cwd,
+        # this checkout's vlmq whatever the folder (not an install of another one)
+        env={k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")} | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_stack_ups_at_once_share_one_stack_and_down_stops_it_all(tmp_path: Path) -> None:
+    """Issue 40: both used to exit 0 with their own Redis and S3, one set orphaned."""
+    ups = [stack_cli("up", cwd=tmp_path) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=180) for p in ups]
+        assert [p.returncode for p in ups] == [0, 0], outs
+        assert outs[0][0] == outs[1][0]  # the same settings: the second one used the first's stack
+        pids = {int(pid) for _, err in outs for pid in re.findall(r"pid (\d+)", err)}
+        assert len(pids) == 3, outs  # kafka, redis, s3: started once
+        down = stack_cli("down", cwd=tmp_path)
+        down.communicate(timeout=60)
+        assert down.returncode == 0
+        assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    finally:
+        Stack(tmp_path / ".vlmq/stack").down()
+
+
+def test_a_server_that_stopped_answering_is_replaced_not_orphaned(tmp_path: Path) -> None:
+    st = Stack(tmp_path)
+    try:
+        st.up()
+        old = st.services["redis"].pid
+        assert old is not None
+        st.signal("redis", signal.SIGSTOP)  # alive, but answers nothing
+        st.up()
+        assert st.services["redis"].pid != old
+        assert not Path(f"/proc/{old}").exists()
+    finally:
+        st.down()
+
+
+def test_status_of_a_stack_whose_servers_are_gone_says_so_and_cleans_up(tmp_path: Path) -> None:
+    st = Stack(tmp_path / ".vlmq/stack")
+    st.up()
+    for svc in list(st.services.values()):  # what a reboot leaves: the file only
+        assert svc.pid is not None
+        os.killpg(svc.pid, signal.SIGKILL)
+        os.waitpid(svc.pid, 0)
+    status = stack_cli("status", cwd=tmp_path)
+    _, err = status.communicate(timeout=60)
+    assert status.returncode == 1
+    assert "had stopped" in err and "vlmq stack up" in err, err
+    assert not (tmp_path / ".vlmq/stack/stack.json").exists()

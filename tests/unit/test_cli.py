@@ -53,3 +53,15 @@ def test_a_bug_is_not_explained_away() -> None:
 def test_the_demos_hint_shows_the_extra_to_install(capsys: pytest.CaptureFixture[str]) -> None:
     importlib.import_module("vlmq.cli.demo")._pick_engine(None)  # rich would eat a bare [hf]
     assert "pip install 'vlmq[hf]'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_version_and_a_negative_wait() -> None:
+    """Issue 40: `vlmq --version` did not exist; `--wait -1` was accepted."""
+    from typer.testing import CliRunner
+
+    from vlmq.cli import app
+
+    shown = CliRunner().invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.output.startswith("vlmq ")
+    refused = CliRunner().invoke(app, ["submit", "s3://b/k.jpg", "--wait", "-1"])
+    assert refused.exit_code == 2

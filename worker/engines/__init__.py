@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Any
 
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
@@ -72,3 +74,50 @@ def make_engine(name: str, model: str | None, args: dict[str, str]) -> Engine:
     except TypeError as exc:  # an unexpected keyword: an option this engine does not have
         raise EngineConfigError(f"engine {name!r}: {exc}") from None
     return engine
+
+
+# Engines that load a model folder or a Hugging Face id themselves.
+_LOCAL_MODELS = ("hf", "vllm", "lmdeploy")
+HUB_TIMEOUT_S = 10.0
+
+
+def check_model(engine: str, model: str | None) -> None:
+    """EngineConfigError now for a model that cannot load: a folder that is not there, or
+    an id the hub does not know (transformers would retry the hub for minutes, then print a
+    traceback). An id already in the local cache is not looked up."""
+    if engine not in _LOCAL_MODELS or not model:
+        return
+    if os.path.exists(os.path.expanduser(model)):
+        return
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise EngineConfigError(
+            f"--model {model}: no such folder here; give a model folder or a Hugging Face id (org/name)"
+        )
+    _check_hub_id(model)
+
+
+def _check_hub_id(model: str) -> None:
+    try:  # by name: the dev venv (mypy's) has no huggingface_hub, the engine venvs do
+        hub = importlib.import_module("huggingface_hub")
+        not_found = importlib.import_module("huggingface_hub.errors").RepositoryNotFoundError
+    except ImportError:  # not installed: the engine's own import says which extra
+        return
+    if isinstance(hub.try_to_load_from_cache(model, "config.json"), str):
+        return
+    where = f"download it first (hf download {model}) or give its folder"
+    if hub.constants.HF_HUB_OFFLINE:
+        raise EngineConfigError(
+            f"model {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {where}"
+        )
+    try:
+        hub.model_info(model, timeout=HUB_TIMEOUT_S)
+    except not_found:
+        raise EngineConfigError(
+            f"no model {model!r} on the Hugging Face hub (misspelled? a private one needs HF_TOKEN), "
+            "and no folder of that name here"
+        ) from None
+    except Exception as exc:  # no network, a proxy, a 5xx: one line, not minutes of retries
+        raise EngineConfigError(
+            f"model {model!r} is not in the Hugging Face cache and the hub cannot be reached "
+            f"({type(exc).__name__}): {where}"
+        ) from None
