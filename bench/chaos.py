@@ -49,7 +49,7 @@ from vlmq.core.topology import connect_redis
 from vlmq.deploy.stack import Stack
 from vlmq.producer import Client, caption
 from vlmq.schemas import keys
-from vlmq.schemas.job import Job, JobState
+from vlmq.schemas.job import Job, JobState, Result
 from vlmq.worker.engines.base import EngineRequest
 from vlmq.worker.engines.fake import answer
 from vlmq.worker.preprocess import load_image
@@ -70,10 +70,13 @@ class Chaos:
         self.rnd = random.Random(args.seed)
         self.batches: list[str] = []
         self.job_ids: list[str] = []
+        # The fake engine's pace (a subclass may slow it down to stretch a run over its faults).
+        self.engine_args = "step_ms=5,max_num_seqs=32,completion_tokens=8"
+        self.cluster_args: list[str] = []  # redis-server settings of every cluster node
 
     def up(self) -> None:
         if self.a.redis_cluster:  # durability comes from the replicas (and WAIT)
-            self.env = self.stack.up(redis_cluster=True)
+            self.env = self.stack.up(redis_cluster=True, redis_args=self.cluster_args)
         else:
             self.env = self.stack.up(redis_args=["--appendonly", "yes", "--appendfsync", "always"])
         self.conn = Connection.load(
@@ -102,7 +105,7 @@ class Chaos:
             "VLMQ_FETCH_RETRY_S": "120",
             "VLMQ_MAX_IN_FLIGHT": "64",
             "VLMQ_LEASE_S": "10",  # a killed worker's jobs wait this long for their next owner
-            "VLMQ_ENGINE_ARGS": "step_ms=5,max_num_seqs=32,completion_tokens=8",
+            "VLMQ_ENGINE_ARGS": self.engine_args,
         }
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the worker
         self.workers[name] = subprocess.Popen(
@@ -154,17 +157,28 @@ class Chaos:
         await asyncio.to_thread(self.stack.restart, "redis")
         self.faults.append("redis-server killed -9 and restarted (AOF)")
 
-    async def _kill_busiest_master(self) -> None:
-        """kill -9 the master that owns the most of the jobs' slots; its replica takes over."""
+    async def shard_masters(self) -> dict[int, str]:
+        """shard -> the address (host:port) of the master that owns its slot now."""
         redis = connect_redis(self.conn)
         assert isinstance(redis, RedisCluster)
         await redis.initialize()
-        owners = Counter(
-            n.name for s in set(map(keys.shard, self.job_ids)) if (n := redis.get_node_from_key(keys.tag(s)))
-        )
+        owners = {s: n.name for s in range(keys.SHARDS) if (n := redis.get_node_from_key(keys.tag(s)))}
         await redis.aclose()
-        busiest, slots = owners.most_common(1)[0]
-        name = next(n for n, svc in self.stack.services.items() if svc.url == f"redis://{busiest}/0")
+        return owners
+
+    def node_at(self, address: str) -> str:
+        """The stack's name (redis-1..6) of the cluster node at host:port."""
+        return next(n for n, svc in self.stack.services.items() if svc.url == f"redis://{address}/0")
+
+    async def busiest_master(self, job_ids: list[str]) -> tuple[str, int]:
+        """The master owning the most of these jobs' shards: (its address, how many)."""
+        owners = await self.shard_masters()
+        return Counter(owners[s] for s in set(map(keys.shard, job_ids))).most_common(1)[0]
+
+    async def _kill_busiest_master(self) -> None:
+        """kill -9 the master that owns the most of the jobs' slots; its replica takes over."""
+        busiest, slots = await self.busiest_master(self.job_ids)
+        name = self.node_at(busiest)
         self.stack.kill(name)
         self.faults.append(f"Redis master {name} ({busiest}, {slots} of the jobs' 256 shards) killed -9")
         # As an orchestrator would, start it again: it rejoins as its successor's replica,
@@ -203,18 +217,24 @@ def expected_answers(blobs: list[bytes], jobs: list[Job]) -> dict[int, str]:
     return out
 
 
+async def finished(c: Chaos, batches: list[str]) -> int | None:
+    """Jobs of these batches that have ended, from their counters; None while Redis (or a
+    master that is failing over) does not answer."""
+    redis = connect_redis(c.conn)
+    try:
+        store = StateStore(redis)
+        return sum([(await store.batch_counts(b)).finished for b in batches])
+    except (RedisError, OSError):
+        return None
+    finally:
+        await redis.aclose()
+
+
 async def wait_all(c: Chaos, n: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            redis = connect_redis(c.conn)
-            store = StateStore(redis)
-            done = sum([(await store.batch_counts(b)).finished for b in c.batches])
-            await redis.aclose()
-            if done >= n:
-                return
-        except (RedisError, OSError):
-            pass  # Redis is being restarted, or a master is failing over
+        if (await finished(c, c.batches) or 0) >= n:
+            return
         await asyncio.sleep(0.5)
 
 
@@ -232,27 +252,41 @@ async def counter_mismatches(store: StateStore, jobs: list[Job], states: list[Jo
     return bad
 
 
-async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[str, Any]:
+async def read_jobs(c: Chaos, jobs: list[Job]) -> tuple[list[Result | None], list[int]]:
+    """Each job's record (None where Redis has none) and its `terminal_writes` counter."""
     redis = connect_redis(c.conn)
     store = StateStore(redis)
-    lost = dup = wrong = 0
-    states: list[JobState | None] = []
+    results: list[Result | None] = []
+    writes: list[int] = []
     for start in range(0, len(jobs), 2000):
         chunk = jobs[start : start + 2000]
-        results = await store.get_many([j.job_id for j in chunk])
+        results += await store.get_many([j.job_id for j in chunk])
         pipe = redis.pipeline(transaction=False)
         for j in chunk:
             pipe.hget(keys.job_key(j.job_id), "terminal_writes")
-        writes = await pipe.execute()
-        states += [r.state if r else None for r in results]
-        for k, (r, w) in enumerate(zip(results, writes, strict=True)):
-            if r is None or not r.state.terminal:
-                lost += 1
-            elif int(w or 0) != 1:
-                dup += 1
-            elif r.state is not JobState.SUCCEEDED or r.text != expected[(start + k) % N_IMAGES]:
-                wrong += 1
-    mismatches = await counter_mismatches(store, jobs, states)
+        writes += [int(w or 0) for w in await pipe.execute()]
+    await redis.aclose()
+    return results, writes
+
+
+async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[str, Any]:
+    """lost (never terminal), duplicated (ended more than once), wrong (not the engine's
+    answer, or not succeeded), counter mismatches, offsets; `failed`: the wrong ones that
+    ended failed (by error code in `failed_codes`)."""
+    results, writes = await read_jobs(c, jobs)
+    lost = dup = wrong = 0
+    failed: Counter[str] = Counter()
+    for k, (r, w) in enumerate(zip(results, writes, strict=True)):
+        if r is None or not r.state.terminal:
+            lost += 1
+        elif w != 1:
+            dup += 1
+        elif r.state is not JobState.SUCCEEDED or r.text != expected[k % N_IMAGES]:
+            wrong += 1
+            if r.state is JobState.FAILED:
+                failed[r.error.code.value if r.error else ""] += 1
+    redis = connect_redis(c.conn)
+    mismatches = await counter_mismatches(StateStore(redis), jobs, [r.state if r else None for r in results])
     await redis.aclose()
     return {
         "lost": lost,
@@ -260,6 +294,8 @@ async def verify(c: Chaos, jobs: list[Job], expected: dict[int, str]) -> dict[st
         "wrong": wrong,
         "counter_mismatches": mismatches,
         **await offsets(c),
+        "failed": sum(failed.values()),
+        "failed_codes": dict(failed),
     }
 
 
@@ -298,6 +334,24 @@ async def offsets(c: Chaos) -> dict[str, Any]:
     }
 
 
+async def prepare(c: Chaos, n: int, batches: int) -> tuple[list[Job], dict[int, str]]:
+    """Topics, the images in S3, and n caption jobs spread over `batches` batches (job i in
+    batch i % batches): (the jobs, the fake engine's answer for job i at i % N_IMAGES)."""
+    await make_topics(c.env["VLMQ_KAFKA_BOOTSTRAP"], c.tag, c.a.partitions)
+    s3 = boto3.client("s3", endpoint_url=c.env["VLMQ_S3_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="chaos")
+    blobs = [photo(96, 72, seed=i) for i in range(N_IMAGES)]
+    for i, b in enumerate(blobs):
+        s3.put_object(Bucket="chaos", Key=f"{i}.jpg", Body=b)
+    c.batches = [f"{c.tag}-b{b}" for b in range(batches)]
+    jobs = [
+        caption(f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.batches[i % batches])
+        for i in range(n)
+    ]
+    c.job_ids = [j.job_id for j in jobs]
+    return jobs, expected_answers(blobs, jobs)
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10000)
@@ -319,21 +373,7 @@ async def main() -> int:
     t0 = time.perf_counter()
     try:
         await asyncio.to_thread(c.up)
-        await make_topics(c.env["VLMQ_KAFKA_BOOTSTRAP"], c.tag, args.partitions)
-        s3 = boto3.client("s3", endpoint_url=c.env["VLMQ_S3_ENDPOINT_URL"])
-        s3.create_bucket(Bucket="chaos")
-        blobs = [photo(96, 72, seed=i) for i in range(N_IMAGES)]
-        for i, b in enumerate(blobs):
-            s3.put_object(Bucket="chaos", Key=f"{i}.jpg", Body=b)
-        c.batches = [f"{c.tag}-b{b}" for b in range(args.batches)]
-        jobs = [
-            caption(
-                f"s3://chaos/{i % N_IMAGES}.jpg", job_id=f"{c.tag}-{i}", batch_id=c.batches[i % args.batches]
-            )
-            for i in range(args.jobs)
-        ]
-        c.job_ids = [j.job_id for j in jobs]
-        expected = expected_answers(blobs, jobs)
+        jobs, expected = await prepare(c, args.jobs, args.batches)
         for w in range(args.workers):
             c.worker(f"w{w}")
         async with Client(topic=c.tag, settings=c.conn) as client:
