@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import structlog
@@ -70,6 +70,9 @@ T = TypeVar("T")
 FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
 START_S = 10.0  # how long a starting worker waits for Redis
+# A job whose Redis call takes longer parks (gives up its in-flight slot): a master that
+# lost its replica holds terminal writes 5 s in WAIT, and such jobs filled every slot.
+PARK_AFTER_S = 0.5
 OUTAGE_S = 300.0  # how long a Redis or Kafka outage is ridden out before the worker gives up
 MAX_CANCELLING = 1000  # cancel requests for queued jobs handled at once; more wait for the claim
 # After the drain, how long closing the clients, the engine and the pool may take in all: a
@@ -347,14 +350,34 @@ class Worker:
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """A Redis call of this job's, ridden through an outage of its shard; while it is
-        retried the job's task is parked (see `_parked`). One log line per parked job (the
-        error names the node), not one per retry: hundreds wait at once in a failover."""
+        retried, or slower than PARK_AFTER_S, the job's task is parked (see `_parked`). One
+        log line per failing job (the error names the node), not one per retry: hundreds
+        wait at once in a failover."""
+        first = asyncio.ensure_future(call())
         try:
-            return await call()
+            return await asyncio.wait_for(asyncio.shield(first), PARK_AFTER_S)
+        except TimeoutError:
+            pass  # slow (its node holds WAIT for a replica it lost): wait for it parked
         except Exception as exc:
             if not is_transient(exc):
                 raise
             log.warning("waiting for the job's Redis shard", error=describe(exc))
+        except BaseException:
+            first.cancel()
+            raise
+        with self._parking():
+            if not first.done() or not first.exception():
+                try:
+                    return await first
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning("waiting for the job's Redis shard", error=describe(exc))
+            return await through_outage(call, OUTAGE_S, quiet=True)
+
+    @contextlib.contextmanager
+    def _parking(self) -> Iterator[None]:
+        """The current job's task gives up its in-flight slot meanwhile."""
         task = asyncio.current_task()
         parked = task in self._tasks
         if parked:
@@ -362,7 +385,7 @@ class Worker:
             metrics.PARKED.set(len(self._parked))
             self._slot_freed.set()
         try:
-            return await through_outage(call, OUTAGE_S, quiet=True)
+            yield
         finally:
             if parked:
                 self._parked.discard(task)
