@@ -390,5 +390,5 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
     # -- online ----------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, _: Writer) -> Response:
-        return json_response(await complete(await request.body(), s, records, ctx.client))
+    async def chat_completions(request: Request, t: Writer) -> Response:
+        return json_response(await complete(await request.body(), s, records, ctx.client, tenant=t.name))

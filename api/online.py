@@ -14,6 +14,7 @@ import msgspec
 
 from vlmq.api.records import Records
 from vlmq.api.settings import ApiSettings
+from vlmq.producer.builders import with_tenant
 from vlmq.producer.bulk import OpenAIReader, chat_completion, http_error, public
 from vlmq.producer.client import Client
 from vlmq.schemas.job import Job, JobState
@@ -71,9 +72,12 @@ def online_job(body: bytes, settings: ApiSettings) -> Job:
     )
 
 
-async def complete(body: bytes, settings: ApiSettings, records: Records, client: Client) -> dict[str, Any]:
-    """Run one chat completion through the queue; its ChatCompletion object, or Failure."""
-    job = online_job(body, settings)
+async def complete(
+    body: bytes, settings: ApiSettings, records: Records, client: Client, *, tenant: str | None = None
+) -> dict[str, Any]:
+    """Run one chat completion through the queue; its ChatCompletion object, or Failure.
+    `tenant`: the API key's, recorded on the job (the result cache's scope)."""
+    job = with_tenant(online_job(body, settings), tenant)
     give_up = time.time() + settings.online_timeout_s
     if not await records.admit_online(job.job_id, give_up, settings.online_max_queued):
         raise Failure(
