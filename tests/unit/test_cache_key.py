@@ -12,11 +12,12 @@ from vlmq.schemas.codec import decode_job, encode_job
 from vlmq.schemas.job import Job, Sampling
 from vlmq.worker.cache import KEY_VERSION, applies, request_key, scope_of
 from vlmq.worker.engines.fake import FakeEngine
+from vlmq.worker.render import Sizing
 from vlmq.worker.settings import WorkerSettings
 
 S = WorkerSettings()
 PIC, OTHER = b"\xff\xd8 picture bytes", b"\xff\xd8 other bytes"
-SIZING = [(S.min_pixels, S.max_pixels)]
+SIZING: list[Sizing] = [(S.min_pixels, S.max_pixels)]
 
 
 def key(job: Job, blob: bytes = PIC, settings: WorkerSettings = S, engine: FakeEngine | None = None) -> str:
@@ -63,7 +64,7 @@ def test_image_bytes_model_options_engine_and_preprocessing_change_the_key() -> 
     neutral = msgspec.structs.replace(S, engine_args={"max_num_seqs": "8", "step_ms": "5"})
     assert key(job, settings=neutral) == base  # batching and pace do not change answers
     kind = FakeEngine("m")
-    kind.name = "vllm"  # type: ignore[misc]
+    kind.name = "vllm"
     assert key(job, engine=kind) != base
     assert request_key(job, [PIC], [(S.min_pixels, S.max_pixels // 2)], FakeEngine("m"), S) != base
     fps = msgspec.structs.replace(S, video_fps=1.0)
@@ -89,4 +90,6 @@ def test_the_scope_is_the_recorded_tenant_or_shared_by_the_operator() -> None:
 
 def test_the_cache_field_is_bounded() -> None:
     with pytest.raises(msgspec.ValidationError, match="cache"):
-        msgspec.convert({"job_id": "j", "messages": [{"role": "user", "content": "x"}], "cache": "maybe"}, Job)
+        msgspec.convert(
+            {"job_id": "j", "messages": [{"role": "user", "content": "x"}], "cache": "maybe"}, Job
+        )
