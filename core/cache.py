@@ -97,15 +97,21 @@ class CacheStore:
 
     async def put(self, digest: str, scope: str, job_id: str, answer: Answer) -> None:
         """Write the answer (after the job's terminal write), index it in its scope and
-        evict what passes the scope's bound."""
+        evict what passes the scope's bound: one round trip (two slots, one pipeline)."""
         now = time.time()
-        args = [job_id, _ENC.encode(answer), now, self.ttl_s, keys.CACHE_CHANNEL, digest]
-        await self.scripts.one(Call("cache_put", [keys.cache_entry_key(digest)], args))
         sid = scope_id(scope)
-        index = Call("cache_index", [keys.cache_index_key(sid)], [digest, now, self.ttl_s, self.max_entries])
-        evicted = await self.scripts.one(index)
-        # The scope list, on every write: `vlmq cache purge` may have removed it meanwhile.
-        await self.redis.hset(keys.CACHE_SCOPES_KEY, sid, scope)
+        args = [job_id, _ENC.encode(answer), now, self.ttl_s, keys.CACHE_CHANNEL, digest]
+        calls = [
+            Call("cache_put", [keys.cache_entry_key(digest)], args),
+            Call("cache_index", [keys.cache_index_key(sid)], [digest, now, self.ttl_s, self.max_entries]),
+        ]
+        replies = await self.scripts.run(calls)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        new, *evicted = replies[1]
+        if int(new):  # a new (or purged) scope: list it for `vlmq cache stats|purge`
+            await self.redis.hset(keys.CACHE_SCOPES_KEY, sid, scope)
         await self._delete([_s(d) for d in evicted])
 
     async def drop(self, digest: str, job_id: str) -> bool:
