@@ -232,3 +232,18 @@ async def test_sampled_requests_are_not_cached_by_default(e: Env) -> None:
         for j in jobs:
             await c.submit(j)
             assert not (await c.wait(j.job_id, 60)).cached
+
+
+async def test_a_scope_keeps_at_most_its_bound_oldest_first(e: Env) -> None:
+    uris = put_images(e, 3)
+    start_worker(e, "w", engine_args="step_ms=2", cache_max_entries=2, cache="true")
+    async with client(e, f"bound-{e.tag}") as c:
+        for i, uri in enumerate(uris):  # three answers in a scope that keeps two
+            await c.submit(caption(uri, prompt(e), job_id=f"{e.tag}-{i}"))
+            await c.wait(f"{e.tag}-{i}", 60)
+        await c.submit(caption(uris[2], prompt(e), job_id=f"{e.tag}-newest"))
+        newest = await c.wait(f"{e.tag}-newest", 60)
+        await c.submit(caption(uris[0], prompt(e), job_id=f"{e.tag}-oldest"))
+        oldest = await c.wait(f"{e.tag}-oldest", 60)
+    assert newest.cached and newest.cache_source == f"{e.tag}-2"
+    assert not oldest.cached  # evicted
