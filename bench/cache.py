@@ -9,7 +9,7 @@ runs (a tenant never gets another's answer). The engine's cost is fixed: `--step
 `--tokens` per job, `--seqs` at once, so the no-duplicate rate is the engine's and the
 cache's target is 1/(1 - share) of it (issue 42: at least 0.95 of that).
 
-    python bench/cache.py --jobs 600
+    python bench/cache.py   # 1,200 jobs a backlog, 1 s a job, 16 at once
 
 Result: bench/results/cache-<hardware>.json: `rows` with `duplicate_share`, `cache`
 (on/off), `jobs_per_s`, `engine_runs`, `cached`, `gpu_time_saved_s`; top level: baseline =
@@ -160,11 +160,11 @@ def _row(
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobs", type=int, default=600)
+    ap.add_argument("--jobs", type=int, default=1200)
     ap.add_argument("--shares", default="0,0.3,0.6")
-    ap.add_argument("--step-ms", type=float, default=50.0)
-    ap.add_argument("--tokens", type=int, default=4, help="completion tokens: steps per job")
-    ap.add_argument("--seqs", type=int, default=8, help="the engine's max_num_seqs")
+    ap.add_argument("--step-ms", type=float, default=100.0)
+    ap.add_argument("--tokens", type=int, default=10, help="completion tokens: steps per job")
+    ap.add_argument("--seqs", type=int, default=16, help="the engine's max_num_seqs")
     ap.add_argument("--max-in-flight", type=int, default=64)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42)
