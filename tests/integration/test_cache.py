@@ -5,6 +5,7 @@ coalesced while one runs, and every way a leader can end without an answer."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from tests.integration.test_cli_errors import run
 from vlmq.core.settings import Connection
 from vlmq.core.topology import AnyRedis
 from vlmq.producer import Client, caption
-from vlmq.schemas import Job, JobState, Sampling, keys
+from vlmq.schemas import Job, JobState, Result, Sampling, keys
 from vlmq.worker.samples import photo
 
 # The cache is off for the rest of the suite (tests/conftest.py): each worker here turns it on.
@@ -247,3 +248,30 @@ async def test_a_scope_keeps_at_most_its_bound_oldest_first(e: Env) -> None:
         oldest = await c.wait(f"{e.tag}-oldest", 60)
     assert newest.cached and newest.cache_source == f"{e.tag}-2"
     assert not oldest.cached  # evicted
+
+
+def test_the_api_records_the_keys_tenant_and_maps_vlmq_cache(e: Env) -> None:
+    from tests.integration.test_api import Api, line
+
+    api = Api(e)
+    base = api.start()
+    start_worker(e, "w", engine_args="step_ms=2", cache="true")
+    a, b = api.client(base, "a"), api.client(base, "b")
+    body = json.loads(line(f"q-{e.tag}"))["body"]
+    answers = [
+        a.chat.completions.create(**body),
+        a.chat.completions.create(**body),
+        b.chat.completions.create(**body),
+        a.chat.completions.create(**body, metadata={"vlmq_cache": "off"}),
+    ]
+
+    async def results() -> list[Result]:
+        async with client(e) as c:
+            return [await c.status(x.id.removeprefix("chatcmpl-")) for x in answers]
+
+    first, again, other, off = asyncio.run(results())
+    assert again.cached and again.cache_source == first.job_id
+    assert answers[1].usage == answers[0].usage  # the answer's usage, as it was run
+    assert not other.cached and other.metadata[keys.CACHE_SCOPE_FIELD] == f"b-{e.tag}"
+    assert first.metadata[keys.CACHE_SCOPE_FIELD] == f"a-{e.tag}"
+    assert not off.cached
