@@ -435,8 +435,8 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
         streaming_left = False
         try:
             async with online.gate:
-                await writer(await tenant(request))
-            job, streaming = await online.start(await request.body())
+                t = await writer(await tenant(request))
+            job, streaming = await online.start(await request.body(), t.name)
             if streaming is not None:  # the stream gives the slot back when it ends
                 streaming_left = True
                 return EventStream(online, job, streaming)

@@ -40,6 +40,7 @@ from vlmq.api.records import Records
 from vlmq.api.settings import ApiSettings
 from vlmq.api.storage import Storage, Writer
 from vlmq.core.state import BatchCounts
+from vlmq.producer.builders import with_tenant
 from vlmq.producer.bulk import UNFINISHED, BadLine, OpenAIReader, openai_line, openai_output
 from vlmq.producer.client import Client
 from vlmq.schemas.job import Job, JobState
@@ -231,7 +232,9 @@ class Driver:
             async for item in items:
                 if isinstance(item, Job):  # every line was checked while validating
                     # Past the window a worker ends it `expired` rather than starting it.
-                    jobs.append(msgspec.structs.replace(item, deadline=b.expires_at))
+                    # The tenant is the API key's, recorded with the job: the cache's scope.
+                    job = msgspec.structs.replace(item, deadline=b.expires_at)
+                    jobs.append(with_tenant(job, tenant))
                     if len(jobs) >= room:
                         break
         if not jobs:

@@ -17,6 +17,7 @@ import structlog
 from vlmq.api.records import Records
 from vlmq.api.settings import ApiSettings
 from vlmq.api.waiters import Waiters
+from vlmq.producer.builders import with_tenant
 from vlmq.producer.bulk import OpenAIReader, chat_completion, http_error, public, unsupported_parameter
 from vlmq.producer.client import Client
 from vlmq.schemas.errors import ErrorCode
@@ -121,10 +122,12 @@ class Online:
     def leave(self) -> None:
         self.inside -= 1
 
-    async def start(self, body: bytes) -> tuple[Job, Streaming | None]:
+    async def start(self, body: bytes, tenant: str) -> tuple[Job, Streaming | None]:
         """Check the body, take a fleet-wide slot and submit the job (its answer is then
-        awaited with `finish`, which gives the slot back). Failure before anything is held."""
+        awaited with `finish`, which gives the slot back). Failure before anything is held.
+        `tenant`: the API key's, recorded on the job (the result cache's scope)."""
         job, streaming = online_job(body, self.s)
+        job = with_tenant(job, tenant)
         async with self.gate:
             admitted = await self.records.admit_online(
                 self.s.replica_id, job.job_id, self.s.online_lease_s, self.s.online_max_queued

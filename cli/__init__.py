@@ -25,6 +25,7 @@ from vlmq.cli.demo import demo
 from vlmq.cli.errors import Exit, UserError, explain
 from vlmq.deploy.cli import app as stack_app
 from vlmq.producer.cli import app as client_app
+from vlmq.worker.cache_cli import app as cache_app
 from vlmq.worker.cli import app as worker_app
 
 console = Console(stderr=True)
@@ -43,6 +44,7 @@ app.add_typer(worker_app)
 app.add_typer(stack_app, name="stack")
 app.add_typer(api_app, name="api")
 app.add_typer(schema_app, name="schema")
+app.add_typer(cache_app, name="cache")
 app.command("demo")(demo)
 app.command("dashboard")(dashboard)
 

@@ -25,6 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from vlmq.core.topology import AnyRedis
 
 NAMES = ("enqueue", "sent", "unqueue", "cancel", "claim", "finish", "lease", "retry", "deadletter")
+# The result cache's scripts (core/cache.py), registered with the ones above.
+CACHE_NAMES = ("cache_take", "cache_put", "cache_drop", "cache_renew", "cache_index")
 # Scripts that take many jobs in one call: (keys per job, shared leading arguments). A
 # job's own arguments follow the shared ones. `now` (argument 1) may differ between calls
 # of one tick: the merged call takes the first one's.
@@ -58,7 +60,10 @@ class Scripts:
         self.redis = redis
         self.cluster = redis if isinstance(redis, RedisCluster) else None
         self.replicas = replicas
-        self.source = {n: resources.files("vlmq.core.lua").joinpath(f"{n}.lua").read_text() for n in NAMES}
+        self.source = {
+            n: resources.files("vlmq.core.lua").joinpath(f"{n}.lua").read_text()
+            for n in (*NAMES, *CACHE_NAMES)
+        }
         self.sha = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self.source.items()}
         self._reload: asyncio.Task[None] | None = None  # a slot-map refresh under way
 

@@ -82,6 +82,9 @@ class Connection(Settings, kw_only=True):
     s3_endpoint_url: str | None = None
     # The topic jobs are produced to and consumed from.
     jobs_topic: str = keys.JOBS_TOPIC
+    # The tenant this submitter records on its jobs (job metadata `vlmq.tenant`, bound to
+    # the submit record): the result cache's scope (docs/cache.md). None: the job's own.
+    tenant: str | None = None
     # The dead-letter topic: every failed job's message and error.
     dlq_topic: str = keys.DLQ_TOPIC
     # Kafka security, in aiokafka's names; SASL fields matter only with a SASL protocol.

@@ -8,6 +8,9 @@ import re
 import time
 from typing import Any
 
+import msgspec
+
+from vlmq.schemas import keys
 from vlmq.schemas.job import (
     ChoiceFormat,
     EmbeddingRef,
@@ -132,3 +135,12 @@ def moderate(
         response_format=fmt,
         **job,
     )
+
+
+def with_tenant(job: Job, tenant: str | None) -> Job:
+    """The job as submitted for `tenant` (metadata `vlmq.tenant`: the result cache's scope,
+    docs/cache.md); None leaves the job as it is. The submitter's setting wins over what the
+    job carried: whoever records the job decides its tenant."""
+    if tenant is None:
+        return job
+    return msgspec.structs.replace(job, metadata={**job.metadata, keys.CACHE_SCOPE_FIELD: tenant})

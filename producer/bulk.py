@@ -201,6 +201,7 @@ def _openai_job(row: dict[str, Any], key: str, batch_id: str, allow_https: bool)
         "sampling": {"max_tokens": max_tokens, **sampling},
         "response_format": _openai_format(body.get("response_format"), key),
         "metadata": {"custom_id": key},
+        **_openai_cache(body.get("metadata"), key),
     }
     return _validated(msgspec.json.encode(raw), key)
 
@@ -239,6 +240,17 @@ def unsupported_parameter(body: dict[str, Any]) -> str | None:
             continue
         return str(name)
     return None
+
+
+def _openai_cache(metadata: Any, key: str) -> dict[str, str]:
+    """The request's `metadata.vlmq_cache` (use, refresh, off) as the job's `cache`; the
+    rest of OpenAI's metadata is not the job's (its tenant is the API key's)."""
+    mode = metadata.get("vlmq_cache") if isinstance(metadata, dict) else None
+    if mode is None:
+        return {}
+    if mode not in ("use", "refresh", "off"):
+        raise _Bad(f"metadata.vlmq_cache must be use, refresh or off, not {_shown(mode)}", key)
+    return {"cache": mode}
 
 
 def _openai_message(m: Any, i: int, key: str, allow_https: bool) -> dict[str, Any]:
@@ -340,7 +352,9 @@ def openai_output(r: Result, custom_id: str | None = None) -> dict[str, Any]:
     `custom_id`: the request's, when the caller knows it (else the job's metadata says)."""
     custom_id = custom_id or r.metadata.get("custom_id", r.metadata.get("key", r.job_id))
     if r.state is JobState.SUCCEEDED:
-        response = {"status_code": 200, "request_id": r.job_id, "body": chat_completion(r)}
+        response: dict[str, Any] = {"status_code": 200, "request_id": r.job_id, "body": chat_completion(r)}
+        if r.cached:  # answered by the result cache: `usage` is the answer's, as it was run
+            response["vlmq_cache"] = {"cached": True, "age_s": r.cache_age_s, "source": r.cache_source}
         return openai_line(r.job_id, custom_id, response=response)
     if r.state is JobState.FAILED and r.error is not None:
         status, kind, code = http_error(r.error.code)

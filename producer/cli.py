@@ -16,7 +16,7 @@ from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
 from vlmq.producer.bulk_cli import app as bulk_app
 from vlmq.producer.client import Client
 from vlmq.producer.errors import JobEnded, Timeout, ValidationError
-from vlmq.schemas.job import JobState, Result
+from vlmq.schemas.job import CacheMode, JobState, Result
 
 T = TypeVar("T")
 out = Console()
@@ -51,6 +51,12 @@ def _show(result: Result, as_json: bool) -> None:
         out.print(result.text, highlight=False)
 
 
+def _cache_mode(value: str) -> CacheMode:
+    if value not in ("use", "refresh", "off"):
+        raise ValidationError(f"--cache must be use, refresh or off, not {value!r}")
+    return value  # type: ignore[return-value]  # checked just above
+
+
 @app.command()
 def submit(
     image: Annotated[
@@ -81,6 +87,10 @@ def submit(
     wait: Annotated[
         float | None, typer.Option(min=0, help="Also wait up to this many seconds for the result.")
     ] = None,
+    cache: Annotated[
+        str,
+        typer.Option(help="Result cache: use (an identical job's answer), refresh (run, replace it), off."),
+    ] = "use",
     as_json: JsonFlag = False,
 ) -> None:
     """Submit one job (a prompt about images and videos); prints its job id."""
@@ -99,6 +109,7 @@ def submit(
         messages=[builders.user(*refs, prompt)],
         sampling=Sampling(max_tokens=max_tokens),
         response_format=ChoiceFormat(labels.split(",")) if labels else None,
+        cache=_cache_mode(cache),
     )
 
     async def go(client: Client) -> Any:

@@ -34,6 +34,7 @@ from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.settings import Connection, redact_url
 from vlmq.core.state import BatchCounts, StateStore
 from vlmq.core.topology import connect_redis, wrong_topology
+from vlmq.producer.builders import with_tenant
 from vlmq.producer.errors import (
     BatchNotFound,
     JobCancelled,
@@ -189,6 +190,7 @@ class Client:
         Raises Unavailable when Redis or Kafka does not answer; a job whose record was made
         but that Kafka did not take has its record removed again."""
         job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
+        job = with_tenant(job, self.settings.tenant)
         value, headers = validated(job, self.content_type)
         try:
             producer = await self._kafka()  # Kafka first: an unreachable broker leaves no record
@@ -259,6 +261,7 @@ class Client:
         """Validate, enqueue in Redis, hand to the producer; acks are awaited by `_settle`."""
         now = time.time()
         jobs = [msgspec.structs.replace(j, submitted_at=j.submitted_at or now) for j in jobs]
+        jobs = [with_tenant(j, self.settings.tenant) for j in jobs]
         encoded = [validated(j, self.content_type) for j in jobs]
         producer = await self._kafka()
         with self._reaching_redis():

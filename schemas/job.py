@@ -176,6 +176,9 @@ class ChoiceFormat(Struct, tag="choice", tag_field="type", frozen=True):
 
 
 ResponseFormat = JsonSchemaFormat | RegexFormat | ChoiceFormat
+# The result cache (docs/cache.md): `use` an identical job's answer (or wait for a running
+# one), `refresh` (run anyway and replace the cached answer), `off` (neither read nor written).
+CacheMode = Literal["use", "refresh", "off"]
 
 
 class Job(Struct, omit_defaults=True, frozen=True):
@@ -198,6 +201,7 @@ class Job(Struct, omit_defaults=True, frozen=True):
     ] = {}
     result_topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]{1,249}(?!\n)$")] | None = None
     submitted_at: UnixTime | None = None
+    cache: CacheMode = "use"
     v: Annotated[int, Meta(ge=1, le=1_000_000)] = VERSION
 
     def __post_init__(self) -> None:
@@ -284,7 +288,9 @@ class Error(Struct):
 
 
 class Result(Struct, omit_defaults=True):
-    """A job's terminal record. `parsed` holds the decoded JSON when a schema was asked."""
+    """A job's terminal record. `parsed` holds the decoded JSON when a schema was asked.
+    `cached`: the answer is an identical earlier job's (`cache_source`), written
+    `cache_age_s` seconds before this job ended (docs/cache.md)."""
 
     job_id: str
     state: JobState
@@ -299,6 +305,9 @@ class Result(Struct, omit_defaults=True):
     error: Error | None = None
     batch_id: str | None = None
     metadata: dict[str, str] = {}
+    cached: bool = False
+    cache_age_s: float | None = None
+    cache_source: str | None = None
     v: int = VERSION
 
 

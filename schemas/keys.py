@@ -84,3 +84,22 @@ def batch_key(shard_: int, batch_id: str) -> str:
 def batch_done_key(shard_: int, batch_id: str) -> str:
     """Worker's list per shard: the batch's job ids in the order they ended, once each."""
     return f"{tag(shard_)}:done:{batch_id}"
+
+
+# -- the result cache (docs/cache.md). Workers' keys: no `sub:`, so a producer credential
+# cannot write an answer. Each entry has a hash tag of its own (entries spread over the
+# slots); a scope's index and the scope list are bookkeeping beside them.
+CACHE_SCOPE_FIELD = "vlmq.tenant"  # job metadata: the tenant its submitter recorded
+CACHE_CHANNEL = f"{PREFIX}:cache"  # pub/sub: an entry digest whose waiters should look again
+CACHE_SCOPES_KEY = f"{PREFIX}:{{cache}}:scopes"  # hash: scope id -> scope name
+
+
+def cache_entry_key(entry: str) -> str:
+    """A cache entry (hash: answer, source, at; leader, lead_until, waiters while one runs).
+    `entry` is the hex digest over the scope and the request key."""
+    return f"{PREFIX}:{{c{entry[:16]}}}:cache:{entry}"
+
+
+def cache_index_key(scope_id: str) -> str:
+    """A scope's entries by the time they were written (zset): its size bound and purge."""
+    return f"{PREFIX}:{{s{scope_id}}}:cacheidx:{scope_id}"

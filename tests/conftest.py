@@ -25,6 +25,10 @@ LOG_TAIL = 40
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    # The result cache is on by default, and the suite's images and prompts repeat across
+    # tests that expect their jobs to run: workers here have it off unless a test (the
+    # cache's own, tests/integration/test_cache.py) turns it on.
+    os.environ.setdefault("VLMQ_CACHE", "false")
     st = Stack(tmp_path_factory.mktemp("stack"))
     env = st.up(
         kafka=os.environ.get("VLMQ_KAFKA_BOOTSTRAP"),

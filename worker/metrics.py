@@ -25,6 +25,12 @@ PAUSED = Gauge("vlmq_partitions_paused", "1 while intake is paused because in-fl
 LAG = Gauge("vlmq_consumer_lag", "Messages behind the log end, per partition", ["partition"])
 ENGINE_RUNNING = Gauge("vlmq_engine_running", "Sequences the engine is running (batch occupancy)")
 IMAGE_BYTES = Counter("vlmq_image_bytes_total", "Image bytes fetched")
+CACHE = Counter(
+    "vlmq_cache_total",
+    "Result cache lookups: hit, coalesced (after waiting for an identical job), miss (ran and"
+    " led), refresh, bypass (off, or not deterministic), error (ran without the cache)",
+    ["outcome"],
+)
 COMMITS = Counter("vlmq_commits_total", "Offset commits")
 HELPER_RESTARTS = Counter("vlmq_helper_restarts_total", "Helper tasks restarted after a crash", ["helper"])
 

@@ -33,6 +33,7 @@ from vlmq.schemas.job import (
     Usage,
 )
 from vlmq.worker import metrics
+from vlmq.worker.cache import ResultCache, cached_result
 from vlmq.worker.engines.base import Engine, EngineConfigError, EngineDead, EngineOutput, EngineRequest
 from vlmq.worker.fetch import Budget, Fetcher
 from vlmq.worker.render import BYTES_PER_PIXEL_ESTIMATE, ImagePool, Prepared, RenderBudget, Sizing
@@ -43,10 +44,13 @@ log = structlog.get_logger("vlmq.pipeline")
 
 
 class Pipeline:
-    def __init__(self, settings: WorkerSettings, fetcher: Fetcher, engine: Engine) -> None:
+    def __init__(
+        self, settings: WorkerSettings, fetcher: Fetcher, engine: Engine, cache: ResultCache | None = None
+    ) -> None:
         self.settings = settings
         self.fetcher = fetcher
         self.engine = engine
+        self.cache = cache  # the result cache (worker/cache.py); None: every job runs
         self.images = ImagePool.for_engine(engine, settings, settings.image_pool)
         self.budget = RenderBudget(settings.max_render_bytes)
         self._preparing = 0
@@ -63,9 +67,24 @@ class Pipeline:
             ) from None
         pool = self.images
         log.info("image pool ready", pool=pool.kind, workers=pool.workers, renders=pool.renders)
+        if self.cache is not None:
+            self.cache.start()
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         self.images.close()
+
+    async def settle(self, result: Result, wrote: bool) -> None:
+        """After the job's terminal write (`wrote`: this call ended it): the result cache
+        takes its answer, or lets identical waiting jobs run."""
+        if self.cache is not None:
+            await self.cache.settle(result, wrote)
+
+    def forget(self, job_id: str) -> None:
+        """The job's handling is over (however it ended): nothing of it stays in the cache."""
+        if self.cache is not None:
+            self.cache.forget(job_id)
 
     async def run(self, job: Job, attempt: int) -> Result:
         """The job's terminal Result (succeeded or failed); cancellation propagates."""
@@ -73,6 +92,8 @@ class Pipeline:
         try:
             self.check(job)
             out = await self._run(job, attempt, timings)
+            if isinstance(out, dict):  # the result cache answered
+                return self.result(job, JobState.SUCCEEDED, attempt, timings, **out)
         except VlmqError as exc:
             error = Error(exc.code, exc.message, exc.retryable)
             return self.result(job, JobState.FAILED, attempt, timings, error=error)
@@ -143,12 +164,17 @@ class Pipeline:
             return topic in s.allowed_result_topics
         return topic not in (s.jobs_topic, s.dlq_topic)  # never into the queue or the DLQ
 
-    async def _run(self, job: Job, attempt: int, timings: Timings) -> EngineOutput:
+    async def _run(self, job: Job, attempt: int, timings: Timings) -> EngineOutput | dict[str, Any]:
+        """The engine's output, or the cached answer's Result fields."""
         media = job.media
+        blobs = await self._fetch(media, timings) if media else []
+        sizing = [self._sizing(ref) for ref in media]
+        if self.cache is not None:  # after the fetch: the key is over the bytes, not the URLs
+            hit = await self.cache.lookup(job, blobs, sizing)
+            if hit is not None:
+                return cached_result(hit, time.time())
         if not media:
             return await self._generate(job, attempt, Prepared([]), timings)
-        blobs = await self._fetch(media, timings)
-        sizing = [self._sizing(ref) for ref in media]
         # Bytes of prepared inputs are bounded from before they exist until the engine answers.
         held = await self.budget.acquire(BYTES_PER_PIXEL_ESTIMATE * sum(self._most_pixels(s) for s in sizing))
         try:
@@ -280,6 +306,7 @@ class Pipeline:
         parsed: Any = None,
         finish_reason: str | None = None,
         usage: Usage | None = None,
+        **cached: Any,
     ) -> Result:
         """The job's terminal record, stamped with this worker, its model and the time."""
         timings = timings or Timings(submitted_at=job.submitted_at)
@@ -298,6 +325,7 @@ class Pipeline:
             parsed=parsed,
             finish_reason=finish_reason,
             usage=usage,
+            **cached,
         )
 
 

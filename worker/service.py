@@ -58,6 +58,7 @@ from vlmq.schemas.job import (
     Result,
 )
 from vlmq.worker import metrics
+from vlmq.worker.cache import ResultCache
 from vlmq.worker.engines import Engine, EngineDead, make_engine
 from vlmq.worker.fetch import Fetcher
 from vlmq.worker.ledger import OffsetLedger
@@ -214,7 +215,8 @@ class Worker:
             await self.engine.start()
             stack.push_async_callback(self._bounded, "engine", self.engine.close, ENGINE_CLOSE_S)
             self.fetcher = await stack.enter_async_context(Fetcher(s))
-            self.pipeline = Pipeline(s, self.fetcher, self.engine)
+            cache = ResultCache(redis, s, self.engine) if s.cache else None
+            self.pipeline = Pipeline(s, self.fetcher, self.engine, cache)
             stack.callback(self.pipeline.close)
             await self.pipeline.start()
             self.consumer = self._make_consumer(s)
@@ -449,6 +451,7 @@ class Worker:
         try:
             await self._serve_claimed(job, msg)
         finally:
+            self.pipeline.forget(job.job_id)  # a result-cache lead not settled is dropped
             if (woken := self._serving.pop(job.job_id)) is not None and not woken.done():
                 woken.set_result(None)
 
@@ -527,6 +530,7 @@ class Worker:
     async def _publish(self, job: Job, result: Result, msg: ConsumerRecord) -> None:
         """Terminal state to Redis; then result topic and dead letter, before the commit."""
         wrote = await self._redis(lambda: self.store.finish(result))
+        await self.pipeline.settle(result, wrote)  # the answer into the result cache, after the write
         if not wrote:
             metrics.SKIPPED.inc()
             return

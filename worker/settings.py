@@ -160,6 +160,20 @@ class WorkerSettings(Connection, kw_only=True):
     # -- results
     # Topics a job may name as its `result_topic`; empty: any but the jobs and DLQ topics.
     allowed_result_topics: list[str] = msgspec.field(default_factory=list)
+    # -- the result cache (docs/cache.md)
+    # Answer a job identical to an earlier one (same image bytes, messages, sampling, model,
+    # options...) from the cache, and let identical jobs wait for one that runs.
+    cache: bool = True
+    # tenant: each tenant (recorded by its submitter) has its own entries; shared: one
+    # scope for every job (only where every submitter may see every other's answers).
+    cache_scope: Literal["tenant", "shared"] = "tenant"
+    # Also cache sampled requests (temperature > 0 without a seed): they then get an
+    # earlier sample instead of a new one.
+    cache_sampled: bool = False
+    # Seconds an answer is served after it was written.
+    cache_ttl_s: Annotated[int, Meta(ge=1, le=365 * 24 * 3600)] = 7 * 24 * 3600
+    # Entries one scope keeps at most; the oldest go first.
+    cache_max_entries: Annotated[int, Meta(ge=1)] = 1_000_000
     # -- operations
     # Port of /metrics, /healthz, /readyz; 0: none.
     metrics_port: int = 9400
