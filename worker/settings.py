@@ -35,6 +35,10 @@ class WorkerSettings(Connection, kw_only=True):
     model: str | None = None
     # Engine options under the engine's own names (max_num_seqs, tp, session_len...).
     engine_args: dict[str, str] = msgspec.field(default_factory=dict)
+    # Engine options picked per model family and GPU memory class from measured sweeps
+    # (worker/engines/presets.py, docs/performance.md): throughput (backlogs) | latency
+    # (online topics) | none (the engine's defaults). engine_args win, key by key.
+    preset: Literal["throughput", "latency", "none"] = "throughput"
     # -- flow control
     # Jobs held at once (fetching, decoding, in the engine); a few times the engine batch.
     max_in_flight: int = 64
