@@ -17,21 +17,20 @@ SWEEP_ARGS=${SWEEP_ARGS:-"--images 300 --sizes 1024x768,4032x3024"}
 if [ "$1" = piece ]; then
   set_name=${2%-*}
   mkdir -p /tmp/w/"$set_name" && cp .whl/pieces/"$2"/* /tmp/w/"$set_name"/ || exit 1
-  rm -rf /tmp/wt && cp -r .gpuwt /tmp/wt
-  if [ "$set_name" = vlmq ]; then
-    (bash /tmp/wt/bench/gpu/install.sh vlmq &&
+  if [ "$set_name" = vlmq ]; then  # a session of its own: it outlives this call
+    rm -rf /tmp/wt && cp -r .gpuwt /tmp/wt
+    setsid nohup bash -c "bash /tmp/wt/bench/gpu/install.sh vlmq &&
       python3 /tmp/wt/bench/gpu/make_model.py qwen2-vl-7b $MODEL >/dev/null &&
-      # shellcheck disable=SC2086
-      python3 /tmp/wt/bench/gpu/sweep.py --prepare-only --data-file $DATA $SWEEP_ARGS) \
+      python3 /tmp/wt/bench/gpu/sweep.py --prepare-only --data-file $DATA $SWEEP_ARGS" \
       >/tmp/prepare.log 2>&1 </dev/null &
     echo $! >/tmp/prepare.pid
-    disown
   fi
   echo "$gpu: $(ls /tmp/w/"$set_name" | wc -l) files in /tmp/w/$set_name"
   exit 0
 fi
 if [ "$1" = start ]; then
-  rm -rf /tmp/wt && cp -r .gpuwt /tmp/wt
+  # /tmp/wt came with the vlmq piece and runs the preparation now: FRESH=1 replaces it.
+  [ -n "${FRESH:-}" ] && rm -rf /tmp/wt && cp -r .gpuwt /tmp/wt
   script="while kill -0 \$(cat /tmp/prepare.pid) 2>/dev/null; do sleep 1; done; cat /tmp/prepare.log
 python3 /tmp/wt/bench/gpu/sweep.py --model $MODEL --data-file $DATA $SWEEP_ARGS
 ${E2E_ARGS:+python3 /tmp/wt/bench/gpu/bench_e2e.py --engine vllm --model $MODEL --run-batch-first \
@@ -40,7 +39,7 @@ ${E2E_ARGS:+python3 /tmp/wt/bench/gpu/bench_e2e.py --engine vllm --model $MODEL 
   setsid nohup bash -c "$script" >"$LOG" 2>&1 </dev/null &
   echo $! >/tmp/sweep.pid
 fi
-end=$((SECONDS + ${FOLLOW_S:-540}))
+end=${FOLLOW_S:-560}  # seconds since this call began: a call may run 600
 mkdir -p "${OUT:-/tmp/out}"
 while kill -0 "$(cat /tmp/sweep.pid)" 2>/dev/null && [ $SECONDS -lt $end ]; do
   cp /tmp/results/*.json "${OUT:-/tmp/out}/" 2>/dev/null
