@@ -328,6 +328,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--setting-timeout", type=float, default=900)
     ap.add_argument("--name", default="gpu-sweep")
     ap.add_argument("--data-file", default="", help="the prepared images: reused if made for these flags")
+    ap.add_argument("--table", default="", help="print a result file as a markdown table")
     ap.add_argument("--best-args", default="", help="print a result file's best setting as bench_e2e flags")
     ap.add_argument("--prepare-only", action="store_true", help="make --data-file and exit")
     # Internal: one setting in this process.
@@ -346,8 +347,28 @@ def best_args(path: Path) -> str:
     return " ".join([f"--preset-name=sweep:{name}", *(f"-e {k}={v}" for k, v in own.items())])
 
 
+def markdown_table(path: Path) -> str:
+    """A result file as docs/performance.md's markdown table."""
+    result = json.loads(path.read_text())
+    sizes = result["settings"]["sizes"].split(",")
+    head = ["setting", "options", *(f"{s} img/s (GPU busy, x default)" for s in sizes), "start-up s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        own = ", ".join(f"{k}={v}" for k, v in row["options"].items() if BASE.get(k) != v) or "vLLM's"
+        cells = []
+        for size in sizes:
+            fig = row.get("sizes", {}).get(size)
+            gain = row.get("gain_over_default", {}).get(size)
+            cells.append(f"{fig['images_per_s']} ({fig['gpu_util_mean_pct']} %, {gain})" if fig else "failed")
+        lines.append(f"| {row['setting']} | {own} | " + " | ".join(cells) + f" | {row.get('start_s', '-')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.table:
+        print(markdown_table(Path(args.table)))
+        return
     if args.best_args:
         print(best_args(Path(args.best_args)))
         return
