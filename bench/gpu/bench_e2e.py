@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,48 +48,15 @@ import msgspec
 
 from bench.common import hardware, write_result
 from bench.gpu.gpu_sampler import GpuSampler
+from bench.gpu.photos import MIXED, PIXELS, PROMPT, _figures, make_images, request, shapes
 from vlmq.deploy.stack import Stack, ensure_topics
 from vlmq.producer.client import Client
 from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, Sampling, TextPart
 from vlmq.worker.engines import make_engine
-from vlmq.worker.engines.base import EngineRequest
 from vlmq.worker.preprocess import load_image
 from vlmq.worker.render import ImagePool
-from vlmq.worker.samples import photo
 from vlmq.worker.service import Worker
-from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
-
-PROMPT = "Describe this image in one or two sentences."
-# The mixed set: landscape and portrait phone and web photos, in turn.
-MIXED = [(1024, 768), (2048, 1536), (4032, 3024), (1536, 2048), (3024, 4032)]
-PIXELS = (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
-
-
-def shapes(size: str, n: int) -> list[tuple[int, int]]:
-    if size == "mixed":
-        return [MIXED[i % len(MIXED)] for i in range(n)]
-    w, h = (int(x) for x in size.split("x"))
-    return [(w, h)] * n
-
-
-def make_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
-    with ProcessPoolExecutor() as pool:
-        return list(pool.map(_photo, [(w, h, seed + i) for i, (w, h) in enumerate(sizes)], chunksize=4))
-
-
-def _photo(a: tuple[int, int, int]) -> bytes:
-    return photo(a[0], a[1], seed=a[2], quality=90)
-
-
-def request(i: int, n_images: int, max_tokens: int, **kw: Any) -> EngineRequest:
-    parts: list[Any] = [ImageRef(f"s3://memory/{i}")] * n_images + [TextPart(PROMPT)]
-    kw.setdefault("images", [])
-    return EngineRequest(
-        request_id=f"r{i}-{time.monotonic_ns()}",
-        messages=[Message("user", parts)],
-        sampling=Sampling(max_tokens=max_tokens),
-        **kw,
-    )
+from vlmq.worker.settings import WorkerSettings
 
 
 async def ceiling(engine: Any, blobs: list[bytes], max_tokens: int) -> dict[str, Any]:
@@ -135,20 +102,6 @@ async def render_pool(engine: Any, settings: WorkerSettings) -> ImagePool:
     pool = ImagePool.for_engine(engine, settings, "process")
     await pool.warm()
     return pool
-
-
-def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, Any]:
-    tokens = sum(o.completion_tokens for o in outs)
-    return {
-        "images": n,
-        "seconds": round(dt, 2),
-        "images_per_s": round(n / dt, 2),
-        "output_tokens_per_s": round(tokens / dt, 1),
-        "gpu_util_mean_pct": gpu.mean,
-        "gpu_util_per_gpu_pct": gpu.per_gpu,
-        "mean_prompt_tokens": round(sum(o.prompt_tokens for o in outs) / n, 1),
-        "mean_output_tokens": round(tokens / n, 1),
-    }
 
 
 def write_manifest(path: Path, uris: list[str], max_tokens: int) -> Path:

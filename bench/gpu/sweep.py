@@ -36,8 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import hardware, write_result
-from bench.gpu.bench_e2e import PIXELS, _figures, make_images, request, shapes
 from bench.gpu.gpu_sampler import GpuSampler
+from bench.gpu.photos import PIXELS, _figures, make_images, request, shapes
 
 # What every setting shares: bench_e2e.py's engine options less the two it sets for sharing
 # the GPU with run-batch (max_num_seqs, gpu_memory_utilization): here vLLM's defaults hold
