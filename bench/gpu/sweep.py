@@ -220,9 +220,10 @@ def log_figures(text: str) -> dict[str, Any]:
 
 
 def run_setting(
-    args: argparse.Namespace, name: str, options: dict[str, str], data: Path, folder: Path
+    args: argparse.Namespace, name: str, setting: dict[str, str], data: Path, folder: Path
 ) -> dict[str, Any]:
     log = folder / f"{name}.log"
+    options = options_for(args.engine, setting, args.max_tokens)
     cmd = [
         sys.executable,
         __file__,
@@ -250,7 +251,8 @@ def run_setting(
         except subprocess.TimeoutExpired:
             rc = "timeout"
     text = log.read_text(errors="replace")
-    row: dict[str, Any] = {"setting": name, "options": options, "fp8": is_fp8(options)}
+    # FP8 by the setting's own options: the fake engine of a dry run drops them.
+    row: dict[str, Any] = {"setting": name, "options": options, "fp8": is_fp8(setting)}
     row["process_s"] = round(time.perf_counter() - t0, 1)
     row["engine_log"] = log_figures(text)
     results = [line for line in text.splitlines() if line.startswith(RESULT_MARK)]
@@ -388,7 +390,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     chosen = list(dict.fromkeys(chosen))
     for k, name in enumerate(chosen):
-        row = run_setting(args, name, options_for(args.engine, table[name], args.max_tokens), data, folder)
+        row = run_setting(args, name, table[name], data, folder)
         rows.append(row)
         brief = {s: (f["images_per_s"], f["gpu_util_mean_pct"]) for s, f in row.get("sizes", {}).items()}
         print(f"== {name}: start {row.get('start_s')}s {brief} {row.get('error', '')}", flush=True)

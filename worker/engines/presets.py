@@ -1,16 +1,23 @@
 """Engine presets: the engine options vlmq picks when the operator names none, per engine,
-model family and GPU memory class, from the sweep in bench/gpu/sweep.py (its table is in
-docs/performance.md, "Engine presets"). Options the operator gives (`-e`, `--flag`) always
-win, key by key.
+model family and GPU memory class. Options the operator gives (`-e`, `--flag`) always win,
+key by key.
 
-- `throughput` (the worker's default: a backlog on the jobs topic): the settings that gave
-  the most images/s on the sweep, BF16 only;
-- `latency` (online topics): the same engine-side speed-ups that shorten one request
-  (vision-encoder CUDA graphs), without the larger batches that raise queueing under load;
+- `throughput` (the worker's default: a backlog on the jobs topic): the batch sizes vLLM
+  itself picks for offline batch work (its `LLM` class) on such a GPU;
+- `latency` (online topics): the token budget vLLM itself picks for `vllm serve`, and vLLM's
+  engine default of 128 sequences (shorter decode steps than a backlog's batches);
 - `none`: the engine's own defaults.
 
-FP8 (`quantization=fp8`, `kv_cache_dtype=fp8`) changes answers: never in a preset; the
-sweep measures it as an opt-in row.
+Why: vlmq starts vLLM as `AsyncLLM.from_engine_args`, vLLM's "engine" usage context, which
+has no batch defaults of its own and falls back to 2048 tokens and 128 sequences a step
+(vllm/engine/arg_utils.py, get_batch_defaults, 0.26); a Qwen2-VL photo is 1,000-1,330 prompt
+tokens, so a step took in one or two photos. The values below are vLLM's own for its other
+contexts, not yet measured on this workload: bench/gpu/sweep.py measures them and the other
+settings (encoder CUDA graphs, FP8, ...), and its table replaces these where it shows better
+(docs/performance.md, "Engine presets"). Per-family options (FAMILY_OPTIONS) stay empty
+until a sweep of that family shows a gain.
+
+FP8 (`quantization=fp8`, `kv_cache_dtype=fp8`) changes answers: never in a preset.
 """
 
 from __future__ import annotations
@@ -21,23 +28,20 @@ from typing import Literal
 
 PresetName = Literal["throughput", "latency", "none"]
 PRESETS: tuple[PresetName, ...] = ("throughput", "latency", "none")
-# GPU memory classes: vLLM itself switches its defaults at 70 GiB (H100/H200 class).
+# GPU memory classes: vLLM switches its own defaults at 70 GiB (H100/H200 class, A100 apart).
 MemoryClass = Literal["large", "small", "unknown"]
 LARGE_GIB = 70.0
 
-# Families whose vision encoder vLLM 0.26 can run as CUDA graphs (`cudagraph_mm_encoder`;
-# read from the wheel: the model classes that implement its encoder-graph interface).
-ENCODER_GRAPH_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat", "glm4v"})
-_ENCODER_GRAPHS = '{"cudagraph_mm_encoder":true}'
-
-# (engine, preset, memory class) -> options for every family; encoder graphs are added per
-# family below. Values: docs/performance.md's sweep table (Qwen2-VL-7B size, vLLM 0.26).
+# (engine, preset, memory class) -> options for every model family.
 TABLE: dict[tuple[str, PresetName, MemoryClass], dict[str, str]] = {
-    ("vllm", "throughput", "large"): {"max_num_batched_tokens": "16384", "max_num_seqs": "512"},
+    # vLLM's LLM-class (offline batch) defaults for these GPUs.
+    ("vllm", "throughput", "large"): {"max_num_batched_tokens": "16384", "max_num_seqs": "1024"},
     ("vllm", "throughput", "small"): {"max_num_batched_tokens": "8192", "max_num_seqs": "256"},
+    # vLLM's `vllm serve` token budget for these GPUs (2048 below 70 GiB: the engine default).
     ("vllm", "latency", "large"): {"max_num_batched_tokens": "8192"},
-    ("vllm", "latency", "small"): {"max_num_batched_tokens": "4096"},
 }
+# (engine, preset, model_type) -> options added for that family only (measured gains only).
+FAMILY_OPTIONS: dict[tuple[str, PresetName, str], dict[str, str]] = {}
 
 
 def memory_class(gib: float | None) -> MemoryClass:
@@ -49,14 +53,12 @@ def memory_class(gib: float | None) -> MemoryClass:
 def preset_options(
     engine: str, preset: PresetName, family: str | None, gpu_gib: float | None
 ) -> dict[str, str]:
-    """What `preset` sets for this engine, model family and GPU (empty: nothing measured,
+    """What `preset` sets for this engine, model family and GPU (empty: no entry,
     and nothing where no GPU was found: vLLM on the CPU keeps its own defaults)."""
     if preset == "none" or memory_class(gpu_gib) == "unknown":
         return {}
     options = dict(TABLE.get((engine, preset, memory_class(gpu_gib)), {}))
-    if engine == "vllm" and family in ENCODER_GRAPH_FAMILIES:
-        options["compilation_config"] = _ENCODER_GRAPHS
-    return options
+    return options | FAMILY_OPTIONS.get((engine, preset, family or ""), {})
 
 
 def merge(preset: dict[str, str], explicit: dict[str, str]) -> dict[str, str]:
@@ -66,8 +68,7 @@ def merge(preset: dict[str, str], explicit: dict[str, str]) -> dict[str, str]:
 
 def model_family(model: str | None) -> str | None:
     """The model's `model_type` from a local checkpoint's config.json; None where there is
-    no local config to read (a hub id is not fetched here: no preset part is family-bound
-    then but encoder graphs, which are left off)."""
+    no local config to read (a hub id is not fetched here: family options are left off)."""
     if not model:
         return None
     config = Path(model) / "config.json"
