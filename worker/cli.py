@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import socket
 from typing import Annotated, NoReturn
 
+import msgspec
 import typer
 
 from vlmq.core.logs import configure
@@ -38,6 +40,16 @@ def worker(
             "(max_num_seqs=16, enforce_eager=true, session_len=8192). Repeatable.",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        Opt(
+            help="Engine options measured per model family and GPU: throughput | latency | none; "
+            "-e options win [VLMQ_PRESET]"
+        ),
+    ] = None,
+    print_engine_args: Annotated[
+        bool, Opt("--print-engine-args", help="Print the engine options the preset and -e give, and exit")
+    ] = False,
     kafka_bootstrap: Annotated[str | None, Opt(help="[VLMQ_KAFKA_BOOTSTRAP]")] = None,
     redis_url: Annotated[str | None, Opt(help="[VLMQ_REDIS_URL]")] = None,
     redis_topology: Annotated[
@@ -96,7 +108,7 @@ def worker(
 
     vlmq worker --engine lmdeploy --model /models/internvl2_5-8b --tp 1 --session-len 8192
     """
-    overrides = {k: v for k, v in locals().items() if k not in ("ctx", "engine_arg")}
+    overrides = {k: v for k, v in locals().items() if k not in ("ctx", "engine_arg", "print_engine_args")}
     _refuse_misspelled(ctx)
     try:
         extra = engine_flags(ctx.args)
@@ -109,6 +121,7 @@ def worker(
     except SettingsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    settings = _with_preset(settings, print_engine_args)
     configure(settings.log_format, settings.log_level)
     try:
         from vlmq.worker.service import serve
@@ -167,6 +180,21 @@ def _check_metrics_port(host: str, port: int) -> None:
                 "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
                 2,
             )
+
+
+def _with_preset(settings: WorkerSettings, print_only: bool) -> WorkerSettings:
+    """The settings with the preset's engine options under the explicit ones; with
+    `print_only`, print what was chosen and why, and exit."""
+    from vlmq.worker.engines import presets
+
+    # NVML is asked only for an engine with measured presets (it loads the driver).
+    measured = any(engine == settings.engine for engine, _, _ in presets.TABLE)
+    gib = presets.gpu_memory_gib() if measured and settings.preset != "none" else None
+    chosen = presets.resolve(settings.engine, settings.model, settings.preset, settings.engine_args, gib)
+    if print_only:
+        typer.echo(json.dumps(chosen, indent=2))
+        raise typer.Exit(0)
+    return msgspec.structs.replace(settings, engine_args=presets.merged(chosen))
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -35,6 +35,12 @@ class WorkerSettings(Connection, kw_only=True):
     model: str | None = None
     # Engine options under the engine's own names (max_num_seqs, tp, session_len...).
     engine_args: dict[str, str] = msgspec.field(default_factory=dict)
+    # Engine options picked per model family and GPU memory class from measured sweeps
+    # (worker/engines/presets.py, docs/performance.md): throughput (backlogs) | latency
+    # (online topics) | none (the engine's defaults). engine_args win, key by key. The
+    # default stays none until the GPU sweep has measured the presets (docs/performance.md):
+    # every GPU figure so far was measured with the engine's own batch settings.
+    preset: Literal["throughput", "latency", "none"] = "none"
     # -- flow control
     # Jobs held at once (fetching, decoding, in the engine); a few times the engine batch.
     max_in_flight: int = 64

@@ -9,10 +9,12 @@ Modes, each per photo size (1024x768, 2048x1536, 4032x3024, a mixed set), interl
 - render:    the render-pool ceiling: JPEG bytes from memory through a pool of image
              processes (decode, resize, vLLM's renderer; what `--image-pool process` runs)
              to AsyncLLM as finished inputs, at most --in-flight at once;
-- run_batch: vLLM's `run-batch` code (run_batch_timed.py) over an OpenAI batch file of the
+- run_batch (or run_batch_same): vLLM's `run-batch` code (run_batch_timed.py) over an OpenAI batch file of the
              same photos as local files (file:// URLs, --allowed-local-media-path), with the
              same engine options, in its own process and engine, loaded beside ours (or,
              --run-batch-first, on every size before ours loads: a 72B at TP=2 fits once);
+- run_batch_default: the same with the bench's own engine options only (no -e options: what
+             a user gets who passes none of a preset's settings to run-batch);
 - vlmq:      jobs through Kafka (tansu) -> the vlmq worker (this process, sharing the engine)
              -> Redis, images from S3 (moto_server), submitted by `vlmq bulk submit` in another
              process; timed from the first submit to the last result (the records' own times);
@@ -34,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,48 +48,15 @@ import msgspec
 
 from bench.common import hardware, write_result
 from bench.gpu.gpu_sampler import GpuSampler
+from bench.gpu.photos import MIXED, PIXELS, PROMPT, _figures, make_images, request, shapes
 from vlmq.deploy.stack import Stack, ensure_topics
 from vlmq.producer.client import Client
 from vlmq.schemas.job import ChoiceFormat, ImageRef, JsonSchemaFormat, Message, Sampling, TextPart
 from vlmq.worker.engines import make_engine
-from vlmq.worker.engines.base import EngineRequest
 from vlmq.worker.preprocess import load_image
 from vlmq.worker.render import ImagePool
-from vlmq.worker.samples import photo
 from vlmq.worker.service import Worker
-from vlmq.worker.settings import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, WorkerSettings
-
-PROMPT = "Describe this image in one or two sentences."
-# The mixed set: landscape and portrait phone and web photos, in turn.
-MIXED = [(1024, 768), (2048, 1536), (4032, 3024), (1536, 2048), (3024, 4032)]
-PIXELS = (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
-
-
-def shapes(size: str, n: int) -> list[tuple[int, int]]:
-    if size == "mixed":
-        return [MIXED[i % len(MIXED)] for i in range(n)]
-    w, h = (int(x) for x in size.split("x"))
-    return [(w, h)] * n
-
-
-def make_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
-    with ProcessPoolExecutor() as pool:
-        return list(pool.map(_photo, [(w, h, seed + i) for i, (w, h) in enumerate(sizes)], chunksize=4))
-
-
-def _photo(a: tuple[int, int, int]) -> bytes:
-    return photo(a[0], a[1], seed=a[2], quality=90)
-
-
-def request(i: int, n_images: int, max_tokens: int, **kw: Any) -> EngineRequest:
-    parts: list[Any] = [ImageRef(f"s3://memory/{i}")] * n_images + [TextPart(PROMPT)]
-    kw.setdefault("images", [])
-    return EngineRequest(
-        request_id=f"r{i}-{time.monotonic_ns()}",
-        messages=[Message("user", parts)],
-        sampling=Sampling(max_tokens=max_tokens),
-        **kw,
-    )
+from vlmq.worker.settings import WorkerSettings
 
 
 async def ceiling(engine: Any, blobs: list[bytes], max_tokens: int) -> dict[str, Any]:
@@ -133,20 +102,6 @@ async def render_pool(engine: Any, settings: WorkerSettings) -> ImagePool:
     pool = ImagePool.for_engine(engine, settings, "process")
     await pool.warm()
     return pool
-
-
-def _figures(n: int, dt: float, outs: list[Any], gpu: GpuSampler) -> dict[str, Any]:
-    tokens = sum(o.completion_tokens for o in outs)
-    return {
-        "images": n,
-        "seconds": round(dt, 2),
-        "images_per_s": round(n / dt, 2),
-        "output_tokens_per_s": round(tokens / dt, 1),
-        "gpu_util_mean_pct": gpu.mean,
-        "gpu_util_per_gpu_pct": gpu.per_gpu,
-        "mean_prompt_tokens": round(sum(o.prompt_tokens for o in outs) / n, 1),
-        "mean_output_tokens": round(tokens / n, 1),
-    }
 
 
 def write_manifest(path: Path, uris: list[str], max_tokens: int) -> Path:
@@ -379,7 +334,7 @@ class Lent:
 
 
 PROCESS_TOPIC = "vlmq.jobs.bench-process"
-MODES = ("run_batch", "ceiling", "render", "vlmq", "vlmq_process")
+MODES = ("run_batch", "run_batch_same", "run_batch_default", "ceiling", "render", "vlmq", "vlmq_process")
 
 
 def variant(mode: str) -> tuple[str, int | None]:
@@ -444,10 +399,10 @@ async def measure_size(
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(args.repeat):
         for mode in modes:
-            if mode == "run_batch" and "run_batch_done" in ctx:
-                out = ctx["run_batch_done"][size].pop(0)
-            elif mode == "run_batch":
-                out = await ctx["run_batch"].run(ctx["batch_files"][size])
+            if mode.startswith("run_batch") and mode in ctx.get("run_batch_done", {}):
+                out = ctx["run_batch_done"][mode][size].pop(0)
+            elif mode.startswith("run_batch"):
+                out = await ctx["run_batch"][mode].run(ctx["batch_files"][size])
             elif mode == "ceiling":
                 out = await ceiling(ctx["engine"], blobs, args.max_tokens)
             elif mode == "render":
@@ -462,6 +417,8 @@ async def measure_size(
     for key, base in (
         ("ratio", "ceiling"),
         ("ratio_run_batch", "run_batch"),
+        ("ratio_run_batch_same", "run_batch_same"),
+        ("ratio_run_batch_default", "run_batch_default"),
         ("ratio_render_ceiling", "render"),
     ):
         row[key] = round(vlmq / ips[base], 3) if vlmq and ips.get(base) else None
@@ -542,6 +499,8 @@ def save(
             "prompt": PROMPT,
             "max_tokens": args.max_tokens,
             "engine_options": options,
+            "preset": args.preset_name,  # what the -e options beyond the bench's own are
+            "run_batch_default_options": _default_options(args),
             "worker_max_in_flight": args.in_flight,
             "modes": args.modes,
             "image_pool": args.image_pool,  # the "vlmq" mode's; "vlmq_process" runs the process pool
@@ -587,6 +546,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("-e", "--engine-arg", action="append", default=[], help="more engine options key=value")
     ap.add_argument("--name", default=None)
+    ap.add_argument(
+        "--preset-name", default=None, help="names the -e options in the result (settings.preset)"
+    )
     return ap.parse_args()
 
 
@@ -601,7 +563,7 @@ async def main() -> None:
         if base not in MODES or (target is not None and not base.startswith("vlmq")):
             raise SystemExit(f"unknown mode {mode!r}: {', '.join(MODES)}, or vlmq[_process]@TARGET")
     if args.engine != "vllm":  # run-batch is vLLM's; without a renderer, "render" is "ceiling"
-        modes = [m for m in modes if m not in ("run_batch", "render")]
+        modes = [m for m in modes if not m.startswith("run_batch") and m != "render"]
     tmp = Path(tempfile.mkdtemp(prefix="vlmq-gpu-"))
     stack = Stack(tmp / "stack", partitions=8)
     env = await asyncio.to_thread(stack.up)
@@ -611,14 +573,16 @@ async def main() -> None:
     try:
         ctx |= await prepare_data(args, env, tmp)
         t0 = time.perf_counter()
-        if "run_batch" in modes:  # first, alone on the GPU while it sizes its memory
-            ctx["run_batch"] = await RunBatch.start(args, options, tmp, ctx["warm_files"])
+        ctx["run_batch"] = {}
+        for mode in (m for m in modes if m.startswith("run_batch")):  # first, alone while it sizes its memory
+            rb_options = _default_options(args) if mode == "run_batch_default" else options
+            rb = ctx["run_batch"][mode] = await RunBatch.start(args, rb_options, tmp, ctx["warm_files"])
             if args.run_batch_first:  # a model too big for two engines at once: the peer, then ours
-                ctx["run_batch_done"] = {
-                    size: [await ctx["run_batch"].run(ctx["batch_files"][size]) for _ in range(args.repeat)]
+                ctx.setdefault("run_batch_done", {})[mode] = {
+                    size: [await rb.run(ctx["batch_files"][size]) for _ in range(args.repeat)]
                     for size in args.sizes.split(",")
                 }
-                await ctx.pop("run_batch").close()
+                await ctx["run_batch"].pop(mode).close()
         rb_started = round(time.perf_counter() - t0, 1)
         engine = ctx["engine"] = make_engine(args.engine, args.model, options)
         t0 = time.perf_counter()
@@ -655,8 +619,8 @@ async def main() -> None:
     finally:
         if "render_pool" in ctx:
             ctx["render_pool"].close()
-        if "run_batch" in ctx:
-            await ctx["run_batch"].close()
+        for rb in ctx.get("run_batch", {}).values():
+            await rb.close()
         if "engine" in ctx:
             await ctx["engine"].close()
         stack.down()

@@ -29,8 +29,9 @@ import boto3
 from redis.asyncio import Redis
 
 from bench.common import hardware, write_result
-from bench.gpu.bench_e2e import make_images, shapes, write_manifest
+from bench.gpu.bench_e2e import write_manifest
 from bench.gpu.gpu_sampler import GpuSampler
+from bench.gpu.photos import make_images, shapes
 from vlmq.core.state import StateStore
 from vlmq.deploy.stack import Stack, free_port, wait_until, worker_ready
 from vlmq.schemas import keys

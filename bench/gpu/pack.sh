@@ -43,4 +43,10 @@ for set in "$@"; do
     d=.whl/pieces/$set-$(printf %02d $n); mkdir -p "$d"; cp "$w" "$d/"; size=$((size + s))
   done
 done
+# The sweep (sweep.sh first) needs, beside vLLM, only these of vlmq's set: they ride in
+# vLLM's last piece, so its images are made on the device while the other pieces travel.
+last=$(ls -d .whl/pieces/vllm-* 2>/dev/null | tail -1 || true)
+if [ -n "$last" ] && [ -d .whl/vlmq ]; then
+  for w in msgspec structlog redis hiredis; do cp .whl/vlmq/"$w"-[0-9]*.whl "$last"/; done
+fi
 du -sh .whl/pieces/* | sort -k2
