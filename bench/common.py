@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,40 @@ def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a live process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_fake_worker(env: dict[str, str], topic: str, log: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """A real `vlmq worker` process with the fake engine on `topic` (its dead letters on
+    `<topic>.dlq`, its group named after it), JSON logs to `log`; `settings` are more
+    `VLMQ_*` variables (name: value)."""
+    worker_env = {
+        **os.environ,
+        **env,
+        "VLMQ_JOBS_TOPIC": topic,
+        "VLMQ_DLQ_TOPIC": f"{topic}.dlq",
+        "VLMQ_GROUP_ID": topic,
+        "VLMQ_METRICS_PORT": "0",
+        "VLMQ_LOG_FORMAT": "json",
+        **{f"VLMQ_{k.upper()}": v for k, v in settings.items()},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
+        env=worker_env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def api_up(base: str, proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a starting `vlmq api serve` at `base` answers /healthz (it must not have exited)."""
+    import httpx2 as httpx
+
+    assert proc.poll() is None, "vlmq api exited at start (see its log)"
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def start_stack() -> tuple[Stack, dict[str, str]]:

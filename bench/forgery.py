@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import signal
 import subprocess
@@ -41,7 +40,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.common import hardware, start_stack, write_result
+from bench.common import hardware, start_fake_worker, start_stack, write_result
 from bench.forgery_api import api_phase
 from vlmq.core.state import Queued
 from vlmq.producer import Client
@@ -412,24 +411,9 @@ class Rig:
 
 
 def start_worker(env: dict[str, str], topic: str, log: Path) -> subprocess.Popen[bytes]:
-    worker_env = {
-        **os.environ,
-        **env,
-        "VLMQ_JOBS_TOPIC": topic,
-        "VLMQ_DLQ_TOPIC": f"{topic}.dlq",
-        "VLMQ_GROUP_ID": topic,
-        "VLMQ_METRICS_PORT": "0",
-        "VLMQ_LOG_FORMAT": "json",
-        "VLMQ_LOG_LEVEL": "WARNING",
-        "VLMQ_COMMIT_INTERVAL_S": "0.1",  # a case is done once the group committed past it
-        "VLMQ_REQUIRE_SUBMIT_RECORD": "true",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
-        env=worker_env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    # A case is done once the group committed past it: commits come often.
+    return start_fake_worker(
+        env, topic, log, log_level="WARNING", commit_interval_s="0.1", require_submit_record="true"
     )
 
 

@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 
 import httpx2 as httpx
 
+from bench.common import api_up
 from vlmq.api.records import Records
 from vlmq.core.settings import Connection
 from vlmq.core.topology import connect_redis
@@ -77,16 +78,8 @@ def start_api(env: dict[str, str], topic: str, bucket: str, log: Path) -> tuple[
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _up(base, proc), f"vlmq api on {port}", 60)
+    wait_until(lambda: api_up(base, proc), f"vlmq api on {port}", 60)
     return base, proc
-
-
-def _up(base: str, proc: subprocess.Popen[bytes]) -> bool:
-    assert proc.poll() is None, "vlmq api exited at start (see its log)"
-    try:
-        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def open_door(env: dict[str, str], topic: str, tag: str, log: Path) -> Door:

@@ -26,7 +26,6 @@ import base64
 import collections
 import io
 import math
-import os
 import random
 import signal
 import subprocess
@@ -44,7 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from PIL import Image
 from redis.asyncio import Redis
 
-from bench.common import hardware, peak_rss_mib, start_stack, write_result
+from bench.common import hardware, peak_rss_mib, start_fake_worker, start_stack, write_result
 from vlmq.core.state import Queued, StateStore
 from vlmq.schemas import keys
 from vlmq.schemas.codec import JSON, MSGPACK, decode_job, invalid_job_id, message_digest
@@ -363,26 +362,15 @@ async def verify(env: dict[str, str], messages: list[Message], names: list[str |
 
 def start_worker(env: dict[str, str], topic: str, log: Path) -> subprocess.Popen[bytes]:
     Image.init()
-    worker_env = {
-        **os.environ,
-        **env,
-        "VLMQ_JOBS_TOPIC": topic,
-        "VLMQ_DLQ_TOPIC": f"{topic}.dlq",
-        "VLMQ_GROUP_ID": topic,
-        "VLMQ_METRICS_PORT": "0",
-        "VLMQ_LOG_FORMAT": "json",
-        "VLMQ_LOG_LEVEL": "ERROR",
-        "VLMQ_MIN_PIXELS": str(28 * 28 * 4),
-        "VLMQ_MAX_PIXELS": str(28 * 28 * 64),
-        "VLMQ_MAX_IN_FLIGHT": "128",
-        "VLMQ_IMAGE_FORMATS": ",".join(sorted(Image.OPEN)),  # every decoder Pillow has, not only ours
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "vlmq.worker", "--engine", "fake"],
-        env=worker_env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_fake_worker(
+        env,
+        topic,
+        log,
+        log_level="ERROR",
+        min_pixels=str(28 * 28 * 4),
+        max_pixels=str(28 * 28 * 64),
+        max_in_flight="128",
+        image_formats=",".join(sorted(Image.OPEN)),  # every decoder Pillow has, not only ours
     )
 
 

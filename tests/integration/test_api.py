@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import openai
 import pytest
 from openai.types import Batch
 from openai.types.chat import ChatCompletion
 
+from bench.common import api_up
 from tests.helpers import Env, log_text, put_images, start_worker
 from vlmq.api.records import Records
 from vlmq.core.settings import Connection
@@ -62,7 +62,7 @@ class Api:
         self.procs[port] = proc
         self.e.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _up(url, proc), f"vlmq api on {port}", 60)
+        wait_until(lambda: api_up(url, proc), f"vlmq api on {port}", 60)
         return f"{url}/v1"
 
     def kill(self, base_url: str) -> None:
@@ -88,14 +88,6 @@ class Api:
 
     def client(self, base_url: str, tenant: str = "acme", scope: str = "write") -> openai.OpenAI:
         return openai.OpenAI(base_url=base_url, api_key=self.key(tenant, scope), max_retries=0, timeout=60)
-
-
-def _up(url: str, proc: subprocess.Popen[bytes]) -> bool:
-    assert proc.poll() is None, "vlmq api exited at start (see its log)"
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
