@@ -839,7 +839,8 @@ def refusal(reason: str, job_id: str, cause: Error | None = None) -> Error:
 
 async def serve(settings: WorkerSettings) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain. Returns the exit code: 0 after a
-    drain; 1 when a second signal cut it short or it stopped before serving."""
+    drain, or after a signal that came while it was still starting (a requested stop:
+    nothing was taken, nothing is left to hand back); 1 when it stopped on an error."""
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -865,4 +866,4 @@ async def serve(settings: WorkerSettings) -> int:
         return await worker.run()
     except asyncio.CancelledError:
         log.info("worker stopped before it served")
-        return 1
+        return 0

@@ -142,3 +142,36 @@ def test_an_idle_worker_stops_quietly(own_stack: tuple[Stack, dict[str, str]], t
     code, _ = stop(proc, signal.SIGTERM)
     assert code == 0
     assert_clean(log)
+
+
+def test_a_signal_while_starting_is_a_clean_stop(
+    own_stack: tuple[Stack, dict[str, str]], tmp_path: Path
+) -> None:
+    """SIGTERM while the worker still waits for its broker (a socket that accepts and never
+    answers): an orchestrator's ordinary stop, exit 0 in seconds, nothing taken."""
+    import socket
+
+    _, env = own_stack
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)  # connections queue here; nothing ever answers them
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                WORKER,
+                env={
+                    **os.environ,
+                    **env,
+                    "VLMQ_KAFKA_BOOTSTRAP": f"127.0.0.1:{mute.getsockname()[1]}",
+                    "VLMQ_METRICS_PORT": "0",
+                    "VLMQ_LOG_FORMAT": "json",
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(lambda: '"worker starting"' in log.read_text(errors="replace"), "the worker to start", 30)
+        code, took = stop(proc, signal.SIGTERM)
+    assert code == 0, log.read_text()[-2000:]
+    assert took < CLOSE_S + 5, took
+    assert '"worker stopped before it served"' in log.read_text()
