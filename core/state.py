@@ -16,8 +16,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from typing import Any
 
 import msgspec
+import structlog
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core.retry import REDIS_FAILOVER
@@ -492,6 +494,24 @@ class StateStore:
                     if result is not None:
                         yield result
                 start += len(ids)
+
+
+async def follow(redis: AnyRedis, channel: str, handle: Callable[[str], None], what: str) -> None:
+    """Forever: each message on `channel` to `handle`, its payload as text (anyone may
+    publish there: `handle` must take any text). A dropped connection or a Redis restart
+    drops the subscription: one warning, then subscribe again a second later."""
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            async for message in pubsub.listen():
+                if message["type"] == "message" and isinstance(message["data"], bytes):
+                    handle(message["data"].decode("utf-8", "replace"))
+        except (OSError, RedisError) as exc:
+            structlog.get_logger("vlmq.state").warning(f"{what} reconnecting", error=repr(exc))
+            await asyncio.sleep(1)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
 
 async def _subscribe(pubsub: PubSub, channels: list[str]) -> None:

@@ -22,6 +22,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from vlmq.core.cache import Answer, CacheStore, Hit, Wait, entry_digest
+from vlmq.core.state import follow
 from vlmq.core.topology import AnyRedis
 from vlmq.schemas import keys
 from vlmq.schemas.job import EmbeddingRef, Job, JobState, Result, TextPart
@@ -245,18 +246,7 @@ class ResultCache:
     async def _listen(self) -> None:
         """Wake-ups for jobs waiting on leaders of other workers (cache_put/drop publish the
         entry digest when someone waits)."""
-        while True:
-            pubsub = self.store.redis.pubsub()
-            try:
-                await pubsub.subscribe(keys.CACHE_CHANNEL)
-                async for message in pubsub.listen():
-                    if message["type"] == "message" and isinstance(message["data"], bytes):
-                        self._wake(message["data"].decode("ascii", "replace"))
-            except (OSError, RedisError) as exc:
-                log.warning("cache listener reconnecting", error=repr(exc))
-                await asyncio.sleep(1)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        await follow(self.store.redis, keys.CACHE_CHANNEL, self._wake, "cache listener")
 
 
 def cached_result(hit: Hit, now: float) -> dict[str, Any]:

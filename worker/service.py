@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from vlmq.core import workers
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
-from vlmq.core.state import Claim, Refused, StateStore
+from vlmq.core.state import Claim, Refused, StateStore, follow
 from vlmq.core.topology import (
     AnyRedis,
     Durability,
@@ -707,19 +707,8 @@ class Worker:
     async def _cancels(self) -> None:
         """Carry out cancel requests: abort the job if it runs here, else end it if it is
         still queued (every worker hears each request; the first write wins)."""
-        while True:
-            pubsub = self.store.redis.pubsub()
-            try:
-                await pubsub.subscribe(keys.CANCEL_CHANNEL)
-                async for message in pubsub.listen():
-                    if message["type"] == "message" and isinstance(message["data"], bytes):
-                        # Anyone may publish here: a payload that is not a job id finds no job.
-                        self._cancel(message["data"].decode("utf-8", "replace"))
-            except (OSError, RedisError) as exc:
-                log.warning("cancel listener reconnecting", error=repr(exc))
-                await asyncio.sleep(1)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        # Anyone may publish there: a payload that is not a job id finds no job.
+        await follow(self.store.redis, keys.CANCEL_CHANNEL, self._cancel, "cancel listener")
 
     def _cancel(self, job_id: str) -> None:
         kind, _, batch_id = job_id.partition(" ")
