@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
@@ -190,13 +190,13 @@ def _span(
 class Traced(Protocol):
     """What `traced` returns: a decorator that keeps the function's signature."""
 
-    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]: ...
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
 
 
 def traced(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "internal") -> Traced:
     """`span` around every call of an async function (nothing added when off)."""
 
-    def wrap(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    def wrap(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         @wraps(fn)
         async def call(*args: P.args, **kwargs: P.kwargs) -> T:
             if not ON:
@@ -252,6 +252,11 @@ def content(attributes: Mapping[str, Any]) -> None:
     """Attributes that carry user content: only with VLMQ_TRACE_CONTENT, cut to MAX_CONTENT."""
     if ON and CONTENT:
         annotate({k: str(v)[:MAX_CONTENT] for k, v in attributes.items()})
+
+
+def trace_id() -> str | None:
+    """The current trace's id (32 hex digits), for the job's record; None when off."""
+    return ids().get("trace_id")
 
 
 def ids() -> dict[str, str]:

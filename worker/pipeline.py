@@ -330,6 +330,7 @@ class Pipeline:
             parsed=parsed,
             finish_reason=finish_reason,
             usage=usage,
+            trace_id=tracing.trace_id(),
             **cached,
         )
 

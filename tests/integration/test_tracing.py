@@ -5,6 +5,7 @@ moto_server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from tests.helpers import Env, log_text, put_images, start_worker
 from tests.integration.test_api import Api
 from tests.servers.otlp import Got, Receiver, otlp_receiver
+from vlmq.api.records import Records
+from vlmq.core.settings import Connection
+from vlmq.core.topology import connect_redis
 from vlmq.deploy.stack import wait_until
 from vlmq.producer.builders import batch_job_id
 
@@ -61,7 +65,7 @@ def test_a_job_through_the_api_is_one_trace_across_three_processes(
     otel, got = otlp
     _worker(e, otel)
     api = Api(e)
-    base = api.start()
+    base = api.start(trace_url="https://traces.example/trace/{trace_id}")
     uri = put_images(e, 1, prefix="traced")[0]
     # The caller: its own tracer provider (never the global one of this test process).
     caller_spans = InMemorySpanExporter()
@@ -115,9 +119,29 @@ def test_a_job_through_the_api_is_one_trace_across_three_processes(
     # No content unless VLMQ_TRACE_CONTENT: neither the prompt nor the image's URL.
     values = json.dumps([s.attributes for s in spans])
     assert PROMPT not in values and uri not in values and "url.full" not in values
-    # The worker's log lines of this job lead to its trace.
+    # The job's page links its trace; its log lines lead there too.
+    page = _dashboard_page(e, base, f"/dashboard/jobs/{job_id}")
+    assert f'href="https://traces.example/trace/{trace_id}"' in page
     lines = [json.loads(x) for x in log_text(e, "w").splitlines() if job_id in x and x.startswith("{")]
     assert lines and all(x.get("trace_id") == trace_id for x in lines if x.get("event") == "job ended")
+
+
+def _dashboard_page(e: Env, base: str, path: str) -> str:
+    """`path` as an operator sees it (an admin key's session)."""
+
+    async def admin_key() -> str:
+        redis = connect_redis(Connection.load({"redis_url": e.redis, "redis_topology": e.topology}))
+        try:
+            return await Records(redis).create_key(f"ops-{e.tag}", admin=True)
+        finally:
+            await redis.aclose()
+
+    root = base.removesuffix("/v1")
+    with httpx.Client(base_url=root, timeout=30) as browser:
+        browser.post("/dashboard/login", data={"key": asyncio.run(admin_key()), "next": path})
+        answer = browser.get(path)
+        assert answer.status_code == 200, answer.text
+        return answer.text
 
 
 def test_cli_submits_continue_into_the_worker_with_errors_and_batch_links(
