@@ -88,8 +88,9 @@ class Fetcher:
         """The image's (or video's) bytes. `budget`: the job's inputs together (checked on
         each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
-        tracing.annotate({"url.scheme": uri.split(":", 1)[0][:16], "vlmq.media.kind": ref.kind})
-        tracing.content({"url.full": redact(uri)})
+        if tracing.ON:  # nothing computed for spans that are not there
+            tracing.annotate({"url.scheme": uri.split(":", 1)[0][:16], "vlmq.media.kind": ref.kind})
+            tracing.content({"url.full": redact(uri)})
         charge = (budget or Budget(None)).charge()
         cap = self.settings.max_bytes(ref.kind)
         if uri.startswith("s3://"):
@@ -107,7 +108,8 @@ class Fetcher:
             )
         if ref.sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
             raise VlmqError(ErrorCode.IMAGE_CHECKSUM, f"sha256 of {_short(uri)} does not match")
-        tracing.annotate({"vlmq.media.bytes": len(data)})
+        if tracing.ON:
+            tracing.annotate({"vlmq.media.bytes": len(data)})
         return data
 
     async def _fetch_s3(self, uri: str, charge: Callable[[int], None], cap: int) -> bytes:

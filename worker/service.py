@@ -434,9 +434,10 @@ class Worker:
             await self._contained(self._reject(msg, Error(exc.code, exc.message, exc.retryable)), msg, None)
             return
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
-        tracing.annotate(
-            {"messaging.message.id": job.job_id, "vlmq.job_id": job.job_id, "vlmq.batch_id": job.batch_id}
-        )
+        if tracing.ON:
+            tracing.annotate(
+                {"messaging.message.id": job.job_id, "vlmq.job_id": job.job_id, "vlmq.batch_id": job.batch_id}
+            )
         await self._contained(self._serve_job(job, msg), msg, job)
 
     async def _contained(self, step: Coroutine[Any, Any, None], msg: ConsumerRecord, job: Job | None) -> None:
@@ -540,7 +541,8 @@ class Worker:
 
     async def _publish(self, job: Job, result: Result, msg: ConsumerRecord) -> None:
         """Terminal state to Redis; then result topic and dead letter, before the commit."""
-        tracing.annotate({"vlmq.job.state": result.state.value, "vlmq.job.attempt": result.attempt})
+        if tracing.ON:
+            tracing.annotate({"vlmq.job.state": result.state.value, "vlmq.job.attempt": result.attempt})
         wrote = await self._redis(lambda: self.store.finish(result))
         await self.pipeline.settle(result, wrote)  # the answer into the result cache, after the write
         if not wrote:
