@@ -78,7 +78,14 @@ async def main(args: argparse.Namespace) -> None:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         await produce(env["VLMQ_KAFKA_BOOTSTRAP"], topic, args.jobs, args.partitions)
         with otlp_sink() as (endpoint, got):
-            on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
+            on = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_TRACES_SAMPLER": "always_on",
+                # Thousands of spans a second: a queue that holds them (the default 2,048
+                # drops spans, which would make "on" look cheaper than it is).
+                "OTEL_BSP_MAX_QUEUE_SIZE": "200000",
+                "OTEL_BSP_SCHEDULE_DELAY": "1000",
+            }
             setups: dict[str, tuple[dict[str, str], str | None]] = {
                 "untraced": (env | off, untraced),
                 "off": (env | off, None),

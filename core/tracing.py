@@ -154,7 +154,7 @@ def span(
 ) -> contextlib.AbstractContextManager[Any]:
     """A child span of the current one (a no-op when off). An exception escaping it is
     recorded, with `error.type` set to its vlmq error code when it has one."""
-    if not ON:
+    if not ON or _unsampled():
         return contextlib.nullcontext()
     return _span(name, kind, attributes or {})
 
@@ -199,7 +199,7 @@ def traced(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "
     def wrap(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         @wraps(fn)
         async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            if not ON:
+            if not ON or _unsampled():
                 return await fn(*args, **kwargs)
             with _span(name, kind, attributes or {}):
                 return await fn(*args, **kwargs)
@@ -219,13 +219,23 @@ def timed(
     """A span for a stretch already over, measured elsewhere (Kafka's wait from the
     produce timestamp, the engine's own first-token time): a child of the current span,
     or of `context`."""
-    if not ON or end_s < start_s:
+    if not ON or end_s < start_s or (context is None and _unsampled()):
         return
     assert _tracer is not None
     done = _tracer.start_span(
         name, context=context, attributes=_clean(attributes or {}), start_time=_ns(start_s)
     )
     done.end(end_time=_ns(end_s))
+
+
+def _unsampled() -> bool:
+    """Inside a trace the sampler left out: its children would be left out too (the
+    parent-based and trace-id-ratio samplers decide alike for one trace), so none is
+    made. Making and dropping them costs the worker more than the rest of tracing."""
+    from opentelemetry import trace
+
+    current = trace.get_current_span()
+    return not current.is_recording() and current.get_span_context().is_valid
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:
@@ -376,9 +386,9 @@ def awaiting_commit(topic: str, partition: int, offset: int) -> None:
     if ON and len(_pending) < MAX_PENDING_COMMITS:
         from opentelemetry import trace
 
-        ctx = trace.get_current_span().get_span_context()
-        if ctx.is_valid:
-            _pending[(topic, partition, offset)] = (ctx, time.time_ns())
+        current = trace.get_current_span()
+        if current.is_recording():
+            _pending[(topic, partition, offset)] = (current.get_span_context(), time.time_ns())
 
 
 def committed(offsets: Mapping[Any, int], group: str) -> None:

@@ -183,3 +183,17 @@ def test_log_lines_carry_the_trace(spans: InMemorySpanExporter) -> None:
         ids = tracing.ids()
     assert ids["trace_id"] == format(current.get_span_context().trace_id, "032x")
     assert ids["span_id"] == format(current.get_span_context().span_id, "016x")
+
+
+def test_a_trace_the_sampler_left_out_makes_no_child_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    monkeypatch.setattr(tracing, "_tracer", TracerProvider(sampler=ALWAYS_OFF).get_tracer("test"))
+    monkeypatch.setattr(tracing, "ON", True)
+    monkeypatch.setattr(tracing, "_pending", {})
+    with tracing.consumed("jobs", 0, 1, None, 1, "workers"):
+        assert tracing.ids()  # the trace is there (its id in the logs), unrecorded
+        with tracing.span("redis claim") as child:
+            assert child is None  # not even made
+        tracing.awaiting_commit("jobs", 0, 1)
+    assert tracing._pending == {}
