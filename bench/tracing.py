@@ -89,11 +89,11 @@ async def main(args: argparse.Namespace) -> None:
             setups: dict[str, tuple[dict[str, str], str | None]] = {
                 "untraced": (env | off, untraced),
                 "off": (env | off, None),
-                "on": (env | on, None),
                 "on_1pct": (
                     env | on | {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
                     None,
                 ),
+                "on": (env | on, None),
             }
             runs: dict[str, list[float]] = {k: [] for k in setups}
             for _ in range(args.rounds):
