@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
@@ -32,6 +33,10 @@ MAX_CONTENT = 1024  # characters of a prompt or result kept on a span
 PROPAGATED = frozenset({"traceparent", "tracestate", "baggage"})
 MAX_PENDING_COMMITS = 100_000  # jobs whose commit span waits; past this, none is kept
 _tracer: Tracer | None = None
+# Whether the current job's trace is recorded: set by `consumed` from its sampler's decision,
+# so the spans of a job the sampler left out are not made at all (a context variable: each
+# job runs in tasks of its own). True outside a job: the SDK's sampler decides there.
+_recording: ContextVar[bool] = ContextVar("vlmq_trace_recording", default=True)
 _pending: dict[tuple[str, int, int], tuple[SpanContext, int]] = {}
 
 P = ParamSpec("P")
@@ -229,13 +234,10 @@ def timed(
 
 
 def _unsampled() -> bool:
-    """Inside a trace the sampler left out: its children would be left out too (the
-    parent-based and trace-id-ratio samplers decide alike for one trace), so none is
-    made. Making and dropping them costs the worker more than the rest of tracing."""
-    from opentelemetry import trace
-
-    current = trace.get_current_span()
-    return not current.is_recording() and current.get_span_context().is_valid
+    """Inside a job whose trace the sampler left out: its children would be left out too
+    (the parent-based and trace-id-ratio samplers decide alike for one trace), so none is
+    made. Making and dropping them cost the worker more than the rest of tracing."""
+    return not _recording.get()
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:
@@ -326,10 +328,14 @@ def consumed(
         "messaging.consumer.group.name": group,
     }
     parent = extract(headers)
-    with _span(f"process {topic}", "consumer", attributes, context=parent):
-        if produced_ms > 0:  # beside the process span under the producer's; else inside it
-            timed(f"wait {topic}", produced_ms / 1000, now, {"messaging.destination.name": topic}, parent)
-        yield
+    with _span(f"process {topic}", "consumer", attributes, context=parent) as current:
+        recording = _recording.set(current.is_recording())
+        try:
+            if produced_ms > 0 and current.is_recording():  # beside it under the producer's, or inside
+                timed(f"wait {topic}", produced_ms / 1000, now, {"messaging.destination.name": topic}, parent)
+            yield
+        finally:
+            _recording.reset(recording)
 
 
 def producing(topic: str, job_id: str, batch_id: str | None = None) -> contextlib.AbstractContextManager[Any]:
@@ -383,7 +389,7 @@ def redis(script: str) -> Traced:
 
 def awaiting_commit(topic: str, partition: int, offset: int) -> None:
     """This message is done; its commit span starts now and ends when its offset is."""
-    if ON and len(_pending) < MAX_PENDING_COMMITS:
+    if ON and _recording.get() and len(_pending) < MAX_PENDING_COMMITS:
         from opentelemetry import trace
 
         current = trace.get_current_span()
