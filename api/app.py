@@ -19,6 +19,7 @@ import structlog
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +42,7 @@ from vlmq.api.settings import ApiSettings
 from vlmq.api.storage import Storage
 from vlmq.api.stream import EventStream
 from vlmq.api.upload import Refused, receive
+from vlmq.core import tracing
 from vlmq.producer.client import Client
 from vlmq.producer.errors import Unavailable
 
@@ -185,7 +187,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await ctx.client.close()
             await ctx.storage.close()
 
-    app = FastAPI(title="vlmq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own server spans continue a caller's traceparent; vlmq's spans (the submit,
+    # then the worker's) are their children. Off unless OTEL_* asked for traces (core/tracing.py).
+    telemetry: TelemetryConfig = {
+        "tracing": tracing.ON,
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+    }
+    app = FastAPI(
+        title="vlmq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, telemetry=telemetry
+    )
     app.state.ctx = ctx
     app.add_middleware(BodyLimit, settings=settings)
     _errors(app)

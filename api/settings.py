@@ -98,6 +98,9 @@ class ApiSettings(Connection, kw_only=True):
     session_s: Annotated[int, Meta(ge=60)] = 8 * 3600
     # The worker's fetch rules for thumbnails of input images (those of `vlmq worker`).
     thumb_max_bytes: Annotated[int, Meta(ge=1)] = 20 * MB
+    # A job page links its trace here when the worker traced it: `{trace_id}` is replaced
+    # (e.g. http://jaeger:16686/trace/{trace_id}, or Grafana Tempo's explore URL).
+    trace_url: str | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
 

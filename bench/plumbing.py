@@ -105,9 +105,12 @@ _PROF = os.environ.get("VLMQ_BENCH_PROFILE")
 PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
 
 
-async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -> tuple[float, int, float]:
+async def vlmq_worker(
+    env: dict[str, str], topic: str, n: int, in_flight: int, cwd: str | None = None
+) -> tuple[float, int, float]:
     """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB, CPU seconds). Its
-    group is new, so it reads the topic from the start whatever ran before."""
+    group is new, so it reads the topic from the start whatever ran before. `cwd`: another
+    checkout's code runs (`vlmq` imports from the working directory's folder of links)."""
     wenv = {
         **os.environ,
         **env,
@@ -121,7 +124,7 @@ async def vlmq_worker(env: dict[str, str], topic: str, n: int, in_flight: int) -
         "VLMQ_REQUIRE_SUBMIT_RECORD": "false",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *PROFILE, "-m", "vlmq.worker", "--engine", "fake", env=wenv
+        sys.executable, *PROFILE, "-m", "vlmq.worker", "--engine", "fake", env=wenv, cwd=cwd
     )
     redis = connect_redis(
         Connection.load(

@@ -23,6 +23,7 @@ from vlmq.api.cli import app as api_app
 from vlmq.api.cli import dashboard
 from vlmq.cli.demo import demo
 from vlmq.cli.errors import Exit, UserError, explain
+from vlmq.core import tracing
 from vlmq.deploy.cli import app as stack_app
 from vlmq.producer.cli import app as client_app
 from vlmq.worker.cache_cli import app as cache_app
@@ -81,6 +82,7 @@ def _version(show: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", envvar="VLMQ_DEBUG", help="Show tracebacks instead of one-line errors.")
     ] = False,
@@ -90,6 +92,8 @@ def _root(
 ) -> None:
     global DEBUG
     DEBUG = debug
+    if ctx.invoked_subcommand:  # traces only where OTEL_* asks (docs/operations.md "Traces")
+        tracing.setup(f"vlmq-{ctx.invoked_subcommand}")
     if not debug:  # aiokafka logs its own connection errors; the boundary's one line says it all
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from vlmq.core import tracing
+
 RATE_S = 10.0
 
 
@@ -52,6 +54,13 @@ def _one_line(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """The current trace and span ids, so a log line leads to its trace (core/tracing.py)."""
+    if tracing.ON:
+        event.update(tracing.ids())
+    return event
+
+
 def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -80,6 +89,7 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "IN
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core import tracing
 from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.scripts import Call, Lanes, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
@@ -165,6 +166,7 @@ class StateStore:
                 raise reply
         return list(zip(groups.values(), replies, strict=True))
 
+    @tracing.redis("enqueue")
     async def enqueue(
         self,
         job_id: str,
@@ -176,6 +178,7 @@ class StateStore:
         """Record a job as queued, once. Says whether it is new or how far it already got."""
         return (await self.enqueue_many([(job_id, batch_id, submitted_at, metadata or {}, digest)]))[0]
 
+    @tracing.redis("enqueue_many")
     async def enqueue_many(self, items: Sequence[Queued]) -> list[Enqueued]:
         """`enqueue` for many jobs: one script call (per slot on a cluster), one round trip.
         The job's metadata is kept with the record: a job cancelled before any worker saw
@@ -194,6 +197,7 @@ class StateStore:
                 out[i] = _enqueued(_s(reply))
         return [e for e in out if e is not None]
 
+    @tracing.redis("mark_sent")
     async def mark_sent(self, job_ids: Sequence[str]) -> None:
         """Note that Kafka acknowledged these jobs (one script call per slot)."""
         await self._per_slot("sent", job_ids, lambda i: ([keys.submitted_key(job_ids[i])], []), [])
@@ -210,6 +214,7 @@ class StateStore:
         done = await self._per_slot("unqueue", [j for j, _ in items], each, [])
         return sum(int(n) for _, n in done)
 
+    @tracing.redis("claim")
     async def claim(
         self,
         job_id: str,
@@ -260,6 +265,7 @@ class StateStore:
         done = await self._per_slot("lease", job_ids, lambda i: ([keys.job_key(job_ids[i])], []), head)
         return sum(int(n) for _, n in done)
 
+    @tracing.redis("finish")
     async def finish(
         self, result: Result, *, requested: bool = False, digest: str = "", strict: bool = False
     ) -> bool:
@@ -338,6 +344,7 @@ class StateStore:
     async def batch_cancelled(self, batch_id: str) -> bool:
         return bool(await self.redis.hget(keys.batch_submitted_key(0, batch_id), "cancelled"))
 
+    @tracing.redis("note_dead_letter")
     async def note_dead_letter(self, job_id: str, partition: int, offset: int) -> None:
         await self._call(Call("deadletter", [keys.job_key(job_id)], [f"{partition}:{offset}"]))
 
@@ -350,6 +357,7 @@ class StateStore:
         found = job_batch or sub_batch
         return (_s(found) if found else None), _metadata(meta)
 
+    @tracing.redis("end_recorded")
     async def end_recorded(
         self,
         job_id: str,

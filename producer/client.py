@@ -30,6 +30,7 @@ from redis.exceptions import AuthenticationError, RedisClusterException, Respons
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core import tracing
 from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.settings import Connection, redact_url
 from vlmq.core.state import BatchCounts, StateStore
@@ -109,6 +110,7 @@ class Client:
         )
         self.content_type = content_type
         self._kafka_options = kafka_options or {}
+        tracing.use_host_provider()  # an application's own OpenTelemetry setup, if it made one
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()  # concurrent first submits start one producer
         self.redis = connect_redis(self.settings, **(redis_options or {}))
@@ -192,6 +194,10 @@ class Client:
         job = msgspec.structs.replace(job, submitted_at=job.submitted_at or time.time())
         job = with_tenant(job, self.settings.tenant)
         value, headers = validated(job, self.content_type)
+        with tracing.producing(self.settings.jobs_topic, job.job_id, job.batch_id):
+            return await self._submit(job, value, tracing.inject(headers))
+
+    async def _submit(self, job: Job, value: bytes, headers: list[tuple[str, bytes]]) -> Handle:
         try:
             producer = await self._kafka()  # Kafka first: an unreachable broker leaves no record
         except Unavailable as exc:
@@ -221,6 +227,7 @@ class Client:
             await self.store.mark_sent([job.job_id])
         return Handle(job.job_id, True, JobState.QUEUED)
 
+    @tracing.traced("vlmq.submit_many")  # each job's trace links to this span (tracing.created)
     async def submit_many(
         self,
         jobs: Iterable[Job],
@@ -277,10 +284,13 @@ class Client:
             if not got.must_send:
                 report.skipped += 1
                 continue
-            with self._reaching_kafka():
+            with self._reaching_kafka(), tracing.created(self.settings.jobs_topic, job.job_id, job.batch_id):
                 sent.acks.append(
                     await producer.send(
-                        self.settings.jobs_topic, value, key=job.job_id.encode(), headers=headers
+                        self.settings.jobs_topic,
+                        value,
+                        key=job.job_id.encode(),
+                        headers=tracing.inject(headers),
                     )
                 )
             sent.ids.append(job.job_id)

@@ -290,7 +290,8 @@ class Error(Struct):
 class Result(Struct, omit_defaults=True):
     """A job's terminal record. `parsed` holds the decoded JSON when a schema was asked.
     `cached`: the answer is an identical earlier job's (`cache_source`), written
-    `cache_age_s` seconds before this job ended (docs/cache.md)."""
+    `cache_age_s` seconds before this job ended (docs/cache.md). `trace_id`: the
+    OpenTelemetry trace of the run that ended it, when the worker traced (docs/operations.md)."""
 
     job_id: str
     state: JobState
@@ -308,6 +309,7 @@ class Result(Struct, omit_defaults=True):
     cached: bool = False
     cache_age_s: float | None = None
     cache_source: str | None = None
+    trace_id: Annotated[str, Meta(pattern="^[0-9a-f]{32}$")] | None = None
     v: int = VERSION
 
 

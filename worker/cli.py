@@ -16,8 +16,10 @@ from typing import Annotated, NoReturn
 import msgspec
 import typer
 
+from vlmq.core import tracing
 from vlmq.core.logs import configure
 from vlmq.core.settings import SettingsError, parse_pairs
+from vlmq.core.tracing import TracingError
 from vlmq.worker.settings import WorkerSettings, engine_flags
 
 Opt = typer.Option
@@ -123,6 +125,11 @@ def worker(
         raise typer.Exit(2) from None
     settings = _with_preset(settings, print_engine_args)
     configure(settings.log_format, settings.log_level)
+    try:  # `python -m vlmq.worker` has no root command to do it
+        tracing.setup("vlmq-worker")
+    except TracingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         from vlmq.worker.service import serve
     except ImportError as exc:

@@ -24,9 +24,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from vlmq.core import s3
+from vlmq.core import s3, tracing
 from vlmq.core.retry import within
-from vlmq.schemas.errors import ErrorCode, VlmqError
+from vlmq.schemas.errors import ErrorCode, VlmqError, redact
 from vlmq.schemas.job import MediaRef
 from vlmq.worker.faults import Transient, fetch_retrying
 from vlmq.worker.settings import WorkerSettings
@@ -83,10 +83,14 @@ class Fetcher:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    @tracing.traced("vlmq.fetch", kind="client")
     async def fetch(self, ref: MediaRef, budget: Budget | None = None) -> bytes:
         """The image's (or video's) bytes. `budget`: the job's inputs together (checked on
         each one's size before its bytes are read, so a job of many big ones holds no memory)."""
         uri = ref.uri
+        if tracing.ON:  # nothing computed for spans that are not there
+            tracing.annotate({"url.scheme": uri.split(":", 1)[0][:16], "vlmq.media.kind": ref.kind})
+            tracing.content({"url.full": redact(uri)})
         charge = (budget or Budget(None)).charge()
         cap = self.settings.max_bytes(ref.kind)
         if uri.startswith("s3://"):
@@ -104,6 +108,8 @@ class Fetcher:
             )
         if ref.sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
             raise VlmqError(ErrorCode.IMAGE_CHECKSUM, f"sha256 of {_short(uri)} does not match")
+        if tracing.ON:
+            tracing.annotate({"vlmq.media.bytes": len(data)})
         return data
 
     async def _fetch_s3(self, uri: str, charge: Callable[[int], None], cap: int) -> bytes:

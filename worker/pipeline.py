@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from vlmq.core import tracing
 from vlmq.core.retry import within
 from vlmq.schemas.errors import ErrorCode, VlmqError, describe
 from vlmq.schemas.job import (
@@ -181,7 +182,8 @@ class Pipeline:
             await self._admit()
             t0 = time.perf_counter()
             try:
-                prepared = await self.images.prepare(blobs, sizing, job.messages)
+                with tracing.span("vlmq.preprocess", {"vlmq.media.count": len(blobs)}):
+                    prepared = await self.images.prepare(blobs, sizing, job.messages)
             finally:
                 self._preparing -= 1
             timings.preprocess_s = time.perf_counter() - t0
@@ -224,6 +226,7 @@ class Pipeline:
             return self.settings.max_embedding_bytes // BYTES_PER_PIXEL_ESTIMATE
         return sizing[1]
 
+    @tracing.traced("vlmq.admit")  # the wait for room in the engine's queue
     async def _admit(self) -> None:
         """Render ahead of the engine by no more than its waiting queue needs: jobs being
         prepared plus those waiting in the engine stay under `engine_waiting_target`, so the
@@ -247,10 +250,12 @@ class Pipeline:
             response_format=job.response_format,
             priority=job.priority,
         )
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         finished = False
         try:
-            out = await within(self.engine.generate(request), self.settings.job_timeout_s)
+            with tracing.span("vlmq.engine", {"gen_ai.request.model": self.engine.model}):
+                out = await within(self.engine.generate(request), self.settings.job_timeout_s)
+                _engine_stages(started, time.time(), out)
             finished = True
         except TimeoutError:
             raise VlmqError(ErrorCode.TIMEOUT, f"engine took over {self.settings.job_timeout_s}s") from None
@@ -325,8 +330,27 @@ class Pipeline:
             parsed=parsed,
             finish_reason=finish_reason,
             usage=usage,
+            trace_id=tracing.trace_id(),
             **cached,
         )
+
+
+def _engine_stages(started: float, ended: float, out: EngineOutput) -> None:
+    """The engine's own first-token time split its span in two: prefill (queue, vision
+    encoder and prompt) and generation (decode)."""
+    if not tracing.ON:
+        return
+    tracing.annotate(
+        {
+            "gen_ai.usage.input_tokens": out.prompt_tokens,
+            "gen_ai.usage.output_tokens": out.completion_tokens,
+            "gen_ai.response.finish_reasons": [out.finish_reason] if out.finish_reason else None,
+        }
+    )
+    if out.ttft_s is not None:
+        first = min(started + out.ttft_s, ended)
+        tracing.timed("vlmq.engine.prefill", started, first)
+        tracing.timed("vlmq.engine.generate", first, ended)
 
 
 async def _abort_quietly(engine: Engine, request_id: str) -> None:

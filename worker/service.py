@@ -24,7 +24,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
-from vlmq.core import workers
+from vlmq.core import tracing, workers
 from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
 from vlmq.core.settings import redact_url, unreachable
 from vlmq.core.state import Claim, Refused, StateStore, follow
@@ -408,6 +408,13 @@ class Worker:
     # -- one message ----------------------------------------------------------------------
 
     async def _handle(self, tp: TopicPartition, msg: ConsumerRecord) -> None:
+        """One message in its trace's span (tracing.consumed; nothing when tracing is off)."""
+        with tracing.consumed(
+            msg.topic, tp.partition, msg.offset, msg.headers, msg.timestamp, self.settings.group_id
+        ):
+            await self._handle_message(tp, msg)
+
+    async def _handle_message(self, tp: TopicPartition, msg: ConsumerRecord) -> None:
         structlog.contextvars.bind_contextvars(partition=tp.partition, offset=msg.offset)
         try:
             await self._process(msg)
@@ -421,6 +428,7 @@ class Worker:
         except Exception:  # not even its dead letter could be written: logged, then skipped
             log.exception("message dropped: its failure could not be recorded")
         self.ledger.done(tp, msg.offset)
+        tracing.awaiting_commit(msg.topic, tp.partition, msg.offset)
 
     async def _process(self, msg: ConsumerRecord) -> None:
         """Serve one message. Whatever goes wrong with it ends as its job's failure or a dead
@@ -431,6 +439,10 @@ class Worker:
             await self._contained(self._reject(msg, Error(exc.code, exc.message, exc.retryable)), msg, None)
             return
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
+        if tracing.ON:
+            tracing.annotate(
+                {"messaging.message.id": job.job_id, "vlmq.job_id": job.job_id, "vlmq.batch_id": job.batch_id}
+            )
         await self._contained(self._serve_job(job, msg), msg, job)
 
     async def _contained(self, step: Coroutine[Any, Any, None], msg: ConsumerRecord, job: Job | None) -> None:
@@ -534,6 +546,8 @@ class Worker:
 
     async def _publish(self, job: Job, result: Result, msg: ConsumerRecord) -> None:
         """Terminal state to Redis; then result topic and dead letter, before the commit."""
+        if tracing.ON:
+            tracing.annotate({"vlmq.job.state": result.state.value, "vlmq.job.attempt": result.attempt})
         wrote = await self._redis(lambda: self.store.finish(result))
         await self.pipeline.settle(result, wrote)  # the answer into the result cache, after the write
         if not wrote:
@@ -546,12 +560,14 @@ class Worker:
         )
         if job.result_topic and self.pipeline.result_topic_allowed(job.result_topic):
             value, headers = encode_result_msg(result)
-            await through_outage(
-                lambda: self.producer.send_and_wait(
-                    job.result_topic, value, key=job.job_id.encode(), headers=headers
-                ),
-                OUTAGE_S,
-            )
+            with tracing.producing(job.result_topic, job.job_id, job.batch_id):
+                headers = tracing.inject(headers)  # a result consumer may go on with the trace
+                await through_outage(
+                    lambda: self.producer.send_and_wait(
+                        job.result_topic, value, key=job.job_id.encode(), headers=headers
+                    ),
+                    OUTAGE_S,
+                )
         if result.state is JobState.FAILED and result.error:
             await self._dead_letter(msg, result.error, job.job_id, note=True)
 
@@ -612,11 +628,13 @@ class Worker:
         )
         value, headers = encode_dead_letter(dead)
         metrics.ERRORS.labels(error.code.value).inc()  # every failure has exactly one dead letter
+        tracing.fail(error.code.value, error.message)  # the message's span: it ended in the DLQ
         key = job_id.encode() if job_id else None
-        sent = await through_outage(
-            lambda: self.producer.send_and_wait(self.settings.dlq_topic, value, key=key, headers=headers),
-            OUTAGE_S,
-        )
+        with tracing.producing(self.settings.dlq_topic, job_id or "", None):
+            sent = await through_outage(
+                lambda: self.producer.send_and_wait(self.settings.dlq_topic, value, key=key, headers=headers),
+                OUTAGE_S,
+            )
         metrics.DEAD_LETTERS.inc()
         if note and job_id is not None:
             await self._redis(lambda: self.store.note_dead_letter(job_id, sent.partition, sent.offset))
@@ -767,6 +785,7 @@ class Worker:
             return
         self.ledger.committed(offsets)
         metrics.COMMITS.inc()
+        tracing.committed(offsets, self.settings.group_id)
 
     def _report_engine(self) -> None:
         # Engine counters are best effort: a failing stats() must never stop the commits.
@@ -810,6 +829,7 @@ class Worker:
         cancelled (their leases given up: the new owner runs them). Nothing of them is
         committed here any more: their ledgers go at once."""
         self.ledger.drop(gone)
+        tracing.forget(gone)
         mine = [t for t, tp in self._tasks.items() if tp in gone]
         if not mine:
             return

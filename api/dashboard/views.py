@@ -300,7 +300,9 @@ def _pages(app: FastAPI, dash: Dashboard) -> None:
         view = await board.job(job_id)
         if view is None or not await board.visible(t, view.result.batch_id or ""):
             raise Missing()
-        return page(request, "job.html", {"t": t, "v": view, "history": _history(view)})
+        trace = view.result.trace_id
+        link = dash.s.trace_url.replace("{trace_id}", trace) if trace and dash.s.trace_url else None
+        return page(request, "job.html", {"t": t, "v": view, "history": _history(view), "trace_url": link})
 
     @app.get("/dashboard/jobs/{job_id}/images/{n}")
     async def thumbnail(job_id: str, n: int, t: Viewer) -> Response:
