@@ -106,11 +106,12 @@ PROFILE = ["-m", "cProfile", "-o", _PROF] if _PROF else []
 
 
 async def vlmq_worker(
-    env: dict[str, str], topic: str, n: int, in_flight: int, cwd: str | None = None
+    env: dict[str, str], topic: str, n: int, in_flight: int, cwd: str | None = None, steady: bool = False
 ) -> tuple[float, int, float]:
     """The real `vlmq worker` process; returns (jobs/s, peak RSS in MiB, CPU seconds). Its
     group is new, so it reads the topic from the start whatever ran before. `cwd`: another
-    checkout's code runs (`vlmq` imports from the working directory's folder of links)."""
+    checkout's code runs (`vlmq` imports from the working directory's folder of links).
+    `steady`: the CPU seconds of n jobs served, without the worker's start-up."""
     wenv = {
         **os.environ,
         **env,
@@ -135,11 +136,16 @@ async def vlmq_worker(
     ids = [f"{topic}-{i}" for i in range(n)]
     try:
         # The batch counter is one cheap read; the records are read once, at the end.
-        while (await store.batch_counts(topic)).finished < n:
+        first: tuple[float, int] | None = None  # the CPU used when the first jobs had ended
+        while (finished := (await store.batch_counts(topic)).finished) < n:
             if proc.returncode is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode}")
+            if first is None and finished:
+                first = cpu_s(proc.pid), finished
             await asyncio.sleep(0.5)  # a count reads 512 keys: poll gently
         peak, cpu = peak_rss_mib(proc.pid), cpu_s(proc.pid)
+        if steady and first is not None and first[1] < n:  # start-up (imports, connects) left out
+            cpu = (cpu - first[0]) * n / (n - first[1])
         results = []
         for i in range(0, n, 5000):
             results += await store.get_many(ids[i : i + 5000])

@@ -7,7 +7,8 @@ compared (2 shared cores are noisy).
     git worktree add /tmp/untraced 87a5088
     python bench/tracing.py --baseline-tree /tmp/untraced --jobs 20000 --rounds 3
 
-Costs are the worker's CPU time per job, as a fraction: `cost_off` = off / untraced - 1;
+Costs are the worker's CPU time per job (from its first finished jobs to its last: its
+start-up, imports included, left out), as a fraction: `cost_off` = off / untraced - 1;
 `cost_on` = on / off - 1, with every job sampled and its spans exported over OTLP/HTTP to a
 local sink that reads and drops them (a collector's work is not the worker's);
 `cost_on_1pct` the same with 1 % of traces sampled. Throughput is kept beside them, but on
@@ -102,7 +103,9 @@ async def main(args: argparse.Namespace) -> None:
             for _ in range(args.rounds):
                 for name, (wenv, cwd) in setups.items():
                     await asyncio.to_thread(flush_masters, [env["VLMQ_REDIS_URL"]])  # the same ids again
-                    jobs_s, _, cpu_s = await vlmq_worker(wenv, topic, args.jobs, args.max_in_flight, cwd=cwd)
+                    jobs_s, _, cpu_s = await vlmq_worker(
+                        wenv, topic, args.jobs, args.max_in_flight, cwd=cwd, steady=True
+                    )
                     runs[name].append(round(jobs_s, 1))
                     cpu[name].append(round(cpu_s * 1000 / args.jobs, 4))
                     print(f"{name:9} {jobs_s:8,.0f} jobs/s {cpu[name][-1]:.3f} CPU ms/job", flush=True)
