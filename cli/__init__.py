@@ -8,10 +8,28 @@ base install; the worker's Pillow, aiobotocore and engines load when `vlmq worke
 FastAPI when `vlmq api serve` does.
 """
 
+# ruff: noqa: E402  (the commands' imports come after the Ctrl-C handler that covers them)
 from __future__ import annotations
 
-import logging
+import os
+import signal
 import sys
+import threading
+
+
+def _interrupted_while_loading(_sig: int, _frame: object) -> None:
+    # Nothing is open yet: leave at once, rather than a KeyboardInterrupt raised from
+    # inside some import (40 lines, or "Exception ignored in" a lock's callback).
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+# Ctrl-C while the commands' modules load (a second or so): one word and 130. Only the
+# main thread may set a handler (an import from another thread keeps Python's).
+_MAIN = threading.current_thread() is threading.main_thread()
+_LOADING = signal.signal(signal.SIGINT, _interrupted_while_loading) if _MAIN else None
+
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +45,9 @@ from vlmq.deploy.cli import app as stack_app
 from vlmq.producer.cli import app as client_app
 from vlmq.worker.cache_cli import app as cache_app
 from vlmq.worker.cli import app as worker_app
+
+if _MAIN:
+    signal.signal(signal.SIGINT, _LOADING)
 
 console = Console(stderr=True)
 DEBUG = False

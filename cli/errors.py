@@ -4,7 +4,7 @@ that names what failed, where, and what to do next, with an exit code per class.
 
 Exit codes: 1 a job ended without success (or the work failed); 2 bad usage or input;
 3 a service (Kafka, Redis, S3, a stack binary) cannot be reached or started; 4 not found;
-5 credentials or permissions refused."""
+5 credentials or permissions refused; 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from vlmq.core import s3
 from vlmq.core.settings import SettingsError
 from vlmq.core.topology import TopologyError
 from vlmq.deploy.stack import StackError
-from vlmq.producer.errors import NotFound, Unavailable, ValidationError, VlmqClientError
+from vlmq.producer.errors import Denied, Interrupted, NotFound, Unavailable, ValidationError, VlmqClientError
 
 
 class Exit(enum.IntEnum):
@@ -26,6 +26,7 @@ class Exit(enum.IntEnum):
     UNAVAILABLE = 3
     NOT_FOUND = 4
     DENIED = 5
+    INTERRUPTED = 130  # Ctrl-C, as a shell counts it (128 + SIGINT)
 
 
 class UserError(Exception):
@@ -44,6 +45,10 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
         return str(exc), Exit.UNAVAILABLE
     if isinstance(exc, NotFound):
         return str(exc), Exit.NOT_FOUND
+    if isinstance(exc, Denied):
+        return str(exc), Exit.DENIED
+    if isinstance(exc, Interrupted):
+        return str(exc), Exit.INTERRUPTED
     if isinstance(exc, TopologyError | SettingsError):
         return str(exc), Exit.USAGE
     if isinstance(exc, ValidationError):

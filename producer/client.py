@@ -37,6 +37,7 @@ from vlmq.core.topology import connect_redis, wrong_topology
 from vlmq.producer.builders import with_tenant
 from vlmq.producer.errors import (
     BatchNotFound,
+    Denied,
     JobCancelled,
     JobExpired,
     JobFailed,
@@ -131,13 +132,10 @@ class Client:
         """Redis connection failures as `Unavailable`, naming the address (no password)."""
         try:
             yield
+        except AuthenticationError as exc:  # it answered: not "is it up?"
+            raise Denied("Redis", redact_url(self.settings.redis_url), exc) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            hint = (
-                "check the user and password in VLMQ_REDIS_URL"
-                if isinstance(exc, AuthenticationError)
-                else ""
-            )
-            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
+            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc) from exc
         except REDIS_FAILOVER as exc:
             hint = "a Redis failover is under way: try again in a few seconds"
             raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc

@@ -150,7 +150,7 @@ def worker(
         )
         raise typer.Exit(2)
 
-    from vlmq.core.retry import InfrastructureError
+    from vlmq.core.retry import CredentialsRefused, InfrastructureError
     from vlmq.worker.engines import check_installed, check_model
 
     _check_metrics_port(settings.metrics_host, settings.metrics_port)
@@ -160,6 +160,8 @@ def worker(
         code = asyncio.run(serve(settings))
     except EngineConfigError as exc:
         _fail(str(exc), 2)
+    except CredentialsRefused as exc:  # Redis answered: a wrong user or password
+        _fail(str(exc), 5)
     except InfrastructureError as exc:  # Kafka or Redis not there at start
         _fail(str(exc), 3)
     raise typer.Exit(code)

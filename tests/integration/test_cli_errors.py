@@ -156,8 +156,18 @@ def test_bad_s3_sources_are_refused_with_the_reason(e: Env) -> None:
 
 
 def test_a_bad_image_uri_is_a_usage_error() -> None:
-    proc = run("submit", "not-a-uri", env=_dead())
-    assert proc.returncode == 2 and "unknown URI scheme" in proc.stderr, proc.stderr
+    proc = run("submit", "ftp://host/a.jpg", env=_dead())
+    assert proc.returncode == 2 and "unknown URI scheme 'ftp'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("path", ["/home/me/photos/2026/cat-in-the-garden.jpg", "cat.jpg", "./a/b.png"])
+def test_a_local_path_is_called_one_with_how_to_pass_it(path: str) -> None:
+    """Issue 40: an absolute path was cut to 16 characters and called a "URI scheme"."""
+    proc = run("submit", path, env=_dead())
+    assert proc.returncode == 2
+    line = one_line(proc)
+    assert f"{path!r} is a local path, not a URI" in line and "s3://bucket/key" in line, line
+    assert "file:///" in line and "scheme" not in line, line
 
 
 @pytest.mark.parametrize("args", [("status", "j1"), ("worker",)])
