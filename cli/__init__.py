@@ -29,11 +29,13 @@ def _interrupted_while_loading(_sig: int, _frame: object) -> None:
 _MAIN = threading.current_thread() is threading.main_thread()
 _LOADING = signal.signal(signal.SIGINT, _interrupted_while_loading) if _MAIN else None
 
+import functools
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
 
@@ -115,10 +117,44 @@ def _root(
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+def _not_empty(param: Any) -> None:
+    """Wrap `param` so that an empty value given to it is refused, before its type sees it
+    (a path type would turn "" into the current folder)."""
+    convert = param.process_value
+    name = param.opts[-1] if param.param_type_name == "option" else param.name.upper()
+
+    def process_value(ctx: Any, value: Any) -> Any:
+        given = ctx.get_parameter_source(param.name).name in ("COMMANDLINE", "ENVIRONMENT")
+        if given and (value == "" or (isinstance(value, list | tuple) and "" in value)):
+            raise UserError(f"{name} is empty: give it a value, or leave it out")
+        return convert(ctx, value)
+
+    param.process_value = process_value
+
+
+def _refuse_empty(command: Any) -> None:
+    """No option or argument of any command takes an empty value (`--labels ""`, a
+    `$VAR` never set): it was a caption instead of moderation, a prompt of nothing, the
+    current folder for a state dir. Flags take no value."""
+    for param in command.params:
+        if not getattr(param, "is_flag", False):
+            _not_empty(param)
+    for sub in getattr(command, "commands", {}).values():
+        _refuse_empty(sub)
+
+
+@functools.cache
+def command() -> Any:
+    """The click command tree that `vlmq` runs (typer's, with empty values refused)."""
+    built = typer.main.get_command(app)
+    _refuse_empty(built)
+    return built
+
+
 def main() -> None:
     """The `vlmq` entry point: typer's app inside the one error boundary (cli/errors.py)."""
     try:
-        app()
+        command()()
     except Exception as exc:
         explained = explain(exc)
         if explained is None or DEBUG:

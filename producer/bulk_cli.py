@@ -33,7 +33,7 @@ from vlmq.schemas.job import Job
 
 console = Console(stderr=True)
 PLAIN_EVERY_S = 5.0  # progress lines when stderr is not a terminal (a log, CI)
-app = typer.Typer(help="Bulk backlogs: submit, watch, export.", no_args_is_help=True)
+app = typer.Typer(help="Bulk backlogs: submit, watch, cancel, export.", no_args_is_help=True)
 BatchArg = Annotated[str, typer.Argument(help="Batch id: groups the jobs for progress and export.")]
 
 
@@ -278,6 +278,39 @@ class _Rate:
             self.samples.popleft()
         (t0, f0), (t1, f1) = self.samples[0], self.samples[-1]
         return f"{(f1 - f0) / (t1 - t0):.1f} jobs/s" if t1 > t0 else "- jobs/s"
+
+
+@app.command()
+def cancel(
+    batch_id: BatchArg,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to watch the jobs end before returning.")
+    ] = 10.0,
+) -> None:
+    """Cancel every unfinished job of a batch; exit 1 if all had ended, 4 if no such batch.
+
+    Running jobs are aborted; queued ones end cancelled as a worker reaches them (they stay
+    queued while no worker runs). Ended jobs stay as they are."""
+    before, after = asyncio.run(_cancel(batch_id, wait))
+    if before.finished >= before.total:
+        console.print(f"{batch_id}: nothing to cancel, all {before.total} jobs had ended; {_describe(after)}")
+        raise typer.Exit(1)
+    left = after.total - after.finished
+    console.print(
+        f"{batch_id}: cancel requested for {before.total - before.finished} unfinished jobs; {_describe(after)}"
+        + (f" ({left} end cancelled as workers reach them)" if left else "")
+    )
+
+
+async def _cancel(batch_id: str, wait: float) -> tuple[BatchCounts, BatchCounts]:
+    async with Client() as client:
+        before = await client.cancel_batch(batch_id)
+        deadline = time.monotonic() + wait
+        after = await client.batch(batch_id)
+        while after.finished < after.total and time.monotonic() < deadline and before.finished < before.total:
+            await asyncio.sleep(0.25)
+            after = await client.batch(batch_id)
+        return before, after
 
 
 @app.command("export")

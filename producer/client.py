@@ -366,6 +366,16 @@ class Client:
         with self._reaching_redis():
             return (await self.store.cancel(job_id)).requested
 
+    async def cancel_batch(self, batch_id: str) -> BatchCounts:
+        """Cancel every unfinished job of a batch: workers abort the ones they run, and
+        each queued one ends `cancelled` when a worker reaches it; ended jobs stay as they
+        are. Returns the counts before. Raises BatchNotFound."""
+        counts = await self.batch(batch_id)
+        if counts.finished < counts.total:
+            with self._reaching_redis():
+                await self.store.cancel_batch(batch_id)
+        return counts
+
     async def batch(self, batch_id: str) -> BatchCounts:
         """A batch's counts per state. Raises BatchNotFound for a batch nobody submitted to."""
         with self._reaching_redis():

@@ -77,7 +77,6 @@ T = TypeVar("T")
 # What stops a worker: nothing could be served without Redis, Kafka or the engine.
 FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
-START_S = 10.0  # how long a starting worker waits for Redis
 # A job whose Redis call takes longer parks (gives up its in-flight slot): a master that
 # lost its replica holds terminal writes 5 s in WAIT, and such jobs filled every slot.
 PARK_AFTER_S = 0.5
@@ -263,7 +262,7 @@ class Worker:
     async def _reach_redis(self) -> None:
         """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
         try:
-            await retry(self.store.redis.ping, on=_may_pass, seconds=START_S, max_wait=1.0, jitter=0.1)
+            await retry(self.store.redis.ping, on=_may_pass, seconds=self.settings.start_wait_s, max_wait=1.0, jitter=0.1)
             await check_topology(self.store.redis, self.settings)
             replicas = await wait_replicas(self.store.redis, self.settings)
             self.durability = Durability(self.store.redis, self.settings, replicas)
