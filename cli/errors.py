@@ -11,10 +11,12 @@ from __future__ import annotations
 import enum
 
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-from redis.exceptions import NoPermissionError
+from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core import s3
-from vlmq.core.settings import SettingsError
+from vlmq.core.settings import Connection, SettingsError, redact_url, refused, unreachable
 from vlmq.core.topology import TopologyError
 from vlmq.deploy.stack import StackError
 from vlmq.producer.errors import Denied, Interrupted, NotFound, Unavailable, ValidationError, VlmqClientError
@@ -63,7 +65,21 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
             f"Redis refused the command for this user ({exc}): grant it vlmq's keys (docs/operations.md)",
             Exit.DENIED,
         )
-    return _explain_s3(exc)
+    return _explain_redis(exc) or _explain_s3(exc)
+
+
+def _explain_redis(exc: BaseException) -> tuple[str, Exit] | None:
+    """Redis errors that reach the boundary raw (commands that talk to Redis without the
+    SDK: api keys, the result cache): the same lines the SDK gives."""
+    if not isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return None
+    try:
+        where = redact_url(Connection.load().redis_url)
+    except SettingsError:
+        where = "VLMQ_REDIS_URL"
+    if isinstance(exc, AuthenticationError):
+        return refused("Redis", where, exc), Exit.DENIED
+    return unreachable("Redis", where, exc), Exit.UNAVAILABLE
 
 
 def _explain_s3(exc: BaseException) -> tuple[str, Exit] | None:

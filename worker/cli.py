@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
-import socket
 from typing import Annotated, NoReturn
 
 import msgspec
@@ -170,18 +169,14 @@ def worker(
 def _check_metrics_port(host: str, port: int) -> None:
     """Before the engine loads and the worker joins its group (a rebalance for every other
     worker): a port in use would only fail once it serves."""
-    if not port:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds it
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            _fail(
-                f"cannot serve /metrics on {host}:{port} ({exc.strerror}): another worker has it? "
-                "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
-                2,
-            )
+    from vlmq.core.ports import cannot_listen
+
+    if port and (why := cannot_listen(host, port)):
+        _fail(
+            f"cannot serve /metrics on {host}:{port} ({why}): another worker has it? "
+            "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
+            2,
+        )
 
 
 def _with_preset(settings: WorkerSettings, print_only: bool) -> WorkerSettings:

@@ -262,7 +262,13 @@ class Worker:
     async def _reach_redis(self) -> None:
         """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
         try:
-            await retry(self.store.redis.ping, on=_may_pass, seconds=self.settings.start_wait_s, max_wait=1.0, jitter=0.1)
+            await retry(
+                self.store.redis.ping,
+                on=_may_pass,
+                seconds=self.settings.start_wait_s,
+                max_wait=1.0,
+                jitter=0.1,
+            )
             await check_topology(self.store.redis, self.settings)
             replicas = await wait_replicas(self.store.redis, self.settings)
             self.durability = Durability(self.store.redis, self.settings, replicas)
