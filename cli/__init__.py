@@ -25,8 +25,10 @@ def _interrupted_while_loading(_sig: int, _frame: object) -> None:
 
 
 # Ctrl-C while the commands' modules load (a second or so): one word and 130. Only the
-# main thread may set a handler (an import from another thread keeps Python's).
+# main thread may set a handler (an import from another thread keeps Python's), and an
+# ignored SIGINT (nohup, a background job) stays ignored.
 _MAIN = threading.current_thread() is threading.main_thread()
+_MAIN = _MAIN and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 _LOADING = signal.signal(signal.SIGINT, _interrupted_while_loading) if _MAIN else None
 
 import functools

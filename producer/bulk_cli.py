@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,9 +128,12 @@ async def submit_items(
     `submit_many` over the whole stream, so each chunk's acks overlap the next chunk.
     `total`: the number of source lines when known (a file), for the bar's ETA."""
     bad: list[bulk.BadLine] = []
+    ctrl_c = _CtrlC()
 
     def jobs() -> Iterator[Job]:
         for item in items:
+            if ctrl_c.pressed:
+                return  # what is in flight is acknowledged and recorded, then the command stops
             if isinstance(item, bulk.BadLine):
                 bad.append(item)
             else:
@@ -160,8 +165,39 @@ async def submit_items(
                         f"submitting: {n}{f' of {total}' if total else ''} acknowledged, {rate.add(n)}"
                     )
 
-            report = await client.submit_many(jobs(), chunk=chunk, progress=show)
+            with ctrl_c:
+                report = await client.submit_many(jobs(), chunk=chunk, progress=show)
+    if ctrl_c.pressed:
+        raise KeyboardInterrupt
     return report.sent, report.skipped, bad
+
+
+class _CtrlC:
+    """The first Ctrl-C stops taking new jobs: the chunks in flight are acknowledged and
+    recorded, so the counts are exact and a re-run resumes after them (the SDK's calls are
+    not all safe to cancel in the middle). A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _press(self) -> None:
+        self.pressed = True
+        console.print("stopping after the jobs in flight (Ctrl-C again: at once)")
+        self.__exit__()
+
+    def __enter__(self) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return  # ignored by whoever started us (nohup): stays so
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(signal.SIGINT, self._press)
+            self._loop = loop
+
+    def __exit__(self, *_: object) -> None:
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
+            self._loop = None
 
 
 def _count_lines(path: Path | None) -> int | None:
