@@ -14,16 +14,18 @@ from aiokafka import TopicPartition
 
 
 class PartitionLedger:
-    __slots__ = ("_done", "_pending", "committable", "committed")
+    __slots__ = ("_done", "_pending", "committable", "committed", "position")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self.committable: int | None = None  # next offset to consume, all before it finished
         self.committed: int | None = None
+        self.position: int | None = None  # the offset after the last one handed out
 
     def track(self, offset: int) -> None:
         self._pending.append(offset)
+        self.position = offset + 1
 
     def done(self, offset: int) -> None:
         self._done.add(offset)
@@ -56,6 +58,12 @@ class OffsetLedger:
             for tp, p in self.partitions.items()
             if (tps is None or tp in tps) and p.committable is not None and p.committable != p.committed
         }
+
+    def position(self, tp: TopicPartition) -> int | None:
+        """Where this worker's reading of `tp` stands: every offset before it is handed out
+        here (finished, or in flight) or was committed."""
+        ledger = self.partitions.get(tp)
+        return ledger.position if ledger is not None else None
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():

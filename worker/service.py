@@ -131,9 +131,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka h
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.worker.hand_back(set(revoked))
+        await self.worker.revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.worker.assigned(set(assigned))
         self.worker.assignments += 1
         log.info(
             "partitions assigned",
@@ -172,6 +173,10 @@ class Worker:
         # its replica): they keep their offsets but not an in-flight slot, so the other
         # shards' jobs keep flowing; at most `max_parked` of them.
         self._parked: set[asyncio.Task[None]] = set()
+        # Partitions revoked by a rebalance under way: their jobs keep running until the
+        # new assignment says which stay here.
+        self._revoked: set[TopicPartition] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._now = asyncio.Event()  # a second signal: no more waiting for in-flight jobs
         self._close_by = 0.0  # loop time by which closing must be done (set when it starts)
@@ -797,18 +802,42 @@ class Worker:
             if end is not None and pos is not None and pos.committable is not None:
                 metrics.LAG.labels(str(tp.partition)).set(max(0, end - pos.committable))
 
-    async def hand_back(self, revoked: set[TopicPartition]) -> None:
-        """On revocation: give in-flight work of those partitions a grace period, commit
-        what finished, abandon the rest (the new owner re-runs it; the claim dedups)."""
-        mine = [t for t, tp in self._tasks.items() if tp in revoked]
-        if mine:
-            log.info("partitions revoked; finishing in-flight work", jobs=len(mine))
-            _, late = await asyncio.wait(mine, timeout=self.settings.revoke_grace_s)
-            for t in late:
-                t.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        """A rebalance begins: commit what finished, and keep every job running. The group
+        waits for this callback, and all partitions stop meanwhile (aiokafka's rebalances
+        are eager), so waiting here for in-flight jobs (or a parked job's Redis shard) held
+        up every shard; most partitions come back to this worker anyway."""
         await self._commit(revoked)
-        self.ledger.drop(revoked)
+        self._revoked |= revoked
+
+    def assigned(self, assigned: set[TopicPartition]) -> None:
+        """The rebalance ended. A partition that stayed here reads on where this worker was
+        (not from the last commit: its in-flight jobs are not delivered twice); one that
+        moved away is released."""
+        for tp in self._revoked & assigned:
+            position = self.ledger.position(tp)
+            if position is not None:
+                self.consumer.seek(tp, position)
+        gone, self._revoked = self._revoked - assigned, set()
+        if gone:
+            task = asyncio.create_task(self._release(gone))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, gone: set[TopicPartition]) -> None:
+        """Partitions now another worker's: their jobs get `revoke_grace_s` to finish (the
+        new owner's claim waits on their leases, then skips what ended), the rest are
+        cancelled (their leases given up: the new owner runs them). Nothing of them is
+        committed here any more: their ledgers go at once."""
+        self.ledger.drop(gone)
+        mine = [t for t, tp in self._tasks.items() if tp in gone]
+        if not mine:
+            return
+        log.info("partitions moved to another worker; finishing their jobs", jobs=len(mine))
+        _, late = await asyncio.wait(mine, timeout=self.settings.revoke_grace_s)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def _drain(self) -> None:
         """Give in-flight jobs up to drain_timeout_s (none after a second signal), then hand

@@ -4,9 +4,13 @@ its successor killed the same way, a broker stall; and 600 jobs through a master
 empty (no persistence) before a failover. The full run is bench/results/failover-cpu2.json.
 
 Asserted: nothing lost, duplicated, wrongly failed or miscounted through the failovers and
-the stall. The restart without persistence is measured, not asserted (docs/operations.md,
-"Durability": vlmq does not survive it). Jobs of unaffected shards stalling longer than 2 s
-is issue 37's target that redis-py's cluster client does not meet yet: an expected failure."""
+the stall. The stall of unaffected shards is split by cause (docs/operations.md, "What a
+failover costs the other shards"): the Redis failover alone against issue 37's 2 s target,
+and the worker kill's consumer-group rebalance (tansu holds each rejoin about 3 s) against
+8 s; on this shared 2-core box neither holds reliably yet, so a miss is an expected
+failure, not a pass. The restart without
+persistence is measured, not asserted (docs/operations.md, "Durability": vlmq does not
+survive it)."""
 
 from __future__ import annotations
 
@@ -38,5 +42,8 @@ def test_reduced_failover_bench_loses_duplicates_and_fails_nothing() -> None:
     assert row["partitions_committed_past_end"] == 0
     assert row["completions_heard"] == row["jobs"]
     assert row["persistence_off"]["duplicated"] == 0  # what it loses is measured, not asserted
-    if row["max_stall_unaffected_s"] > 2:
-        pytest.xfail(f"unaffected shards stalled {row['max_stall_unaffected_s']} s (target 2 s): issue 37")
+    failover, kill = row["max_stall_unaffected_failover_s"], row["max_stall_unaffected_worker_kill_s"]
+    if failover > 2 or kill > 8:
+        pytest.xfail(
+            f"unaffected shards stalled {failover} s by the failover (target 2 s), {kill} s by the kill"
+        )

@@ -59,3 +59,19 @@ def test_a_revoked_partition_is_dropped_and_late_completions_ignored() -> None:
     assert ledger.to_commit() == {P1: 1}
     ledger.committed({P0: 1})  # a commit answer for a dropped partition is ignored too
     assert P0 not in ledger.partitions
+
+
+def test_position_is_past_every_offset_handed_out_finished_or_not() -> None:
+    """After a rebalance that leaves a partition here, reading resumes at `position`: the
+    jobs still in flight are not delivered a second time."""
+    ledger = OffsetLedger()
+    assert ledger.position(P0) is None  # nothing read here: the group's commit decides
+    for off in (10, 11, 14):  # offsets need not be contiguous (compaction, markers)
+        ledger.track(P0, off)
+    ledger.done(P0, 11)
+    assert ledger.position(P0) == 15
+    assert ledger.to_commit() == {}  # 10 still runs: resuming at 15 commits nothing early
+    ledger.done(P0, 10)
+    assert ledger.to_commit() == {P0: 12}
+    ledger.drop({P0})
+    assert ledger.position(P0) is None
