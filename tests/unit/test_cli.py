@@ -168,3 +168,13 @@ def test_a_local_path_is_not_a_uri_scheme(path: str) -> None:
     assert path in str(got.value) and "scheme" not in str(got.value)
     with pytest.raises(ValueError, match="unknown URI scheme 'ftp'"):
         ImageRef("ftp://host/a.jpg")
+
+
+def test_a_source_files_lines_are_counted_for_the_submit_bar(tmp_path: Path) -> None:
+    from vlmq.producer.bulk_cli import _count_lines
+
+    big = tmp_path / "m.jsonl"
+    big.write_bytes(b'{"key": "k", "image": "s3://b/k.jpg"}\n' * 100_000)  # 3.8 MB, four reads
+    assert _count_lines(big) == 100_000
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert _count_lines(tmp_path / "empty.jsonl") is None and _count_lines(None) is None
