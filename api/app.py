@@ -20,10 +20,12 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.telemetry import TelemetryConfig
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vlmq.api.dashboard.views import Dashboard, mount
+from vlmq.api.dashboard.views import Dashboard, mount, page
 from vlmq.api.driver import Driver, file_key, live_counts
 from vlmq.api.objects import (
     ENDPOINTS,
@@ -43,6 +45,7 @@ from vlmq.api.storage import Storage
 from vlmq.api.stream import EventStream
 from vlmq.api.upload import Refused, receive
 from vlmq.core import tracing
+from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.producer.client import Client
 from vlmq.producer.errors import Unavailable
 
@@ -237,12 +240,15 @@ def _errors(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Unavailable)
-    async def unavailable(_: Request, exc: Unavailable) -> Response:
-        log.warning("a backend did not answer", service=exc.service, error=str(exc))
-        body = ErrorBody(
-            ApiError(f"{exc.service} did not answer; retry shortly", "server_error", code="unavailable")
-        )
-        return json_response(body, 503, {"Retry-After": "1"})
+    async def unavailable(request: Request, exc: Unavailable) -> Response:
+        return _unavailable(request, exc.service, str(exc))
+
+    # Redis itself (sessions, keys, records) not answering: the same 503, never a 500.
+    for redis_down in (RedisConnectionError, RedisTimeoutError, *REDIS_FAILOVER):
+
+        @app.exception_handler(redis_down)
+        async def redis_unavailable(request: Request, exc: Exception) -> Response:
+            return _unavailable(request, "Redis", f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(HTTPException)
     async def http(_: Request, exc: HTTPException) -> Response:
@@ -253,6 +259,17 @@ def _errors(app: FastAPI) -> None:
         log.exception("request failed", path=request.url.path)
         body = ErrorBody(ApiError("the server failed; its log has the details", "server_error"))
         return json_response(body, 500)
+
+
+def _unavailable(request: Request, service: str, error: str) -> Response:
+    """503 with Retry-After: a dashboard page says so in HTML and reloads itself; the
+    API answers OpenAI's error shape. One warning line, no traceback."""
+    log.warning("a backend did not answer", service=service, path=request.url.path, error=error[:300])
+    headers = {"Retry-After": "1"}
+    if request.url.path.startswith("/dashboard") and "text/html" in request.headers.get("accept", ""):
+        return page(request, "unavailable.html", {"service": service}, 503, headers)
+    body = ErrorBody(ApiError(f"{service} did not answer; retry shortly", "server_error", code="unavailable"))
+    return json_response(body, 503, headers)
 
 
 def _routes(app: FastAPI, ctx: Ctx) -> None:

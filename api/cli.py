@@ -13,6 +13,7 @@ from rich.console import Console
 from vlmq.api.records import Records, Scope
 from vlmq.api.settings import ApiSettings
 from vlmq.core.logs import configure
+from vlmq.core.ports import cannot_listen
 from vlmq.core.topology import connect_redis
 
 T = TypeVar("T")
@@ -104,6 +105,12 @@ def _check_bucket(settings: ApiSettings) -> None:
         raise NotFound(str(exc)) from None
 
 
+def _check_redis(settings: ApiSettings) -> None:
+    """Redis, before uvicorn starts: a server that cannot reach it would serve only 503s
+    (keys, sessions and every batch live there). The boundary says where and what to do."""
+    asyncio.run(_with_records(lambda r: r.redis.ping()))
+
+
 def _run(settings: ApiSettings) -> None:
     configure(settings.log_format, settings.log_level)
     try:
@@ -117,6 +124,16 @@ def _run(settings: ApiSettings) -> None:
 
     from vlmq.api.app import create_app
 
+    if why := cannot_listen(settings.host, settings.port):  # before uvicorn's own error lines
+        Console(stderr=True).print(
+            f"error: cannot serve on {settings.host}:{settings.port} ({why}): another server has "
+            "the port? Give --port (VLMQ_PORT) or --host (VLMQ_HOST)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    _check_redis(settings)
     if settings.openai_routes:
         _check_bucket(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

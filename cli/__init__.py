@@ -8,14 +8,36 @@ base install; the worker's Pillow, aiobotocore and engines load when `vlmq worke
 FastAPI when `vlmq api serve` does.
 """
 
+# ruff: noqa: E402  (the commands' imports come after the Ctrl-C handler that covers them)
 from __future__ import annotations
 
-import logging
+import os
+import signal
 import sys
+import threading
+
+
+def _interrupted_while_loading(_sig: int, _frame: object) -> None:
+    # Nothing is open yet: leave at once, rather than a KeyboardInterrupt raised from
+    # inside some import (40 lines, or "Exception ignored in" a lock's callback).
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+# Ctrl-C while the commands' modules load (a second or so): one word and 130. Only the
+# main thread may set a handler (an import from another thread keeps Python's), and an
+# ignored SIGINT (nohup, a background job) stays ignored.
+_MAIN = threading.current_thread() is threading.main_thread()
+_MAIN = _MAIN and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+_LOADING = signal.signal(signal.SIGINT, _interrupted_while_loading) if _MAIN else None
+
+import functools
+import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
 
@@ -28,6 +50,9 @@ from vlmq.deploy.cli import app as stack_app
 from vlmq.producer.cli import app as client_app
 from vlmq.worker.cache_cli import app as cache_app
 from vlmq.worker.cli import app as worker_app
+
+if _MAIN:
+    signal.signal(signal.SIGINT, _LOADING)
 
 console = Console(stderr=True)
 DEBUG = False
@@ -98,10 +123,44 @@ def _root(
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
+def _not_empty(param: Any) -> None:
+    """Wrap `param` so that an empty value given to it is refused, before its type sees it
+    (a path type would turn "" into the current folder)."""
+    convert = param.process_value
+    name = param.opts[-1] if param.param_type_name == "option" else param.name.upper()
+
+    def process_value(ctx: Any, value: Any) -> Any:
+        given = ctx.get_parameter_source(param.name).name in ("COMMANDLINE", "ENVIRONMENT")
+        if given and (value == "" or (isinstance(value, list | tuple) and "" in value)):
+            raise UserError(f"{name} is empty: give it a value, or leave it out")
+        return convert(ctx, value)
+
+    param.process_value = process_value
+
+
+def _refuse_empty(command: Any) -> None:
+    """No option or argument of any command takes an empty value (`--labels ""`, a
+    `$VAR` never set): it was a caption instead of moderation, a prompt of nothing, the
+    current folder for a state dir. Flags take no value."""
+    for param in command.params:
+        if not getattr(param, "is_flag", False):
+            _not_empty(param)
+    for sub in getattr(command, "commands", {}).values():
+        _refuse_empty(sub)
+
+
+@functools.cache
+def command() -> Any:
+    """The click command tree that `vlmq` runs (typer's, with empty values refused)."""
+    built = typer.main.get_command(app)
+    _refuse_empty(built)
+    return built
+
+
 def main() -> None:
     """The `vlmq` entry point: typer's app inside the one error boundary (cli/errors.py)."""
     try:
-        app()
+        command()()
     except Exception as exc:
         explained = explain(exc)
         if explained is None or DEBUG:

@@ -32,7 +32,7 @@ def _pick_engine(engine: str | None) -> str:
     console.print(
         "engine: [bold]fake[/] (deterministic answers, no model). A real model: "
         "`vlmq demo --engine vllm --model <path or HF id>` on a GPU, "
-        "`--engine hf --model <path>` on the CPU (pip install 'vlmq\\[hf]' and torch)"  # \\[ escapes rich markup
+        "`--engine hf --model <path>` on the CPU (pip install 'vlmq\\[hf]', which brings torch)"  # \\[: not markup
     )
     return "fake"
 

@@ -4,20 +4,22 @@ that names what failed, where, and what to do next, with an exit code per class.
 
 Exit codes: 1 a job ended without success (or the work failed); 2 bad usage or input;
 3 a service (Kafka, Redis, S3, a stack binary) cannot be reached or started; 4 not found;
-5 credentials or permissions refused."""
+5 credentials or permissions refused; 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
 import enum
 
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-from redis.exceptions import NoPermissionError
+from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlmq.core import s3
-from vlmq.core.settings import SettingsError
+from vlmq.core.settings import Connection, SettingsError, redact_url, refused, unreachable
 from vlmq.core.topology import TopologyError
 from vlmq.deploy.stack import StackError
-from vlmq.producer.errors import NotFound, Unavailable, ValidationError, VlmqClientError
+from vlmq.producer.errors import Denied, Interrupted, NotFound, Unavailable, ValidationError, VlmqClientError
 
 
 class Exit(enum.IntEnum):
@@ -26,6 +28,7 @@ class Exit(enum.IntEnum):
     UNAVAILABLE = 3
     NOT_FOUND = 4
     DENIED = 5
+    INTERRUPTED = 130  # Ctrl-C, as a shell counts it (128 + SIGINT)
 
 
 class UserError(Exception):
@@ -44,6 +47,10 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
         return str(exc), Exit.UNAVAILABLE
     if isinstance(exc, NotFound):
         return str(exc), Exit.NOT_FOUND
+    if isinstance(exc, Denied):
+        return str(exc), Exit.DENIED
+    if isinstance(exc, Interrupted):
+        return str(exc), Exit.INTERRUPTED
     if isinstance(exc, TopologyError | SettingsError):
         return str(exc), Exit.USAGE
     if isinstance(exc, ValidationError):
@@ -58,7 +65,21 @@ def explain(exc: BaseException) -> tuple[str, Exit] | None:
             f"Redis refused the command for this user ({exc}): grant it vlmq's keys (docs/operations.md)",
             Exit.DENIED,
         )
-    return _explain_s3(exc)
+    return _explain_redis(exc) or _explain_s3(exc)
+
+
+def _explain_redis(exc: BaseException) -> tuple[str, Exit] | None:
+    """Redis errors that reach the boundary raw (commands that talk to Redis without the
+    SDK: api keys, the result cache): the same lines the SDK gives."""
+    if not isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return None
+    try:
+        where = redact_url(Connection.load().redis_url)
+    except SettingsError:
+        where = "VLMQ_REDIS_URL"
+    if isinstance(exc, AuthenticationError):
+        return refused("Redis", where, exc), Exit.DENIED
+    return unreachable("Redis", where, exc), Exit.UNAVAILABLE
 
 
 def _explain_s3(exc: BaseException) -> tuple[str, Exit] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -61,6 +61,17 @@ def _trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _Stderr:
+    """sys.stderr as it is when a line is written: loggers are cached at first use, and a
+    command run in-process (CliRunner, the CLI mistake sweep) swaps sys.stderr per run."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "INFO") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -96,6 +107,6 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: str = "IN
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )

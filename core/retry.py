@@ -45,6 +45,10 @@ class InfrastructureError(Exception):
     (with a dead engine) that stops a worker: no job could be served without them."""
 
 
+class CredentialsRefused(InfrastructureError):
+    """Redis answered but refused the user or password: no wait will fix it (exit 5)."""
+
+
 # What Redis says while it fails over: a cluster without a master for some slots, a slot
 # on the move, a client still talking to the old master (now a read-only replica). Not
 # MOVED/ASK: a cluster client follows those itself, and a single-Redis client that gets

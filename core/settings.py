@@ -181,6 +181,16 @@ def unreachable(service: str, address: str, cause: BaseException, hint: str = ""
     return f"cannot reach {service} at {address} ({reason[:200]}): {hint}"
 
 
+def refused(service: str, address: str, cause: BaseException) -> str:
+    """The one line for a service that answered but refused the credentials: not "is it
+    up?" (it is), but which setting holds the user and password."""
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return (
+        f"{service} at {address} refused the credentials ({reason[:200]}): "
+        f"check the user and password in {SERVICE_SETTING[service]}"
+    )
+
+
 def redact_url(url: str) -> str:
     """A URL for a log line: no password in the userinfo, no query value (presigned URLs,
     `?password=`): redis://user:secret@host/0?password=x -> redis://user:***@host/0?password=***."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,14 +27,15 @@ from rich.table import Table
 
 from vlmq.core.settings import Connection
 from vlmq.core.state import BatchCounts
-from vlmq.producer import bulk
+from vlmq.producer import bulk, flags
 from vlmq.producer.builders import DEFAULT_CAPTION_PROMPT
-from vlmq.producer.client import Client
-from vlmq.producer.errors import NothingToSubmit
+from vlmq.producer.client import Client, SubmitReport
+from vlmq.producer.errors import Interrupted, NothingToSubmit
 from vlmq.schemas.job import Job
 
 console = Console(stderr=True)
-app = typer.Typer(help="Bulk backlogs: submit, watch, export.", no_args_is_help=True)
+PLAIN_EVERY_S = 5.0  # progress lines when stderr is not a terminal (a log, CI)
+app = typer.Typer(help="Bulk backlogs: submit, watch, cancel, export.", no_args_is_help=True)
 BatchArg = Annotated[str, typer.Argument(help="Batch id: groups the jobs for progress and export.")]
 
 
@@ -84,7 +87,7 @@ def submit(
         typer.Option(exists=True, dir_okay=False, help="OpenAI Batch API input file (chat completions)."),
     ] = None,
     prompt: Annotated[
-        str, typer.Option(help="Prompt for --s3 and short manifest lines.")
+        str, typer.Option("--prompt", "-p", help="Prompt for --s3 and short manifest lines, or @FILE.")
     ] = DEFAULT_CAPTION_PROMPT,
     labels: Annotated[str | None, typer.Option(help="Moderation preset: comma-separated labels.")] = None,
     suffix: Annotated[
@@ -97,10 +100,17 @@ def submit(
     rejected: Annotated[Path | None, typer.Option(help="Write rejected lines here (JSONL).")] = None,
 ) -> None:
     """Submit a backlog. Safe to re-run after an interruption: no job runs twice."""
-    preset = bulk.Preset(prompt=prompt, labels=labels.split(",") if labels else None)
+    preset = bulk.Preset(prompt=flags.prompt(prompt), labels=flags.labels(labels))
     suffixes = tuple(s.lower() for s in suffix) if suffix else bulk.IMAGE_SUFFIXES
     items = _source(batch_id, s3_prefix, manifest, openai, preset, suffixes, allow_https)
-    sent, skipped, bad = asyncio.run(submit_items(items, chunk))
+    done = SubmitReport()
+    try:
+        sent, skipped, bad = asyncio.run(submit_items(items, chunk, done, _count_lines(manifest or openai)))
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: {done.sent + done.skipped} jobs of batch {batch_id} were acknowledged; "
+            "run the same command again to resume (acknowledged jobs are skipped, none runs twice)"
+        ) from None
     if bad:
         _report_bad(bad, rejected)
     if sent + skipped == 0:
@@ -110,26 +120,96 @@ def submit(
     console.print(f"batch [bold]{batch_id}[/]: {sent} sent, {skipped} already sent, {len(bad)} rejected")
 
 
-async def submit_items(items: Iterator[bulk.Item], chunk: int) -> tuple[int, int, list[bulk.BadLine]]:
-    """Submit jobs with a progress bar; returns (sent, already sent, rejected lines). One
-    `submit_many` over the whole stream, so each chunk's acks overlap the next chunk."""
+async def submit_items(
+    items: Iterator[bulk.Item], chunk: int, done: SubmitReport | None = None, total: int | None = None
+) -> tuple[int, int, list[bulk.BadLine]]:
+    """Submit jobs with a progress bar; returns (sent, already sent, rejected lines), and
+    keeps `done` at the acknowledged counts as they come (what an interrupted run had). One
+    `submit_many` over the whole stream, so each chunk's acks overlap the next chunk.
+    `total`: the number of source lines when known (a file), for the bar's ETA."""
     bad: list[bulk.BadLine] = []
+    ctrl_c = _CtrlC()
 
     def jobs() -> Iterator[Job]:
         for item in items:
+            if ctrl_c.pressed:
+                return  # what is in flight is acknowledged and recorded, then the command stops
             if isinstance(item, bulk.BadLine):
                 bad.append(item)
             else:
                 yield item
 
-    columns = (TextColumn("submitting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("submit", total=None)
+    columns = (
+        TextColumn("submitting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    rate, said = _Rate(), time.monotonic()
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("submit", total=total, rate="")
         async with Client() as client:
-            report = await client.submit_many(
-                jobs(), chunk=chunk, progress=lambda r: progress.update(task, completed=r.sent + r.skipped)
-            )
+
+            def show(r: SubmitReport) -> None:
+                nonlocal said
+                if done is not None:
+                    done.sent, done.skipped = r.sent, r.skipped
+                n = r.sent + r.skipped
+                progress.update(task, completed=n, rate=rate.add(n))
+                if not console.is_terminal and time.monotonic() - said >= PLAIN_EVERY_S:
+                    said = time.monotonic()  # a log file gets a line now and then, not silence
+                    console.print(
+                        f"submitting: {n}{f' of {total}' if total else ''} acknowledged, {rate.add(n)}"
+                    )
+
+            with ctrl_c:
+                report = await client.submit_many(jobs(), chunk=chunk, progress=show)
+    if ctrl_c.pressed:
+        raise KeyboardInterrupt
     return report.sent, report.skipped, bad
+
+
+class _CtrlC:
+    """The first Ctrl-C stops taking new jobs: the chunks in flight are acknowledged and
+    recorded, so the counts are exact and a re-run resumes after them (the SDK's calls are
+    not all safe to cancel in the middle). A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _press(self) -> None:
+        self.pressed = True
+        console.print("stopping after the jobs in flight (Ctrl-C again: at once)")
+        self.__exit__()
+
+    def __enter__(self) -> None:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return  # ignored by whoever started us (nohup): stays so
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(signal.SIGINT, self._press)
+            self._loop = loop
+
+    def __exit__(self, *_: object) -> None:
+        if self._loop is not None:
+            self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
+            self._loop = None
+
+
+def _count_lines(path: Path | None) -> int | None:
+    """The lines of a source file (blank ones too: an estimate the bar can end below),
+    counted in 1 MiB reads: a 100,000-line manifest takes milliseconds."""
+    if path is None:
+        return None
+    n = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n or None
 
 
 def _report_bad(bad: list[bulk.BadLine], rejected: Path | None) -> None:
@@ -234,6 +314,39 @@ class _Rate:
             self.samples.popleft()
         (t0, f0), (t1, f1) = self.samples[0], self.samples[-1]
         return f"{(f1 - f0) / (t1 - t0):.1f} jobs/s" if t1 > t0 else "- jobs/s"
+
+
+@app.command()
+def cancel(
+    batch_id: BatchArg,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to watch the jobs end before returning.")
+    ] = 10.0,
+) -> None:
+    """Cancel every unfinished job of a batch; exit 1 if all had ended, 4 if no such batch.
+
+    Running jobs are aborted; queued ones end cancelled as a worker reaches them (they stay
+    queued while no worker runs). Ended jobs stay as they are."""
+    before, after = asyncio.run(_cancel(batch_id, wait))
+    if before.finished >= before.total:
+        console.print(f"{batch_id}: nothing to cancel, all {before.total} jobs had ended; {_describe(after)}")
+        raise typer.Exit(1)
+    left = after.total - after.finished
+    console.print(
+        f"{batch_id}: cancel requested for {before.total - before.finished} unfinished jobs; {_describe(after)}"
+        + (f" ({left} end cancelled as workers reach them)" if left else "")
+    )
+
+
+async def _cancel(batch_id: str, wait: float) -> tuple[BatchCounts, BatchCounts]:
+    async with Client() as client:
+        before = await client.cancel_batch(batch_id)
+        deadline = time.monotonic() + wait
+        after = await client.batch(batch_id)
+        while after.finished < after.total and time.monotonic() < deadline and before.finished < before.total:
+            await asyncio.sleep(0.25)
+            after = await client.batch(batch_id)
+        return before, after
 
 
 @app.command("export")

@@ -78,7 +78,9 @@ def submit(
     grid: Annotated[
         str | None, typer.Option(help="The embedded image's grid T,H,W in patches (Qwen-VL models need it).")
     ] = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p")] = DEFAULT_CAPTION_PROMPT,
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The prompt, or @FILE to read it from a file.")
+    ] = DEFAULT_CAPTION_PROMPT,
     labels: Annotated[
         str | None, typer.Option(help="Moderation: comma-separated labels; the answer is one of them.")
     ] = None,
@@ -94,7 +96,7 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit one job (a prompt about images and videos); prints its job id."""
-    from vlmq.producer import builders
+    from vlmq.producer import builders, flags
     from vlmq.schemas.job import ChoiceFormat, EmbeddingRef, ImageRef, Job, Sampling, VideoRef
 
     try:
@@ -104,11 +106,12 @@ def submit(
         refs += [EmbeddingRef(u, image_grid_thw=thw) for u in image_embeds or []]
     except ValueError as exc:
         raise ValidationError(f"{exc}") from None
+    choices = flags.labels(labels)
     job = Job(
         job_id=job_id or builders.new_job_id(),
-        messages=[builders.user(*refs, prompt)],
+        messages=[builders.user(*refs, flags.prompt(prompt))],
         sampling=Sampling(max_tokens=max_tokens),
-        response_format=ChoiceFormat(labels.split(",")) if labels else None,
+        response_format=ChoiceFormat(choices) if choices else None,
         cache=_cache_mode(cache),
     )
 

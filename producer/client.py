@@ -38,6 +38,7 @@ from vlmq.core.topology import connect_redis, wrong_topology
 from vlmq.producer.builders import with_tenant
 from vlmq.producer.errors import (
     BatchNotFound,
+    Denied,
     JobCancelled,
     JobExpired,
     JobFailed,
@@ -133,13 +134,10 @@ class Client:
         """Redis connection failures as `Unavailable`, naming the address (no password)."""
         try:
             yield
+        except AuthenticationError as exc:  # it answered: not "is it up?"
+            raise Denied("Redis", redact_url(self.settings.redis_url), exc) from exc
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            hint = (
-                "check the user and password in VLMQ_REDIS_URL"
-                if isinstance(exc, AuthenticationError)
-                else ""
-            )
-            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
+            raise Unavailable("Redis", redact_url(self.settings.redis_url), exc) from exc
         except REDIS_FAILOVER as exc:
             hint = "a Redis failover is under way: try again in a few seconds"
             raise Unavailable("Redis", redact_url(self.settings.redis_url), exc, hint) from exc
@@ -377,6 +375,16 @@ class Client:
         ended or is unknown (`status` tells which)."""
         with self._reaching_redis():
             return (await self.store.cancel(job_id)).requested
+
+    async def cancel_batch(self, batch_id: str) -> BatchCounts:
+        """Cancel every unfinished job of a batch: workers abort the ones they run, and
+        each queued one ends `cancelled` when a worker reaches it; ended jobs stay as they
+        are. Returns the counts before. Raises BatchNotFound."""
+        counts = await self.batch(batch_id)
+        if counts.finished < counts.total:
+            with self._reaching_redis():
+                await self.store.cancel_batch(batch_id)
+        return counts
 
     async def batch(self, batch_id: str) -> BatchCounts:
         """A batch's counts per state. Raises BatchNotFound for a batch nobody submitted to."""

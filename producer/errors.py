@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmq.core.settings import unreachable
+from vlmq.core.settings import refused, unreachable
 from vlmq.schemas.job import Result
 
 
@@ -31,6 +31,14 @@ class Unavailable(VlmqClientError, ConnectionError):
     def not_submitted(self, job_id: str) -> Unavailable:
         """The same error, naming the job that was not submitted."""
         return Unavailable(self.service, self.address, self.cause, self.hint, job_id)
+
+
+class Denied(VlmqClientError):
+    """A service answered but refused the credentials (a wrong Redis user or password)."""
+
+    def __init__(self, service: str, address: str, cause: BaseException) -> None:
+        self.service, self.address, self.cause = service, address, cause
+        super().__init__(refused(service, address, cause))
 
 
 class Timeout(VlmqClientError, TimeoutError):
@@ -88,6 +96,10 @@ class JobCancelled(JobEnded):
 
 class JobExpired(JobFailed):
     """The job's deadline passed before it started."""
+
+
+class Interrupted(VlmqClientError):
+    """Ctrl-C stopped a command part way; the message says how to resume (exit 130)."""
 
 
 class NothingToSubmit(NotFound):

@@ -66,7 +66,13 @@ class TextPart(Struct, tag="text", tag_field="type", frozen=True):
 
 def _check_media(uri: str, min_pixels: int | None, max_pixels: int | None) -> None:
     if not uri.startswith(URI_SCHEMES):
-        scheme = uri.split(":", 1)[0] if ":" in uri else uri[:16]
+        if ":" not in uri.split("/", 1)[0]:  # /abs, ./rel, ~/x, cat.jpg: a path, no scheme
+            raise ValueError(
+                f"{uri[:120]!r} is a local path, not a URI: upload the file to S3 and give "
+                "s3://bucket/key (workers on other machines cannot read your disk), or "
+                "file:///absolute/path where workers share the folder (VLMQ_ALLOWED_FILE_ROOTS)"
+            )
+        scheme = uri.split(":", 1)[0][:16]
         raise ValueError(f"unknown URI scheme {scheme!r}: use one of {', '.join(URI_SCHEMES)}")
     if min_pixels and max_pixels and min_pixels > max_pixels:
         raise ValueError("min_pixels must not exceed max_pixels")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
-import socket
 from typing import Annotated, NoReturn
 
 import msgspec
@@ -157,7 +156,7 @@ def worker(
         )
         raise typer.Exit(2)
 
-    from vlmq.core.retry import InfrastructureError
+    from vlmq.core.retry import CredentialsRefused, InfrastructureError
     from vlmq.worker.engines import check_installed, check_model
 
     _check_metrics_port(settings.metrics_host, settings.metrics_port)
@@ -167,6 +166,8 @@ def worker(
         code = asyncio.run(serve(settings))
     except EngineConfigError as exc:
         _fail(str(exc), 2)
+    except CredentialsRefused as exc:  # Redis answered: a wrong user or password
+        _fail(str(exc), 5)
     except InfrastructureError as exc:  # Kafka or Redis not there at start
         _fail(str(exc), 3)
     raise typer.Exit(code)
@@ -175,18 +176,14 @@ def worker(
 def _check_metrics_port(host: str, port: int) -> None:
     """Before the engine loads and the worker joins its group (a rebalance for every other
     worker): a port in use would only fail once it serves."""
-    if not port:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds it
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            _fail(
-                f"cannot serve /metrics on {host}:{port} ({exc.strerror}): another worker has it? "
-                "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
-                2,
-            )
+    from vlmq.core.ports import cannot_listen
+
+    if port and (why := cannot_listen(host, port)):
+        _fail(
+            f"cannot serve /metrics on {host}:{port} ({why}): another worker has it? "
+            "Give each worker its own --metrics-port (VLMQ_METRICS_PORT), or 0 for none",
+            2,
+        )
 
 
 def _with_preset(settings: WorkerSettings, print_only: bool) -> WorkerSettings:

@@ -22,11 +22,18 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from vlmq.core import tracing, workers
-from vlmq.core.retry import InfrastructureError, is_transient, retry, through_outage, within
-from vlmq.core.settings import redact_url, unreachable
+from vlmq.core.retry import (
+    CredentialsRefused,
+    InfrastructureError,
+    is_transient,
+    retry,
+    through_outage,
+    within,
+)
+from vlmq.core.settings import redact_url, refused, unreachable
 from vlmq.core.state import Claim, Refused, StateStore, follow
 from vlmq.core.topology import (
     AnyRedis,
@@ -70,7 +77,6 @@ T = TypeVar("T")
 # What stops a worker: nothing could be served without Redis, Kafka or the engine.
 FATAL = (InfrastructureError, EngineDead)
 PROBE_S = 5.0  # how often readiness checks Redis
-START_S = 10.0  # how long a starting worker waits for Redis
 # A job whose Redis call takes longer parks (gives up its in-flight slot): a master that
 # lost its replica holds terminal writes 5 s in WAIT, and such jobs filled every slot.
 PARK_AFTER_S = 0.5
@@ -85,6 +91,11 @@ ENGINE_CLOSE_S = 30.0  # the engine is local (a vLLM engine core process to end)
 def make_redis(settings: WorkerSettings) -> AnyRedis:
     """The worker's Redis client: short socket timeouts, retried by `through_outage`."""
     return connect_redis(settings, socket_timeout=10, socket_connect_timeout=5, health_check_interval=15)
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """A fault worth waiting out at start; a refused password is not one (it answered)."""
+    return is_transient(exc) and not isinstance(exc, AuthenticationError)
 
 
 def make_producer(settings: WorkerSettings) -> AIOKafkaProducer:
@@ -256,13 +267,22 @@ class Worker:
     async def _reach_redis(self) -> None:
         """Fail at start, in one line, when Redis is not there (rather than 300 s later)."""
         try:
-            await retry(self.store.redis.ping, on=is_transient, seconds=START_S, max_wait=1.0, jitter=0.1)
+            await retry(
+                self.store.redis.ping,
+                on=_may_pass,
+                seconds=self.settings.start_wait_s,
+                max_wait=1.0,
+                jitter=0.1,
+            )
             await check_topology(self.store.redis, self.settings)
             replicas = await wait_replicas(self.store.redis, self.settings)
             self.durability = Durability(self.store.redis, self.settings, replicas)
             await self._check_durability()
         except TopologyError as exc:
             raise InfrastructureError(str(exc)) from exc
+        except AuthenticationError as exc:
+            url = redact_url(self.settings.redis_url)
+            raise CredentialsRefused(refused("Redis", url, exc)) from exc
         except Exception as exc:
             url = redact_url(self.settings.redis_url)
             raise InfrastructureError(unreachable("Redis", url, exc)) from exc

@@ -71,6 +71,8 @@ class WorkerSettings(Connection, kw_only=True):
     revoke_grace_s: float = 10.0
     # Seconds SIGTERM waits for in-flight jobs before handing them back.
     drain_timeout_s: float = 30.0
+    # How long a starting worker waits for Redis to answer before it stops (exit 3).
+    start_wait_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
     # Kafka group session and poll limits (aiokafka's names).
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000

@@ -162,8 +162,10 @@ def mount(app: FastAPI, dash: Dashboard) -> None:
     _actions(app, dash)
 
 
-def page(request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, ctx, status_code=status)
+def page(
+    request: Request, name: str, ctx: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, ctx, status_code=status, headers=headers)
 
 
 async def viewer(request: Request) -> Tenant:

@@ -42,6 +42,8 @@ ENGINES = tuple(_CLASSES)
 # What each engine imports when it starts, and the extra that installs it.
 _NEEDS = {"vllm": ("vllm",), "lmdeploy": ("lmdeploy",), "hf": ("torch", "transformers", "xgrammar")}
 _EXTRAS = {"vllm": "vllm", "lmdeploy": "lmdeploy", "hf": "hf"}
+# vlmq[hf] brings torch, PyPI's CUDA build on Linux (gigabytes); on a machine without a GPU:
+TORCH_CPU = " (it brings torch; for the CPU-only build, first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
 
 
 def check_installed(name: str) -> None:
@@ -54,6 +56,7 @@ def check_installed(name: str) -> None:
             extra = _EXTRAS.get(name, "worker")
             raise EngineConfigError(
                 f"engine {name!r} needs {module}, which is not installed: pip install 'vlmq[{extra}]'"
+                + (TORCH_CPU if name == "hf" else "")
             )
 
 

@@ -5,8 +5,10 @@ Images go as base64 data URLs (the worker already fetched and resized them, so t
 never reaches into your storage). Concurrency is bounded (`max_concurrency`), 429 and 5xx
 are retried with backoff, and abort cancels the HTTP request. Options: `base_url`,
 `api_key`, `max_concurrency`, `timeout_s`, `retries`, `served_model` (the server's model
-name, default the worker's model), `structured` (`vllm`: choice and regex as vLLM's
-`structured_outputs`; `llama.cpp`: a choice as a GBNF grammar, for llama-server and llama-box).
+name, default the worker's model), `start_timeout_s` (how long start waits for the server
+to answer before the worker stops with exit 3, never joining its group), `structured`
+(`vllm`: choice and regex as vLLM's `structured_outputs`; `llama.cpp`: a choice as a GBNF
+grammar, for llama-server and llama-box).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from vlmq.core.retry import retry
+from vlmq.core.retry import CredentialsRefused, InfrastructureError, retry
 from vlmq.worker.embeds import EmbedSpec
 from vlmq.worker.engines.base import EngineConfigError, EngineOutput, EngineRequest
 from vlmq.worker.engines.mapping import http_error, openai_body
@@ -47,6 +49,7 @@ class OpenAIEngine:
         served_model: str | None = None,
         structured: str = "vllm",
         image_factor: int = 28,
+        start_timeout_s: float = 30.0,
     ) -> None:
         if structured not in ("vllm", "llama.cpp"):
             raise EngineConfigError(f"structured must be vllm or llama.cpp, not {structured!r}")
@@ -58,6 +61,7 @@ class OpenAIEngine:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = retries
         self.image_factor = image_factor
+        self.start_timeout_s = start_timeout_s
         self._slots = asyncio.Semaphore(max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[str, asyncio.Task[EngineOutput]] = {}
@@ -65,6 +69,41 @@ class OpenAIEngine:
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
+        await self._reach()
+
+    async def _reach(self) -> None:
+        """Before the worker takes partitions: a server that never answers would fail every
+        job it is given. Any HTTP answer will do (some servers have no /models); a refused
+        key is said as such."""
+        assert self._session is not None
+        url = f"{self.base_url}/models"
+
+        async def get() -> int:
+            assert self._session is not None
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return resp.status
+
+        try:
+            status = await retry(
+                get,
+                on=(TimeoutError, aiohttp.ClientError),
+                seconds=self.start_timeout_s,
+                max_wait=2.0,
+                quiet=True,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            await self.close()
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise InfrastructureError(
+                f"cannot reach the OpenAI-compatible server at base_url {self.base_url} ({why}): "
+                "start it, or point the worker at it with -e base_url=http://HOST:PORT/v1"
+            ) from None
+        if status in (401, 403):
+            await self.close()
+            raise CredentialsRefused(
+                f"the OpenAI-compatible server at base_url {self.base_url} refused the key "
+                f"(HTTP {status}): give it with -e api_key=..."
+            )
 
     async def close(self) -> None:
         if self._session is not None:
