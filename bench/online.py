@@ -32,12 +32,22 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.common import start_stack, write_result
 from vlmq.api.records import ONLINE, Records
 from vlmq.core.settings import Connection
+from vlmq.core.state import StateStore
 from vlmq.core.topology import AnyRedis, connect_redis
 from vlmq.deploy.stack import free_port, wait_until, worker_ready
 
 STEP_MS, TOKENS = 5, 10  # the fake engine: 10 tokens, 5 ms a step: 50 ms a request
 ENGINE_MS = STEP_MS * TOKENS
-BODY = {"model": "fake", "max_tokens": TOKENS, "messages": [{"role": "user", "content": "ping"}]}
+
+
+def body() -> dict[str, Any]:
+    """A request no other is identical to: the result cache (on by default) must miss, so
+    each one runs the engine, as distinct online requests do."""
+    return {
+        "model": "fake",
+        "max_tokens": TOKENS,
+        "messages": [{"role": "user", "content": uuid.uuid4().hex}],
+    }
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -48,7 +58,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Fleet:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], worker_env: dict[str, str], api_env: dict[str, str]) -> None:
+        self.worker_env, self.api_env = worker_env, api_env
         tag = uuid.uuid4().hex[:8]
         self.env = {
             **os.environ,
@@ -62,7 +73,7 @@ class Fleet:
     def worker(self) -> None:
         port = free_port()
         args = ["-e", f"step_ms={STEP_MS}", "-e", f"completion_tokens={TOKENS}", "-e", "max_num_seqs=2048"]
-        env = {**self.env, "VLMQ_METRICS_PORT": str(port), "VLMQ_MAX_IN_FLIGHT": "2048"}
+        env = {**self.env, "VLMQ_METRICS_PORT": str(port), "VLMQ_MAX_IN_FLIGHT": "2048", **self.worker_env}
         self._spawn([sys.executable, "-m", "vlmq.worker", "--engine", "fake", *args], env)
         wait_until(lambda: worker_ready(port), "the worker", 90)
 
@@ -76,6 +87,7 @@ class Fleet:
             "VLMQ_FILES_BUCKET": f"online-{uuid.uuid4().hex[:8]}",
             "VLMQ_CREATE_BUCKET": "true",
             **{f"VLMQ_{k.upper()}": str(v) for k, v in settings.items()},
+            **self.api_env,
         }
         proc = self._spawn([sys.executable, "-m", "vlmq.cli", "api", "serve"], env)
         url = f"http://127.0.0.1:{port}"
@@ -107,6 +119,7 @@ class Tally:
         self.ttft: list[float] = []
         self.status: dict[str, int] = {}
         self.refused_connections = 0
+        self.answers: list[tuple[str, float, float]] = []  # job id, sent and answered (unix s)
 
     def count(self, key: str) -> None:
         self.status[key] = self.status.get(key, 0) + 1
@@ -117,13 +130,15 @@ async def request(http: httpx.AsyncClient, url: str, key: str, t: Tally, stream:
     t0 = time.perf_counter()
     try:
         if not stream:
-            r = await http.post(f"{url}/v1/chat/completions", json=BODY, headers=headers)
+            r = await http.post(f"{url}/v1/chat/completions", json=body(), headers=headers)
             t.count(str(r.status_code))
             if r.status_code == 200:
                 t.added.append((time.perf_counter() - t0) * 1000 - ENGINE_MS)
+                sent = time.time() - (time.perf_counter() - t0)
+                t.answers.append((r.json()["id"].removeprefix("chatcmpl-"), sent, time.time()))
             return
         async with http.stream(
-            "POST", f"{url}/v1/chat/completions", json={**BODY, "stream": True}, headers=headers
+            "POST", f"{url}/v1/chat/completions", json={**body(), "stream": True}, headers=headers
         ) as r:
             t.count(str(r.status_code))
             first = None
@@ -149,7 +164,13 @@ async def healthz(http: httpx.AsyncClient, url: str, stop: asyncio.Event, out: l
 
 
 async def row(
-    urls: list[str], key: str, concurrent: int, rounds: int, stream: bool = False, health_url: str = ""
+    urls: list[str],
+    key: str,
+    concurrent: int,
+    rounds: int,
+    stream: bool = False,
+    health_url: str = "",
+    store: StateStore | None = None,
 ) -> dict[str, Any]:
     t, health, stop = Tally(), list[float](), asyncio.Event()
     limits = httpx.Limits(max_connections=concurrent + 16, max_keepalive_connections=concurrent + 16)
@@ -165,7 +186,38 @@ async def row(
         wall = time.perf_counter() - t0
         stop.set()
         await poller
-    return _summary(concurrent, t, health, wall, stream)
+    out = _summary(concurrent, t, health, wall, stream)
+    if store is not None and t.answers:
+        out["stages_ms"] = await stages(store, t.answers)
+        print({"concurrent": concurrent, "stages_ms": out["stages_ms"]}, flush=True)
+    return out
+
+
+STAGES = {
+    "api_in": "HTTP, key lookup, admission, subscribe: the client's send until the submit began",
+    "to_worker": "Redis enqueue, Kafka produce (acks=all), tansu, the worker's fetch, decode, claim",
+    "worker": "the worker's own time around the engine's (pipeline start to the result)",
+    "engine_over": "the fake engine's time past its fixed ENGINE_MS (its steps run late on a busy box)",
+    "back": "terminal write, completion notice, the waiter, slot release, the HTTP answer",
+}
+
+
+async def stages(store: StateStore, answers: list[tuple[str, float, float]]) -> dict[str, dict[str, float]]:
+    """Each answered request's added time split at the job record's own timestamps (one
+    machine, one clock): see STAGES."""
+    split: dict[str, list[float]] = {k: [] for k in STAGES}
+    records = await store.get_many([a[0] for a in answers])
+    for (_, sent, got), rec in zip(answers, records, strict=True):
+        tm = rec.timings if rec is not None else None
+        if tm is None or None in (tm.submitted_at, tm.started_at, tm.finished_at, tm.engine_s):
+            continue
+        assert tm.submitted_at and tm.started_at and tm.finished_at and tm.engine_s is not None
+        split["api_in"].append((tm.submitted_at - sent) * 1000)
+        split["to_worker"].append((tm.started_at - tm.submitted_at) * 1000)
+        split["worker"].append((tm.finished_at - tm.started_at - tm.engine_s) * 1000)
+        split["engine_over"].append(tm.engine_s * 1000 - ENGINE_MS)
+        split["back"].append((got - tm.finished_at) * 1000)
+    return {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99)} for k, v in split.items()}
 
 
 def _summary(concurrent: int, t: Tally, health: list[float], wall: float, stream: bool) -> dict[str, Any]:
@@ -217,35 +269,49 @@ async def _held_by(redis: AnyRedis, replica: str) -> int:
     return sum(1 for m in live if isinstance(m, bytes) and m.startswith(f"{replica}/".encode()))
 
 
-async def run(env: dict[str, str], requests: int, concurrency: list[int]) -> list[dict[str, Any]]:
-    fleet = Fleet(env)
+async def run(env: dict[str, str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    fleet = Fleet(
+        env, dict(v.split("=", 1) for v in args.worker_env), dict(v.split("=", 1) for v in args.api_env)
+    )
     conn = Connection.load({"redis_url": env["VLMQ_REDIS_URL"]})
+    redis = connect_redis(conn)
+    store, requests = StateStore(redis), args.requests
     try:
         fleet.worker()
         url, _ = fleet.api("api-1")
-        redis = connect_redis(conn)
         key = await Records(redis).create_key("bench")
-        await redis.aclose()
         await row([url], key, 4, 5)  # warm: connections, the producer, the worker's partitions
-        rows = [await row([url], key, n, max(1, requests // n)) for n in concurrency]
-        rows.append(await row([url], key, 10, max(1, requests // 10), stream=True))
-        rows.append(await kill_row(fleet, conn, key, lease_s=5.0))
+        rows = [await row([url], key, n, max(1, requests // n), store=store) for n in args.concurrency]
+        if args.stream:
+            rows.append(await row([url], key, 10, max(1, requests // 10), stream=True))
+        if args.kill:
+            rows.append(await kill_row(fleet, conn, key, lease_s=5.0))
         return rows
     finally:
         fleet.stop()
+        await redis.aclose()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--concurrency", default="1,10,100,1000")
+    ap.add_argument("--concurrency", default="1,10,100,1000", type=lambda v: [int(n) for n in v.split(",")])
     ap.add_argument("--requests", type=int, default=200, help="per row, at least one round")
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="the streamed row")
+    ap.add_argument(
+        "--kill", action=argparse.BooleanOptionalAction, default=True, help="the replica-kill row"
+    )
+    ap.add_argument("--worker-env", action="append", default=[], help="NAME=value for the worker (repeat)")
+    ap.add_argument("--api-env", action="append", default=[], help="NAME=value for the API replicas (repeat)")
+    ap.add_argument("--write", action=argparse.BooleanOptionalAction, default=True, help="the result file")
     args = ap.parse_args()
     stack, env = start_stack()
     try:
-        rows = asyncio.run(run(env, args.requests, [int(n) for n in args.concurrency.split(",")]))
+        rows = asyncio.run(run(env, args))
     finally:
         stack.down()
-    at10 = next(r for r in rows if r["concurrent"] == 10 and not r["stream"])
+    at10 = next((r for r in rows if r["concurrent"] == 10 and not r["stream"]), None)
+    if not args.write or at10 is None:
+        return
     write_result(
         "online",
         "ms added p50 at 10 concurrent (bound: 15)",
