@@ -4,7 +4,8 @@ engine time per request), on a private stack (tansu, redis-server, moto_server).
 
 Per concurrency: each client sends requests back to back (one round at 1,000); `added_ms`
 is each answered request's latency minus the engine's fixed time; 429s are counted (and
-not retried); `/healthz` is polled every 50 ms throughout (`healthz_ok`: every one 200).
+not retried); `/healthz` is polled every 50 ms throughout from a process of its own (`healthz_ok`:
+every one 200).
 `ttft_ms`: time to the first streamed content chunk at 10 concurrent (`stream: true`).
 The kill row: 200 concurrent over two replicas, one `kill -9`ed mid-run; the survivor's
 answers and the seconds until the dead replica's admission slots are free.
@@ -29,7 +30,7 @@ import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from bench.common import start_stack, write_result
+from bench.common import cpu_s, start_stack, write_result
 from vlmq.api.records import ONLINE, Records
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
@@ -152,15 +153,42 @@ async def request(http: httpx.AsyncClient, url: str, key: str, t: Tally, stream:
         t.refused_connections += 1  # a killed replica's connections
 
 
-async def healthz(http: httpx.AsyncClient, url: str, stop: asyncio.Event, out: list[float]) -> None:
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        try:
-            ok = (await http.get(f"{url}/healthz")).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        out.append((time.perf_counter() - t0) * 1000 if ok else -1.0)
-        await asyncio.sleep(0.05)
+def poll_healthz(url: str) -> None:
+    """`--poll-healthz URL`: GET /healthz every 50 ms until stdin closes, one line per
+    answer (its ms, -1 for a failure). A process of its own: polled from the clients'
+    event loop, /healthz would wait behind 1,000 clients' HTTP work in this process."""
+    import threading
+
+    stop = threading.Event()
+
+    def until_eof() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_eof, daemon=True).start()
+    with httpx.Client(timeout=30) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                ok = http.get(f"{url}/healthz").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            print(round((time.perf_counter() - t0) * 1000, 1) if ok else -1.0, flush=True)
+            stop.wait(0.05)
+
+
+class Healthz:
+    """The /healthz poller process of one row."""
+
+    def __init__(self, url: str) -> None:
+        argv = [sys.executable, __file__, "--poll-healthz", url]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.first = self.proc.stdout.readline()  # polling: the row may start
+
+    def stop(self) -> list[float]:
+        out, _ = self.proc.communicate("", timeout=60)
+        return [float(line) for line in (self.first + out).split()]
 
 
 async def row(
@@ -171,11 +199,12 @@ async def row(
     stream: bool = False,
     health_url: str = "",
     store: StateStore | None = None,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    t, health, stop = Tally(), list[float](), asyncio.Event()
+    t, poller = Tally(), await asyncio.to_thread(Healthz, health_url or urls[0])
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()} if pids else {}
     limits = httpx.Limits(max_connections=concurrent + 16, max_keepalive_connections=concurrent + 16)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        poller = asyncio.create_task(healthz(http, health_url or urls[0], stop, health))
 
         async def client(i: int) -> None:
             for _ in range(rounds):
@@ -184,9 +213,11 @@ async def row(
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(concurrent)))
         wall = time.perf_counter() - t0
-        stop.set()
-        await poller
+    health = poller.stop()
     out = _summary(concurrent, t, health, wall, stream)
+    if pids and (n := len(t.added)):
+        out["cpu_ms_per_answer"] = {k: round((cpu_s(pid) - cpu0[k]) * 1000 / n, 2) for k, pid in pids.items()}
+        print({"concurrent": concurrent, "cpu_ms_per_answer": out["cpu_ms_per_answer"]}, flush=True)
     if store is not None and t.answers:
         out["stages_ms"] = await stages(store, t.answers)
         print({"concurrent": concurrent, "stages_ms": out["stages_ms"]}, flush=True)
@@ -251,25 +282,39 @@ async def kill_row(fleet: Fleet, conn: Connection, key: str, lease_s: float) -> 
         task = asyncio.create_task(row([a, b], key, 200, 3, health_url=b))  # the survivor's
         await asyncio.sleep(1.0)
         os.killpg(pa.pid, signal.SIGKILL)
-        t0 = time.perf_counter()
+        t0, killed_at = time.perf_counter(), time.time()
+        held = await _held_by(redis, "kill-a")
+        # When the last of them expires, by their own expiry times (this process's clients
+        # keep its loop busy: polling alone sees it later).
+        expire_s = max((score for _, score in held), default=killed_at) - killed_at
         while await _held_by(redis, "kill-a"):
             await asyncio.sleep(0.05)
         freed_s = time.perf_counter() - t0
         out = await task
     finally:
         await redis.aclose()
-    out.update({"killed_replica": "kill-a", "slots_freed_s": round(freed_s, 2), "online_lease_s": lease_s})
+    out.update(
+        {
+            "killed_replica": "kill-a",
+            "slots_at_kill": len(held),
+            "slots_expire_s": round(expire_s, 2),
+            "slots_freed_s": round(freed_s, 2),
+            "online_lease_s": lease_s,
+        }
+    )
     print(out, flush=True)
     return out
 
 
-async def _held_by(redis: AnyRedis, replica: str) -> int:
-    """Live admission slots of one replica."""
-    live = await redis.zrangebyscore(ONLINE, time.time(), "+inf")
-    return sum(1 for m in live if isinstance(m, bytes) and m.startswith(f"{replica}/".encode()))
+async def _held_by(redis: AnyRedis, replica: str) -> list[tuple[bytes, float]]:
+    """Live admission slots of one replica, with their expiry times."""
+    live = await redis.zrangebyscore(ONLINE, time.time(), "+inf", withscores=True)
+    mine = f"{replica}/".encode()
+    pairs = [row for row in live if isinstance(row, tuple | list)]  # withscores: (member, score) each
+    return [(m, float(s)) for m, s in pairs if isinstance(m, bytes) and m.startswith(mine)]
 
 
-async def run(env: dict[str, str], args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(env: dict[str, str], args: argparse.Namespace, servers: dict[str, int]) -> list[dict[str, Any]]:
     fleet = Fleet(
         env, dict(v.split("=", 1) for v in args.worker_env), dict(v.split("=", 1) for v in args.api_env)
     )
@@ -278,10 +323,14 @@ async def run(env: dict[str, str], args: argparse.Namespace) -> list[dict[str, A
     store, requests = StateStore(redis), args.requests
     try:
         fleet.worker()
-        url, _ = fleet.api("api-1")
+        url, api = fleet.api("api-1")
+        # CPU per answer of each process (the bench's clients are this process)
+        pids = {"client": os.getpid(), "api": api.pid, "worker": fleet.procs[0].pid, **servers}
         key = await Records(redis).create_key("bench")
         await row([url], key, 4, 5)  # warm: connections, the producer, the worker's partitions
-        rows = [await row([url], key, n, max(1, requests // n), store=store) for n in args.concurrency]
+        rows = [
+            await row([url], key, n, max(1, requests // n), store=store, pids=pids) for n in args.concurrency
+        ]
         if args.stream:
             rows.append(await row([url], key, 10, max(1, requests // 10), stream=True))
         if args.kill:
@@ -293,6 +342,8 @@ async def run(env: dict[str, str], args: argparse.Namespace) -> list[dict[str, A
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--poll-healthz"]:
+        return poll_healthz(sys.argv[2])
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--concurrency", default="1,10,100,1000", type=lambda v: [int(n) for n in v.split(",")])
     ap.add_argument("--requests", type=int, default=200, help="per row, at least one round")
@@ -306,7 +357,8 @@ def main() -> None:
     args = ap.parse_args()
     stack, env = start_stack()
     try:
-        rows = asyncio.run(run(env, args))
+        servers = {n: svc.pid for n, svc in stack.services.items() if n in ("kafka", "redis") and svc.pid}
+        rows = asyncio.run(run(env, args, servers))
     finally:
         stack.down()
     at10 = next((r for r in rows if r["concurrent"] == 10 and not r["stream"]), None)
