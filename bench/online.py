@@ -2,13 +2,16 @@
 concurrent clients against real `vlmq api` replicas and one fake-engine worker (a fixed
 engine time per request), on a private stack (tansu, redis-server, moto_server).
 
-Per concurrency: each client sends requests back to back (one round at 1,000); `added_ms`
-is each answered request's latency minus the engine's fixed time; 429s are counted (and
-not retried); `/healthz` is polled every 50 ms throughout from a process of its own (`healthz_ok`:
-every one 200).
-`ttft_ms`: time to the first streamed content chunk at 10 concurrent (`stream: true`).
-The kill row: 200 concurrent over two replicas, one `kill -9`ed mid-run; the survivor's
-answers and the seconds until the dead replica's admission slots are free.
+Per concurrency: each client sends requests back to back (one round at 1,000), each with a
+prompt of its own (the result cache must miss); `added_ms` is each answered request's
+latency minus the engine's fixed time, and `stages_ms` splits it at the job record's
+timestamps (STAGES); `cpu_ms_per_answer`: CPU each process used per answer (the clients
+are this process). 429s are counted (and not retried); `/healthz` is polled every 50 ms
+throughout from a process of its own (`healthz_ok`: every one 200). `ttft_ms`: time to the
+first streamed content chunk at 10 concurrent (`stream: true`). The kill row: 200
+concurrent over two replicas, one `kill -9`ed once it holds 50 requests; the survivor's
+answers, and when the dead replica's slots expire (`slots_expire_s`, from their own
+expiry times) and are seen free (`slots_freed_s`).
 
     python bench/online.py
 """
@@ -275,12 +278,14 @@ def _summary(concurrent: int, t: Tally, health: list[float], wall: float, stream
 
 
 async def kill_row(fleet: Fleet, conn: Connection, key: str, lease_s: float) -> dict[str, Any]:
-    """200 concurrent over two replicas; one is killed after a second."""
+    """200 concurrent over two replicas; one is killed once it holds 50 slots."""
     (a, pa), (b, _) = fleet.api("kill-a", online_lease_s=lease_s), fleet.api("kill-b", online_lease_s=lease_s)
     redis = connect_redis(conn)
     try:
         task = asyncio.create_task(row([a, b], key, 200, 3, health_url=b))  # the survivor's
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while len(await _held_by(redis, "kill-a")) < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until the victim holds requests
         os.killpg(pa.pid, signal.SIGKILL)
         t0, killed_at = time.perf_counter(), time.time()
         held = await _held_by(redis, "kill-a")
