@@ -115,9 +115,13 @@ class Online:
         self._releasing: set[asyncio.Task[None]] = set()  # `release`s under way (kept from the GC)
 
     def enter(self) -> None:
-        """A place among this process's online requests, or 429 at once; `leave` gives it back."""
+        """A place among this process's online requests, or 429 at once (before the key is
+        looked up or Redis asked: also when this replica's own requests hold every slot of
+        the fleet); `leave` gives it back."""
         if self.inside >= self.s.online_max_waiting:
             raise busy(f"this replica holds {self.s.online_max_waiting} online requests", "replica_full")
+        if len(self.held) >= self.s.online_max_queued:  # this replica's slots alone fill the fleet's
+            raise busy(f"more than {self.s.online_max_queued} requests are waiting", "queue_full")
         self.inside += 1
 
     def leave(self) -> None:
