@@ -59,7 +59,9 @@ class Ctx:
         self.s = settings
         # Blocking on a full pool is never an outage: callers are bounded (api/online.py).
         self.client = Client(
-            settings=settings, redis_options={"max_connections": settings.redis_max_connections}
+            settings=settings,
+            redis_options={"max_connections": settings.redis_max_connections},
+            kafka_options={"linger_ms": settings.kafka_linger_ms},
         )
         self.records = Records(self.client.redis, settings.files_bucket)
         self.storage = Storage(settings.files_bucket, settings.s3_endpoint_url)
@@ -469,11 +471,15 @@ def _routes(app: FastAPI, ctx: Ctx) -> None:
             if streaming is not None:  # the stream gives the slot back when it ends
                 streaming_left = True
                 return EventStream(online, job, streaming)
-            result = None
             try:
                 result = await online.wait(job.job_id, s.online_timeout_s)
-            finally:
-                await online.finish(job.job_id, cancel=result is None)
+            except BaseException:  # the client left: nobody reads the answer
+                await online.finish(job.job_id, cancel=True)
+                raise
+            if result is None:
+                await online.finish(job.job_id, cancel=True)
+            else:
+                online.release(job.job_id)  # beside the answer, not before it
             return json_response(answer(result, s.online_timeout_s))
         finally:
             if not streaming_left:

@@ -112,11 +112,16 @@ class Online:
         self.gate = asyncio.Semaphore(settings.online_redis_share())
         self.inside = 0  # requests of this process between arrival and answer
         self.held: set[str] = set()  # job ids holding a fleet-wide slot (leases to renew)
+        self._releasing: set[asyncio.Task[None]] = set()  # `release`s under way (kept from the GC)
 
     def enter(self) -> None:
-        """A place among this process's online requests, or 429 at once; `leave` gives it back."""
+        """A place among this process's online requests, or 429 at once (before the key is
+        looked up or Redis asked: also when this replica's own requests hold every slot of
+        the fleet); `leave` gives it back."""
         if self.inside >= self.s.online_max_waiting:
             raise busy(f"this replica holds {self.s.online_max_waiting} online requests", "replica_full")
+        if len(self.held) >= self.s.online_max_queued:  # this replica's slots alone fill the fleet's
+            raise busy(f"more than {self.s.online_max_queued} requests are waiting", "queue_full")
         self.inside += 1
 
     def leave(self) -> None:
@@ -156,6 +161,19 @@ class Online:
             if cancel:
                 await self.client.cancel(job_id)
             await self.records.online_done(self.s.replica_id, job_id)
+
+    def release(self, job_id: str) -> None:
+        """`finish` for an answered job, run beside its response: the slot's Redis round
+        trip is not on the request's path. Should it fail, the slot is no longer renewed
+        and frees itself within `online_lease_s`."""
+        task = asyncio.create_task(self.finish(job_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("online slot not released; its lease frees it", error=f"{type(exc).__name__}: {exc}")
 
     async def renew(self) -> None:
         """Forever: renew this replica's slots every third of their lease, so they outlive

@@ -77,6 +77,11 @@ class ApiSettings(Connection, kw_only=True):
     # Seconds an online request's admission slot lasts unless its replica renews it (every
     # third of it): a replica that dies (kill -9) gives its slots back after this.
     online_lease_s: Annotated[float, Meta(gt=0)] = 5.0
+    # Milliseconds this process's Kafka producer holds a message to batch it with others
+    # (aiokafka's linger_ms). 0: an online request's produce leaves at once (5 ms less
+    # latency); the batch driver's chunks still go out in batches, since messages queue
+    # up behind the one in flight (docs/performance.md).
+    kafka_linger_ms: Annotated[int, Meta(ge=0, le=1000)] = 0
     # Seconds an online request waits for its answer before it fails with 504.
     online_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     # Connections in this process's Redis pool (per node on a cluster). Online requests

@@ -208,16 +208,22 @@ class FakeEngine:
             heapq.heapify(self._waiting)
 
     async def _schedule(self) -> None:
+        # Steps keep to their own clock (step k ends at start + k * step_s), as a real
+        # engine's do in its own process: a late wake-up of this event loop (a busy worker)
+        # does not add up over a request's steps.
+        step_end = time.perf_counter()
         while True:
             if not self._running and not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
+                step_end = time.perf_counter()  # idle until now: the next step starts now
             while self._waiting and len(self._running) < self.max_num_seqs:
                 _, _, seq = heapq.heappop(self._waiting)
                 if not seq.done.done():
                     self._running[seq.request.request_id] = seq
             self.max_batch_seen = max(self.max_batch_seen, len(self._running))
-            await asyncio.sleep(self.step_s)
+            step_end += self.step_s
+            await asyncio.sleep(max(0.0, step_end - time.perf_counter()))
             self.steps += 1
             self._step()
 
