@@ -33,14 +33,32 @@ local function cancelled(k5, k6, batch)
   return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
 end
 
+-- A retried batch job leaves the `failed` and error code indexes for `open` (the names
+-- are keys.index_key's, in the job's slot: the same hash tag).
+local function reindex(k1, k3, job_id, batch, record)
+  local ok, r = pcall(cjson.decode, record or '')
+  local code = ok and type(r) == 'table' and type(r.error) == 'table' and r.error.code
+  local head = string.match(k1, '^(.-):job:') .. ':sub:jx:'
+  local group = ':b:' .. batch
+  redis.call('ZREM', head .. 'failed' .. group, job_id)
+  if type(code) == 'string' then
+    redis.call('ZREM', head .. 'e.' .. code .. group, job_id)
+    redis.call('HINCRBY', k3, 'e.' .. code, -1)
+  end
+  local at = redis.call('ZSCORE', head .. 'all' .. group, job_id)
+  if at then redis.call('ZADD', head .. 'open' .. group, at, job_id) end
+end
+
 local function retried(k1, k2, k3, k4, st)
   if st ~= 'failed' or redis.call('HGET', k2, 'retry') ~= '1' then return false end
   local job_id = string.match(k1, ':job:(.*)$')
+  local batch = redis.call('HGET', k1, 'batch_id')
+  if batch then reindex(k1, k3, job_id, batch, redis.call('HGET', k1, 'record')) end
   redis.call('HDEL', k2, 'retry')
   redis.call('HDEL', k1, 'record')
   redis.call('HSET', k1, 'retry_base', redis.call('HGET', k1, 'attempt') or '0')
   redis.call('HINCRBY', k1, 'retries', 1)
-  if redis.call('HGET', k1, 'batch_id') then
+  if batch then
     redis.call('HINCRBY', k3, 'failed', -1)
     redis.call('HINCRBY', k3, 'running', 1)
     redis.call('LREM', k4, 1, job_id)
