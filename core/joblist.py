@@ -1,10 +1,13 @@
 """Pages of a job list (a batch's jobs, or a tenant's online requests) from the indexes the
 scripts keep (keys.index_key: one zset per shard and bucket, scored by submit time).
 
-Newest first: (score, id) descending, as ZREVRANGEBYSCORE returns them. A page merges the
-256 shards: each gives a few ids past the cursor, and only a shard whose every id made the
-page is asked for more. So a page costs O(page + shards) whatever the list's length: no
-read walks the list, and a cursor (`score|id`) still works when the list grows meanwhile.
+Newest first: (score, id) descending, as ZREVRANGEBYSCORE returns them, past a cursor
+(`score|id`: it still holds while the list grows). On a single Redis a list is one zset per
+bucket: a page is one ZREVRANGEBYSCORE, O(log n + page). On a cluster a script may write
+only its job's slot, so a list is spread over the 256 shards: a page merges them, each
+gives a few ids and only a shard whose every id made the page is asked for more, O(shards
++ page). Either way no read walks the list: a page costs the same at a thousand jobs and at
+a million.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 from typing import Any
 
 import msgspec
+from redis.asyncio import RedisCluster
 
 from vlmq.core.topology import AnyRedis
 from vlmq.schemas import keys
@@ -88,6 +92,15 @@ async def page(
             sh.ask *= 4
     out = merged[:limit]
     return out, (cursor_of(out[-1]) if len(merged) > limit else None)
+
+
+def index_shards(redis: AnyRedis) -> range:
+    """The shards a job list lives in: one on a single Redis, all of them on a cluster."""
+    return range(keys.SHARDS) if isinstance(redis, RedisCluster) else range(1)
+
+
+def index_shard(redis: AnyRedis, job_id: str) -> int:
+    return keys.shard(job_id) if isinstance(redis, RedisCluster) else 0
 
 
 def _take(sh: _Shard, rows: list[Any], c: Entry | None) -> None:

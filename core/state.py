@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlmq.core import joblist
 from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.scripts import Call, Lanes, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
@@ -188,7 +189,7 @@ class StateStore:
             meta = _META.encode(metadata) if metadata else b""
             args = [keys.job_key(job_id), batch_id or "", at, meta, digest]
             group = keys.index_group(batch_id, metadata.get(keys.CACHE_SCOPE_FIELD))
-            return [keys.submitted_key(job_id), sub_batch, *_indexes(job_id, group, "all", "open")], args
+            return [keys.submitted_key(job_id), sub_batch, *self._indexes(job_id, group, "all", "open")], args
 
         out: list[Enqueued | None] = [None] * len(items)
         for idx, replies in await self._per_slot("enqueue", [it[0] for it in items], each, [self.ttl_s]):
@@ -209,7 +210,7 @@ class StateStore:
             job_id, batch_id, tenant = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
             group = keys.index_group(batch_id, tenant)
-            return [keys.submitted_key(job_id), sub_batch, *_indexes(job_id, group, "all", "open")], [
+            return [keys.submitted_key(job_id), sub_batch, *self._indexes(job_id, group, "all", "open")], [
                 keys.job_key(job_id),
                 batch_id or "",
             ]
@@ -234,7 +235,9 @@ class StateStore:
         (worker, topic, partition, offset): claiming it again is idempotent (same attempt)."""
         sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
         keys_ = [*self._job_keys(job_id, batch_id), keys.cancel_key(job_id), sub_batch]
-        head = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else ""]
+        # The job list's head, when it is not the job's own slot (claim.lua's reindex).
+        shared = "" if self.scripts.cluster else keys.tag(0)
+        head = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else "", shared]
         args = [*head, batch_id or "", digest, delivery]
         st, detail, *base = await self._call(Call("claim", keys_, args))
         match _s(st):
@@ -247,6 +250,11 @@ class StateStore:
             case "cancel":
                 return Claim(JobState.CANCELLED, int(detail), cancel_requested=True)
         return Claim(JobState(_s(st)), int(detail), retry_base=int(base[0]) if base else 0)
+
+    def _indexes(self, job_id: str, group: str, *buckets: str) -> list[str]:
+        """A job's entries in its job list (core/joblist.py: one zset per bucket on a single
+        Redis, one per shard on a cluster, where a script writes only its job's slot)."""
+        return [keys.index_key(joblist.index_shard(self.redis, job_id), group, b) for b in buckets]
 
     @staticmethod
     def _job_keys(job_id: str, batch_id: str | None) -> list[str]:
@@ -282,7 +290,7 @@ class StateStore:
         keys_ = [
             *self._job_keys(result.job_id, result.batch_id),
             keys.cancel_key(result.job_id),
-            *_indexes(result.job_id, group, *buckets),
+            *self._indexes(result.job_id, group, *buckets),
         ]
         tm = result.timings
         args: list[Any] = [
@@ -535,10 +543,6 @@ async def follow(redis: AnyRedis, channel: str, handle: Callable[[str], None], w
 async def _subscribe(pubsub: PubSub, channels: list[str]) -> None:
     for i in range(0, len(channels), 1000):  # bounded command size
         await pubsub.subscribe(*channels[i : i + 1000])
-
-
-def _indexes(job_id: str, group: str, *buckets: str) -> list[str]:
-    return [keys.index_key(keys.shard(job_id), group, b) for b in buckets]
 
 
 def _enqueued(reply: str) -> Enqueued:
