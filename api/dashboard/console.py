@@ -85,7 +85,9 @@ async def job_page(store: StateStore, group: str, q: JobQuery, limit: int) -> Jo
         w = msgspec.structs.replace(q.window(), cursor=cursor)
         entries, nxt = await joblist.page(store.redis, group, q.bucket(), w, limit)
         got = await store.get_many([j for _, j in entries])
-        rows += [r for r in got if r is not None and (want is None or r.state.value == want)]
+        rows += [
+            r for r in got if r is not None and in_group(r, group) and (want is None or r.state.value == want)
+        ]
         if nxt is None:
             return JobPage(rows[:limit])
         cursor = nxt

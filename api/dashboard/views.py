@@ -618,7 +618,7 @@ async def _what(dash: Dashboard, t: Tenant, action: str, target: str, code: str)
         }[action]
         return {
             "what": what,
-            "url": f"/dashboard/workers/{quote(target)}/{action}",
+            "url": f"/dashboard/workers/{quote(target, safe='')}/{action}",
             "code": "",
             "back": "/dashboard/workers",
         }

@@ -187,6 +187,10 @@ def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], C
     group = page.locator(".group[data-code='engine_error']")
     assert group.get_by_test_id("group-count").inner_text() == str(n // 5)
     assert page.get_by_test_id("cancel").is_disabled()  # ended: a cancel would only block retries
+    late = httpx.post(
+        f"{base}/dashboard/batches/{batch}/cancel", data={"confirm": "yes"}, headers=_bearer(admin)
+    )  # a stale page's or a script's: refused, audited, and the failures stay retryable
+    assert late.status_code == 303 and late.headers["location"].endswith("done=no-cancel-ended")
     _stops_polling(page)
     shot(page, "batch-failures")
 
@@ -261,7 +265,19 @@ def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], C
 
     page.goto(f"{base}/dashboard/audit")
     actions = [r.get_attribute("data-action") for r in page.locator("table.audit tbody tr").all()]
-    assert actions == ["drain", "resume", "pause", "cancel-batch", "cancel-job", "retry-batch", "retry-job"]
+    assert actions == [
+        *(
+            "drain",
+            "resume",
+            "pause",
+            "cancel-batch",
+            "cancel-job",
+            "retry-batch",
+            "retry-job",
+            "cancel-batch",
+        )
+    ]
+    assert "refused: completed" in page.locator("table.audit tbody tr").last.inner_text()
     assert f"ops-{e.tag}" in page.inner_text("table.audit") and victim in page.inner_text("table.audit")
     shot(page, "audit")
     c.close()

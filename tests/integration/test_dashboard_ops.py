@@ -17,13 +17,13 @@ from tests.helpers import Env, put_images, start_worker, stop_worker
 from vlmq.api.dashboard.console import JobQuery, job_page
 from vlmq.api.dashboard.data import Board
 from vlmq.api.records import Records
-from vlmq.core import workers
+from vlmq.core import joblist, workers
 from vlmq.core.settings import Connection
 from vlmq.core.state import StateStore
 from vlmq.producer import Client
 from vlmq.producer.builders import batch_job_id, caption
 from vlmq.producer.client import validated
-from vlmq.schemas import JobState
+from vlmq.schemas import JobState, keys
 from vlmq.schemas.codec import MSGPACK
 from vlmq.schemas.errors import ErrorCode
 from vlmq.schemas.job import Error, Job, Result, Timings
@@ -151,17 +151,23 @@ async def test_job_lists_page_filter_and_search_in_order_page(e: Env) -> None:
             await store.finish(
                 Result(job_id=j, state=state, batch_id=batch, error=err, timings=Timings(submitted_at=at))
             )
+        # A producer may write an index (a `sub:` key): another list's job slipped in is not shown.
+        stranger = f"{batch}-stranger"
+        await store.enqueue_many([(stranger, f"{batch}-elsewhere", at + 500, {}, "d")])
+        slot = keys.index_key(joblist.index_shard(store.redis, stranger), f"b:{batch}", "all")
+        await store.redis.zadd(slot, {stranger: at + 500})
         seen: list[str] = []
         q = JobQuery()
         while True:
             got = await job_page(store, f"b:{batch}", q, 25)
             seen += [r.job_id for r in got.rows]
-            if len(seen) == 50:  # the list grows between pages: the cursor still holds
+            if 50 <= len(seen) < 75:  # the list grows between pages: the cursor still holds
                 await store.enqueue_many([(f"{batch}-late", batch, at + 99, {}, "d")])
             if got.next is None:
                 break
             q = JobQuery(cursor=got.next)
         assert sorted(seen) == sorted(ids) and len(seen) == n  # each once; the late one was before the cursor
+        assert stranger not in seen
         subs = [(r, at + int(r.rsplit("-", 1)[1]) // 100) for r in seen]
         assert [a for _, a in subs] == sorted((a for _, a in subs), reverse=True)  # newest first
         failed = await _all(store, f"b:{batch}", JobQuery(state="failed"))
