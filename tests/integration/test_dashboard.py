@@ -197,6 +197,7 @@ def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], C
     group.get_by_test_id("group-jobs").click()  # the failed jobs of that code, a page of them
     rows = page.locator("table.jobs tbody tr")
     assert rows.count() == n // 5 and "engine_error" in rows.first.inner_text()
+    shot(page, "jobs")
     stop_worker(flaky)  # the fix is deployed: then the failed items are retried
     start_worker(e, "fixed", engine_args="step_ms=25,max_num_seqs=2", heartbeat_s=1)
     one = page.locator(f"tr[data-job='{batch}-0']")
