@@ -317,7 +317,9 @@ class Worker:
                 self._control.clear()
                 with contextlib.suppress(TimeoutError):
                     await within(self._control.wait(), 0.5)
-                await consumer.getmany(timeout_ms=0)
+                # A partition assigned since the pause() above may have fetched: served, never
+                # dropped (its offsets must not move past unhandled messages).
+                self._start(await consumer.getmany(timeout_ms=0, max_records=1))
                 continue
             if free <= 0:
                 # Full: stop fetching but keep polling, so the group sees us alive.
