@@ -30,7 +30,7 @@ CACHE_NAMES = ("cache_take", "cache_put", "cache_drop", "cache_renew", "cache_in
 # Scripts that take many jobs in one call: (keys per job, shared leading arguments). A
 # job's own arguments follow the shared ones. `now` (argument 1) may differ between calls
 # of one tick: the merged call takes the first one's.
-MANY = {"claim": (6, 5)}
+MANY = {"claim": (6, 6)}
 # Scripts whose writes must reach `replicas` replicas before their callers go on (WAIT): a
 # terminal write, since the job's offset is committed after it. A claim need not: one lost
 # in a failover costs at most a second run of the job, whose terminal write the first

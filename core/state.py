@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from vlmq.core import tracing
+from vlmq.core import joblist, tracing
 from vlmq.core.retry import REDIS_FAILOVER
 from vlmq.core.scripts import Call, Lanes, Scripts
 from vlmq.core.settings import LEASE_S, RESULT_TTL_S
@@ -101,6 +101,7 @@ class BatchCounts(msgspec.Struct):
     failed: int = 0
     cancelled: int = 0
     expired: int = 0
+    by_code: dict[str, int] = {}  # failed jobs per error code
 
     @property
     def finished(self) -> int:
@@ -189,7 +190,8 @@ class StateStore:
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
             meta = _META.encode(metadata) if metadata else b""
             args = [keys.job_key(job_id), batch_id or "", at, meta, digest]
-            return [keys.submitted_key(job_id), sub_batch], args
+            group = keys.index_group(batch_id, metadata.get(keys.CACHE_SCOPE_FIELD))
+            return [keys.submitted_key(job_id), sub_batch, *self._indexes(job_id, group, "all", "open")], args
 
         out: list[Enqueued | None] = [None] * len(items)
         for idx, replies in await self._per_slot("enqueue", [it[0] for it in items], each, [self.ttl_s]):
@@ -202,16 +204,21 @@ class StateStore:
         """Note that Kafka acknowledged these jobs (one script call per slot)."""
         await self._per_slot("sent", job_ids, lambda i: ([keys.submitted_key(job_ids[i])], []), [])
 
-    async def unqueue(self, items: Sequence[tuple[str, str | None]]) -> int:
-        """Remove the records of (job_id, batch_id) that no worker took and Kafka never
-        acknowledged: a submit whose Kafka write failed leaves nothing behind. Returns how many."""
+    async def unqueue(self, items: Sequence[tuple[str, str | None, str | None]]) -> int:
+        """Remove the records of (job_id, batch_id, tenant) that no worker took and Kafka
+        never acknowledged: a submit whose Kafka write failed leaves nothing behind (not in
+        its job list either). Returns how many."""
 
         def each(i: int) -> tuple[list[str], list[Any]]:
-            job_id, batch_id = items[i]
+            job_id, batch_id, tenant = items[i]
             sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
-            return [keys.submitted_key(job_id), sub_batch], [keys.job_key(job_id), batch_id or ""]
+            group = keys.index_group(batch_id, tenant)
+            return [keys.submitted_key(job_id), sub_batch, *self._indexes(job_id, group, "all", "open")], [
+                keys.job_key(job_id),
+                batch_id or "",
+            ]
 
-        done = await self._per_slot("unqueue", [j for j, _ in items], each, [])
+        done = await self._per_slot("unqueue", [j for j, _, _ in items], each, [])
         return sum(int(n) for _, n in done)
 
     @tracing.redis("claim")
@@ -232,7 +239,9 @@ class StateStore:
         (worker, topic, partition, offset): claiming it again is idempotent (same attempt)."""
         sub_batch = keys.batch_submitted_key(keys.shard(job_id), batch_id or "")
         keys_ = [*self._job_keys(job_id, batch_id), keys.cancel_key(job_id), sub_batch]
-        head = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else ""]
+        # The job list's head, when it is not the job's own slot (claim.lua's reindex).
+        shared = "" if self.scripts.cluster else keys.tag(0)
+        head = [worker, time.time(), self.ttl_s, lease_s, "1" if strict else "", shared]
         args = [*head, batch_id or "", digest, delivery]
         st, detail, *base = await self._call(Call("claim", keys_, args))
         match _s(st):
@@ -245,6 +254,11 @@ class StateStore:
             case "cancel":
                 return Claim(JobState.CANCELLED, int(detail), cancel_requested=True)
         return Claim(JobState(_s(st)), int(detail), retry_base=int(base[0]) if base else 0)
+
+    def _indexes(self, job_id: str, group: str, *buckets: str) -> list[str]:
+        """A job's entries in its job list (core/joblist.py: one zset per bucket on a single
+        Redis, one per shard on a cluster, where a script writes only its job's slot)."""
+        return [keys.index_key(joblist.index_shard(self.redis, job_id), group, b) for b in buckets]
 
     @staticmethod
     def _job_keys(job_id: str, batch_id: str | None) -> list[str]:
@@ -275,8 +289,16 @@ class StateStore:
         `digest` (a message that was never claimed), raises Refused unless that message is
         the one submitted (`strict`: a job without a submit record is refused too)."""
         assert result.state.terminal, result.state
-        keys_ = [*self._job_keys(result.job_id, result.batch_id), keys.cancel_key(result.job_id)]
-        args = [
+        group = keys.index_group(result.batch_id, result.metadata.get(keys.CACHE_SCOPE_FIELD))
+        code = result.error.code.value if result.error is not None else ""
+        buckets = ("all", "open", result.state.value, f"e.{code}" if code else "all")
+        keys_ = [
+            *self._job_keys(result.job_id, result.batch_id),
+            keys.cancel_key(result.job_id),
+            *self._indexes(result.job_id, group, *buckets),
+        ]
+        tm = result.timings
+        args: list[Any] = [
             result.job_id,
             result.state.value,
             encode_result(result),
@@ -286,6 +308,8 @@ class StateStore:
             "1" if requested else "",
             digest,
             "1" if strict else "",
+            (tm and (tm.submitted_at or tm.finished_at)) or time.time(),  # the score if not indexed
+            code,
         ]
         wrote, prev = await self._call(Call("finish", keys_, args))
         if not wrote and _s(prev) in ("forged", "unsubmitted"):
@@ -490,7 +514,8 @@ class StateStore:
                 c[_s(k)] = c.get(_s(k), 0) + int(v)
         total = submitted + c.get("unrecorded", 0)
         fields = {f: c.get(f, 0) for f in ("running", "succeeded", "failed", "cancelled", "expired")}
-        return BatchCounts(total=total, queued=total - c.get("left", 0), **fields)
+        by_code = {k[2:]: n for k, n in sorted(c.items()) if k.startswith("e.") and n > 0}
+        return BatchCounts(total=total, queued=total - c.get("left", 0), by_code=by_code, **fields)
 
     async def iter_batch(self, batch_id: str, *, chunk: int = 1000) -> AsyncIterator[Result]:
         """Every ended job of a batch, shard by shard, in the order they ended in each;

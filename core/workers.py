@@ -34,6 +34,7 @@ class Beat(msgspec.Struct, kw_only=True, omit_defaults=True):
     ended: int = 0  # ended jobs since it started
     gpu_busy: float | None = None  # mean NVML utilisation of its GPUs, 0-1; None without NVML
     partitions: list[int] = []  # the jobs topic's partitions it holds
+    control: str = ""  # what an operator asked of it and it does: "paused", "draining"
 
 
 _enc = msgspec.json.Encoder()
@@ -67,6 +68,35 @@ async def alive(redis: AnyRedis, limit: int = 1000) -> list[Beat]:
         pipe.get(keys.worker_key(w))
     beats = [_dec.decode(v) for v in await pipe.execute() if v]
     return sorted(beats, key=lambda b: (-b.in_flight, b.worker))
+
+
+COMMANDS = ("pause", "resume", "drain")
+
+
+async def command(redis: AnyRedis, worker: str, what: str) -> None:
+    """An operator's command to a worker (pause, resume, drain): kept in its control key
+    (a worker that missed the message reads it at its next beat) and announced at once.
+    A pause holds until a resume, across restarts; a drain is taken once (the worker
+    removes it as it starts to drain)."""
+    assert what in COMMANDS, what
+    pipe = redis.pipeline(transaction=False)
+    if what == "resume":
+        pipe.delete(keys.worker_control_key(worker))
+    else:
+        pipe.set(keys.worker_control_key(worker), what, ex=7 * 24 * 3600)
+    pipe.publish(keys.WORKER_CONTROL_CHANNEL, worker)
+    await pipe.execute()
+
+
+async def commanded(redis: AnyRedis, worker: str) -> str:
+    """The command a worker is under now: "pause", "drain" or "" (run)."""
+    got = await redis.get(keys.worker_control_key(worker))
+    return _s(got) if got else ""
+
+
+async def take_drain(redis: AnyRedis, worker: str) -> None:
+    """The worker starts its drain: the command is spent (a restart runs again)."""
+    await redis.delete(keys.worker_control_key(worker))
 
 
 def gpu_busy() -> float | None:

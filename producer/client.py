@@ -47,6 +47,7 @@ from vlmq.producer.errors import (
     Unavailable,
     ValidationError,
 )
+from vlmq.schemas import keys
 from vlmq.schemas.codec import MSGPACK, decode_job, encode_job, message_digest
 from vlmq.schemas.errors import VlmqError
 from vlmq.schemas.job import Job, JobState, Result
@@ -315,9 +316,11 @@ class Client:
             progress(report)
 
     async def _unqueue(self, jobs: Sequence[Job], job_ids: Sequence[str]) -> None:
-        batch_of = {j.job_id: j.batch_id for j in jobs}
+        of = {j.job_id: j for j in jobs}
         with self._reaching_redis():
-            await self.store.unqueue([(j, batch_of.get(j)) for j in job_ids])
+            await self.store.unqueue(
+                [(j, of[j].batch_id, of[j].metadata.get(keys.CACHE_SCOPE_FIELD)) for j in job_ids]
+            )
 
     # -- follow -----------------------------------------------------------------------
 

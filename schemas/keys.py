@@ -35,6 +35,15 @@ def worker_key(worker_id: str) -> str:
     return f"{PREFIX}:{{workers}}:beat:{worker_id}"
 
 
+WORKER_CONTROL_CHANNEL = f"{PREFIX}:workers:control"  # pub/sub: a worker id, whose command changed
+
+
+def worker_control_key(worker_id: str) -> str:
+    """An operator's command to a worker: `pause` (take no new messages) or `drain`
+    (finish in-flight jobs and stop); absent: run (core/workers.py)."""
+    return f"{PREFIX}:{{workers}}:control:{worker_id}"
+
+
 def batch_cancel_message(batch_id: str) -> str:
     """What goes on CANCEL_CHANNEL to cancel a whole batch: a space, which no job id has."""
     return f"batch {batch_id}"
@@ -84,6 +93,23 @@ def batch_key(shard_: int, batch_id: str) -> str:
 def batch_done_key(shard_: int, batch_id: str) -> str:
     """Worker's list per shard: the batch's job ids in the order they ended, once each."""
     return f"{tag(shard_)}:done:{batch_id}"
+
+
+def index_group(batch_id: str | None, tenant: str | None) -> str:
+    """The job list a job belongs to (the console's): its batch's, else its tenant's
+    online requests (jobs outside any batch). The prefix keeps the two apart."""
+    return f"b:{batch_id}" if batch_id else f"o:{tenant or ''}"
+
+
+INDEX_BUCKETS = ("all", "open", "succeeded", "failed", "cancelled", "expired")
+
+
+def index_key(shard_: int, group: str, bucket: str) -> str:
+    """A zset per shard of a job list's ids by submit time: `all`, `open` (queued or
+    running), one per terminal state, and `e.<code>` (failed with that error code).
+    Written by enqueue.lua, finish.lua and a retried claim (claim.lua builds the same
+    names for a batch's group: keep them in step)."""
+    return f"{tag(shard_)}:sub:jx:{bucket}:{group}"
 
 
 # -- the result cache (docs/cache.md). Workers' keys: no `sub:`, so a producer credential

@@ -182,6 +182,8 @@ class Worker:
         self._close_by = 0.0  # loop time by which closing must be done (set when it starts)
         self._fatal: BaseException | None = None
         self._started = False
+        self._paused = False  # an operator's pause (core/workers.py): no new messages
+        self._control = asyncio.Event()  # set when an operator's command may have changed
         self._down: set[str] = set()  # helpers (and services) not working right now
         self.max_in_flight_seen = 0
         self.assignments = 0  # 1 for a worker that never saw a rebalance
@@ -302,6 +304,7 @@ class Worker:
             asyncio.create_task(self._supervised("leases", self._renew_leases)),
             asyncio.create_task(self._supervised("heartbeats", self._heartbeats)),
             asyncio.create_task(self._supervised("durability", self._watch_durability)),
+            asyncio.create_task(self._supervised("control", self._controls)),
         ]
         self._started = True
         log.info("worker ready", engine=self.engine.name, model=self.engine.model)
@@ -332,6 +335,17 @@ class Worker:
         consumer = self.consumer
         while not self._stop.is_set():
             free = self._free_slots()
+            if self._paused:
+                # An operator's pause: no new messages, in-flight ones go on; the consumer
+                # keeps polling (no records: every partition paused), so the group keeps it.
+                consumer.pause(*consumer.assignment())
+                self._control.clear()
+                with contextlib.suppress(TimeoutError):
+                    await within(self._control.wait(), 0.5)
+                # A partition assigned since the pause() above may have fetched: served, never
+                # dropped (its offsets must not move past unhandled messages).
+                self._start(await consumer.getmany(timeout_ms=0, max_records=1))
+                continue
             if free <= 0:
                 # Full: stop fetching but keep polling, so the group sees us alive.
                 consumer.pause(*consumer.assignment())
@@ -681,11 +695,50 @@ class Worker:
                 ended=self.ended,
                 gpu_busy=await asyncio.to_thread(workers.gpu_busy),
                 partitions=sorted(tp.partition for tp in self.consumer.assignment()),
+                control="draining" if self._stop.is_set() else "paused" if self._paused else "",
             )
             last = self.ended
             with contextlib.suppress(RedisError, OSError):  # a missed beat is not an outage
                 await workers.beat(self.store.redis, b)
             await asyncio.sleep(every)
+
+    async def _controls(self) -> None:
+        """Carry out an operator's pause, resume and drain (core/workers.py): read the
+        command at start, on every message naming this worker, and at least every beat."""
+        me = self.settings.worker_id
+        woken = asyncio.Event()
+        listener = asyncio.create_task(
+            follow(
+                self.store.redis,
+                keys.WORKER_CONTROL_CHANNEL,
+                lambda w: woken.set() if w == me else None,
+                "control listener",
+            )
+        )
+        try:
+            while True:
+                woken.clear()
+                self._obey(await workers.commanded(self.store.redis, me))
+                if self._stop.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await within(woken.wait(), self.settings.heartbeat_s)
+        finally:
+            listener.cancel()
+
+    def _obey(self, command: str) -> None:
+        paused = command == "pause"
+        if paused != self._paused:
+            log.info("paused by an operator" if paused else "resumed by an operator")
+            self._paused = paused
+            self._control.set()
+        if command == "drain" and not self._stop.is_set():
+            log.info("draining on an operator's request", jobs=len(self._tasks))
+            self.stop()
+            self._control.set()
+            task = asyncio.create_task(workers.take_drain(self.store.redis, self.settings.worker_id))
+            self._cancelling.add(task)  # held, so it is not collected mid-flight
+            task.add_done_callback(self._cancelling.discard)
 
     async def _supervised(self, name: str, helper: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Keep a helper running: a crash is logged and counted, readiness says so, and the

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from vlmq.api.driver import live_counts
+from vlmq.api.objects import TERMINAL, Batch, RequestCounts
 from vlmq.api.records import P, Records, Tenant
-from vlmq.core import workers
+from vlmq.core import joblist, workers
 from vlmq.core.state import BatchCounts, StateStore
 from vlmq.producer.client import Client
 from vlmq.schemas import keys
@@ -52,6 +54,14 @@ class BatchRow(msgspec.Struct, kw_only=True):
     status: str = "running"  # queued, running, completed, cancelled; an OpenAI batch's own status
     openai: bool = False
     cancelled: bool = False
+    api_counts: RequestCounts | None = None  # an OpenAI batch's request_counts, as GET /v1/batches says
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more will change: the page stops asking (a retry reopens it)."""
+        if self.openai:
+            return self.status in TERMINAL
+        return self.status in ("completed", "cancelled")
 
     @property
     def done_pct(self) -> float:
@@ -65,6 +75,7 @@ class Summary(msgspec.Struct, kw_only=True):
     rate: float = 0.0
     cancelled: bool = False
     ended_at: float | None = None
+    ended: bool = False  # the sampler takes no more points (a retry reopens it)
 
 
 def _summary(counts: BatchCounts, samples: Sequence[Sample], cancelled: bool) -> Summary:
@@ -74,10 +85,12 @@ def _summary(counts: BatchCounts, samples: Sequence[Sample], cancelled: bool) ->
     return Summary(counts=counts, rate=_rate(samples), cancelled=cancelled, ended_at=ended)
 
 
-def _row(batch_id: str, created_at: float, s: Summary, openai_status: str | None) -> BatchRow:
-    """A list or page row: an OpenAI batch shows its own status, a bulk one its counts'."""
+def _row(batch_id: str, created_at: float, s: Summary, b: Batch | None, lines: int = 0) -> BatchRow:
+    """A list or page row: an OpenAI batch shows its own status and the API's counts, a
+    bulk one its counts'."""
     c = s.counts
     left = c.total - c.finished
+    openai_status = b.status if b is not None else None
     return BatchRow(
         id=batch_id,
         created_at=created_at,
@@ -88,7 +101,23 @@ def _row(batch_id: str, created_at: float, s: Summary, openai_status: str | None
         status=openai_status or _status(c, s.cancelled),
         openai=openai_status is not None,
         cancelled=s.cancelled,
+        api_counts=None if b is None else _api_counts(b, lines, c),
     )
+
+
+def _api_counts(b: Batch, lines: int, c: BatchCounts) -> RequestCounts:
+    """What GET /v1/batches/{id} answers: the final counts once it ended, else live ones
+    over every line of its file (not only the window submitted so far)."""
+    if b.status in TERMINAL or b.status == "validating":
+        return b.request_counts
+    return live_counts(lines, c)
+
+
+def over_lines(c: BatchCounts, lines: int) -> BatchCounts:
+    """An OpenAI batch's counts over all its lines: the driver submits a window at a time,
+    so the jobs' own counters know only the lines sent so far."""
+    total = max(lines, c.total)
+    return msgspec.structs.replace(c, total=total, queued=total - c.finished - c.running)
 
 
 def series_key(batch_id: str) -> str:
@@ -131,18 +160,21 @@ class Board:
             return True
         return await self.records.batch(batch_id, t.name) is not None
 
+    async def counts(self, batch_id: str) -> tuple[BatchCounts, Batch | None, int]:
+        """The batch's counts, its OpenAI record (None: a bulk batch) and its lines."""
+        counts = await self.store.batch_counts(batch_id)
+        found = await self.records.batch(batch_id)
+        if found is None:
+            return counts, None, 0
+        lines = (await self.records.progress(batch_id)).get("lines", 0)
+        return over_lines(counts, lines), found[1], lines
+
     async def row(self, batch_id: str, created_at: float) -> BatchRow:
         """One batch, read live (the batch page)."""
-        counts = await self.store.batch_counts(batch_id)
+        counts, b, lines = await self.counts(batch_id)
         samples = await self.samples(batch_id)
-        found = await self.records.batch(batch_id)
-        status = found[1].status if found is not None else None
-        return _row(
-            batch_id,
-            created_at,
-            _summary(counts, samples, await self.store.batch_cancelled(batch_id)),
-            status,
-        )
+        cancelled = await self.store.batch_cancelled(batch_id)
+        return _row(batch_id, created_at, _summary(counts, samples, cancelled), b, lines)
 
     async def rows(self, t: Tenant, limit: int = LISTED) -> list[BatchRow]:
         """The newest `limit` batches `t` may see, from the sampler's summaries (a list of
@@ -155,16 +187,16 @@ class Board:
         pipe = redis.pipeline(transaction=False)
         pipe.hmget(SUMMARIES, [b for b, _ in ids])
         for b, _ in ids:
-            pipe.hget(f"{P}:batch:{b}", "status")
-        summaries, *statuses = await pipe.execute()
+            pipe.hget(f"{P}:batch:{b}", "obj")
+        summaries, *objs = await pipe.execute()
         out = []
-        for (b, at), raw, status in zip(ids, summaries, statuses, strict=True):
+        for (b, at), raw, obj in zip(ids, summaries, objs, strict=True):
             if raw is None:
                 out.append(await self.row(b, at))
             else:
-                out.append(
-                    _row(b, at, msgspec.json.decode(raw, type=Summary), _s(status) if status else None)
-                )
+                summary = msgspec.json.decode(raw, type=Summary)
+                batch = msgspec.json.decode(obj, type=Batch) if obj else None
+                out.append(_row(b, at, summary, batch, summary.counts.total))
         return out
 
     async def samples(self, batch_id: str) -> list[Sample]:
@@ -175,7 +207,7 @@ class Board:
         """One more point of the batch's series and its summary for the list (the
         sampler's, under its lease); the first point comes after a zero at the batch's
         start, so even a short batch has a line."""
-        c = await self.store.batch_counts(batch_id)
+        c, b, _ = await self.counts(batch_id)
         redis = self.records.redis
         key = series_key(batch_id)
         pipe = redis.pipeline(transaction=False)
@@ -186,26 +218,21 @@ class Board:
         pipe.expire(key, KEEP_S)
         await pipe.execute()
         summary = _summary(c, await self.samples(batch_id), await self.store.batch_cancelled(batch_id))
+        if b is not None:  # an OpenAI batch ends when its own status says so
+            ended = b.completed_at or b.expired_at or b.cancelled_at or b.failed_at
+            summary.ended_at = float(ended) if b.status in TERMINAL and ended else None
+            summary.ended = b.status in TERMINAL
+        else:
+            summary.ended = bool(c.total and c.finished >= c.total)
         await redis.hset(SUMMARIES, batch_id, msgspec.json.encode(summary))
         return summary
 
     # -- failures, jobs -------------------------------------------------------------------
 
-    async def failures(self, batch_id: str, scan: int = 20_000, examples: int = 3) -> FailureGroups:
-        """Failed jobs grouped by error code, with a few examples each; at most `scan`
-        ended jobs are read (a page must stay fast on a million-job batch)."""
-        groups = FailureGroups()
-        async for r in self.store.iter_batch(batch_id):
-            groups.scanned += 1
-            if r.state is JobState.FAILED and r.error is not None:
-                g = groups.by_code.setdefault(r.error.code.value, FailureGroup(r.error.code.value))
-                g.count += 1
-                if len(g.examples) < examples:
-                    g.examples.append(r)
-            if groups.scanned >= scan:
-                groups.capped = True
-                break
-        return groups
+    def failures(self, counts: BatchCounts) -> list[FailureGroup]:
+        """Failed jobs per error code, from the batch's counters (finish.lua keeps them):
+        no job is read. The jobs themselves are a page of the job list away."""
+        return [FailureGroup(code, n) for code, n in sorted(counts.by_code.items(), key=lambda kv: -kv[1])]
 
     async def job(self, job_id: str) -> JobView | None:
         result = await self.store.get(job_id)
@@ -227,13 +254,32 @@ class Board:
 
     # -- actions --------------------------------------------------------------------------
 
-    async def retry(self, batch_id: str, code: str | None = None) -> RetryReport:
+    async def retry(
+        self,
+        batch_id: str,
+        code: str | None = None,
+        progress: Callable[[RetryReport], Awaitable[None]] | None = None,
+    ) -> RetryReport:
         """Run a batch's failed jobs (all, or those of one error code) once more: their
         messages, read back from the dead letters, are sent again. A claim takes each
         retry mark once, so a double click, two operators or a resend after a crash still
-        give each job one more attempt, and one more terminal write."""
+        give each job one more attempt, and one more terminal write. The failed jobs come
+        from the batch's failed (or error code) index, a chunk at a time: O(failed)."""
         report = RetryReport()
-        failed = [r async for r in self._failed(batch_id, code)]
+        group, bucket = keys.index_group(batch_id, None), f"e.{code}" if code else "failed"
+        w = joblist.Window()
+        while True:
+            entries, nxt = await joblist.page(self.store.redis, group, bucket, w, 500)
+            got = await self.store.get_many([j for _, j in entries])
+            await self.retry_jobs([r for r in got if r is not None and r.state is JobState.FAILED], report)
+            if progress is not None:
+                await progress(report)
+            if nxt is None:
+                return report
+            w = joblist.Window(cursor=nxt)
+
+    async def retry_jobs(self, failed: Sequence[Result], report: RetryReport) -> None:
+        """Retry these failed jobs (see `retry`), 500 to a round trip."""
         for i in range(0, len(failed), 500):
             originals = await self._originals(failed[i : i + 500], report)
             marked = set(await self.store.retry([m[0] for m in originals]))
@@ -241,12 +287,6 @@ class Board:
             report.skipped += len(originals) - len(again)
             await self.client.resend(again)
             report.resent += len(again)
-        return report
-
-    async def _failed(self, batch_id: str, code: str | None) -> AsyncIterator[Result]:
-        async for r in self.store.iter_batch(batch_id):
-            if r.state is JobState.FAILED and (code is None or (r.error and r.error.code.value == code)):
-                yield r
 
     async def _originals(
         self, failed: Sequence[Result], report: RetryReport
@@ -283,13 +323,6 @@ class Board:
 class FailureGroup(msgspec.Struct):
     code: str
     count: int = 0
-    examples: list[Result] = []
-
-
-class FailureGroups(msgspec.Struct):
-    by_code: dict[str, FailureGroup] = {}
-    scanned: int = 0
-    capped: bool = False
 
 
 class JobView(msgspec.Struct):

@@ -17,7 +17,7 @@ import asyncio
 import io
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -29,19 +29,36 @@ from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from vlmq.api.dashboard.data import SUMMARIES, BatchRow, Board
+from vlmq.api.dashboard.console import (
+    STATE_FILTERS,
+    Actions,
+    JobQuery,
+    Progress,
+    audit,
+    audit_log,
+    can_cancel,
+    job_page,
+    progress,
+    visible_job,
+)
+from vlmq.api.dashboard.data import SUMMARIES, BatchRow, Board, RetryReport
 from vlmq.api.dashboard.thumbs import Thumbs
+from vlmq.api.objects import TERMINAL
 from vlmq.api.records import P, Records, Tenant
 from vlmq.api.settings import ApiSettings
+from vlmq.core import workers
 from vlmq.producer.bulk import export
 from vlmq.producer.client import Client
 from vlmq.schemas import keys
-from vlmq.schemas.job import Job, TextPart
+from vlmq.schemas.errors import ErrorCode
+from vlmq.schemas.job import Job, JobState, Result, TextPart
 
 log = structlog.get_logger("vlmq.dashboard")
 HERE = Path(__file__).parent
 COOKIE = "vlmq_session"
 PAGE = 25
+AUDIT_PAGE = 50
+CODES = sorted(c.value for c in ErrorCode)
 ENDED = f"{P}:ended"  # zset: batch_id -> when the sampler saw it end (it samples it no more)
 SORTS = {
     "created": lambda r: -r.created_at,
@@ -99,7 +116,24 @@ def _flash(done: str) -> str:
         return "An OpenAI batch is final once it completes: resubmit its failed lines as a new batch."
     if done == "no-retry-cancelled":
         return "The batch was cancelled: its failed jobs are not retried."
-    return ""
+    return _FLASH.get(done, "") or (
+        "Retry: the job was sent again."
+        if done == "job-retry-1"
+        else "Retry: the job could not be sent again (see the log)."
+        if done == "job-retry-0"
+        else ""
+    )
+
+
+_FLASH = {
+    "no-cancel-ended": "The batch has ended: there is nothing to cancel (its failed jobs stay retryable).",
+    "job-cancel": "Cancel requested: the job ends cancelled if it had not ended.",
+    "no-retry-not-failed": "Only a failed job can be retried.",
+    "no-retry-online": "An online request's caller has its answer already: it is not retried.",
+    "worker-pause": "Pause sent: the worker takes no new jobs (its row says paused once it has).",
+    "worker-resume": "Resume sent: the worker takes jobs again.",
+    "worker-drain": "Drain sent: the worker finishes its jobs and stops.",
+}
 
 
 templates.env.filters.update(time=_fmt_time, span=_fmt_span, ms=_fmt_ms, prompt=_prompt, flash=_flash)
@@ -110,6 +144,7 @@ class Dashboard:
         self.s = settings
         self.board = Board(client, records, settings.dlq_topic)
         self.thumbs = Thumbs(settings)
+        self.actions = Actions(client.redis)
 
     async def run_sampler(self) -> None:
         """Forever, on the replica that holds the sampler's lease: one point per running
@@ -129,8 +164,7 @@ class Dashboard:
         for batch_id, created_at in indexed:
             if batch_id in ended:
                 continue
-            c = (await self.board.sample(batch_id, created_at)).counts
-            if c.total and c.finished >= c.total:  # no more points, until a retry reopens it
+            if (await self.board.sample(batch_id, created_at)).ended:  # until a retry reopens it
                 await redis.zadd(ENDED, {batch_id: time.time()})
         await redis.zremrangebyscore(ENDED, "-inf", time.time() - self.board.store.ttl_s)
         gone = {_s(b) for b in await redis.hkeys(SUMMARIES)} - {b for b, _ in indexed}
@@ -138,8 +172,14 @@ class Dashboard:
             await redis.hdel(SUMMARIES, *gone)
 
     async def close(self) -> None:
+        await self.actions.close()
         await self.board.close()
         await self.thumbs.close()
+
+
+def _trace_url(template: str | None, trace_id: str | None) -> str | None:
+    """The job's trace in the operator's tracing UI (`trace_url`, `{trace_id}` replaced)."""
+    return template.replace("{trace_id}", trace_id) if template and trace_id else None
 
 
 def mount(app: FastAPI, dash: Dashboard) -> None:
@@ -285,38 +325,96 @@ def _pages(app: FastAPI, dash: Dashboard) -> None:
 
     @app.get("/dashboard/batches/{batch_id}", response_class=HTMLResponse)
     async def batch(request: Request, batch_id: str, t: Viewer, done: str = "") -> Response:
+        """O(1) in the batch's size: its counters (per shard), its series and its record."""
         row = await _visible_row(board, t, batch_id)
-        groups = await board.failures(batch_id)
-        samples = await board.samples(batch_id)
-        prompts = {}
-        for g in groups.by_code.values():
-            for r in g.examples:
-                view = await board.job(r.job_id)
-                prompts[r.job_id] = _prompt(view.job if view else None)
-        ctx = {"t": t, "b": row, "groups": groups, "chart": _chart(samples), "done": done, "prompts": prompts}
-        live = request.headers.get("hx-request") == "true"
-        return page(request, "_batch_live.html" if live else "batch.html", ctx)
+        ctx = {
+            "t": t,
+            "b": row,
+            "groups": board.failures(row.counts),
+            "chart": _chart(await board.samples(batch_id)),
+            "done": done,
+        }
+        if request.headers.get("hx-request") == "true":
+            # htmx stops polling on 286: an ended batch has nothing more to show.
+            return page(request, "_batch_live.html", ctx, 286 if row.ended else 200)
+        return page(request, "batch.html", ctx)
+
+    @app.get("/dashboard/batches/{batch_id}/jobs", response_class=HTMLResponse)
+    async def batch_jobs(
+        request: Request, batch_id: str, t: Viewer, q: Annotated[JobQuery, Depends(_query)]
+    ) -> Response:
+        row = await _visible_row(board, t, batch_id)
+        found = await job_page(board.store, keys.index_group(batch_id, None), q, PAGE)
+        ctx = {
+            "t": t,
+            "b": row,
+            "q": q,
+            "p": found,
+            "codes": sorted(row.counts.by_code),
+            "states": STATE_FILTERS,
+        }
+        return page(request, "jobs.html", ctx)
+
+    @app.get("/dashboard/online", response_class=HTMLResponse)
+    async def online_jobs(
+        request: Request, t: Viewer, q: Annotated[JobQuery, Depends(_query)], tenant: str | None = None
+    ) -> Response:
+        """Jobs outside any batch (online requests), a tenant's own; an admin picks the tenant."""
+        who = tenant if t.admin and tenant is not None else t.name
+        found = await job_page(board.store, keys.index_group(None, who), q, PAGE)
+        ctx = {"t": t, "b": None, "q": q, "p": found, "codes": CODES, "states": STATE_FILTERS, "tenant": who}
+        return page(request, "jobs.html", ctx)
+
+    @app.get("/dashboard/audit", response_class=HTMLResponse)
+    async def audit_page(request: Request, t: Viewer, start: int = 0) -> Response:
+        start = max(start, 0)
+        entries = await audit_log(board.records.redis, t, start, AUDIT_PAGE)
+        return page(request, "audit.html", {"t": t, "entries": entries, "start": start, "size": AUDIT_PAGE})
+
+    @app.get("/dashboard/actions/{action_id}", response_class=HTMLResponse)
+    async def action(request: Request, action_id: str, t: Viewer) -> Response:
+        p = await progress(board.records.redis, action_id)
+        if p is None or (p.who != t.name and not t.admin):
+            raise Missing()
+        if request.headers.get("hx-request") == "true":
+            return page(request, "_action_live.html", {"t": t, "a": p}, 200 if p.state == "running" else 286)
+        return page(request, "action.html", {"t": t, "a": p})
+
+    @app.get("/dashboard/confirm", response_class=HTMLResponse)
+    async def confirm(request: Request, t: Viewer, action: str, target: str, code: str = "") -> Response:
+        """What an action will do, and one button to do it: every action asks first."""
+        if not t.may_write:
+            raise Missing()
+        ctx = {"t": t, **await _what(dash, t, action, target, code)}
+        return page(request, "confirm.html", ctx)
 
     @app.get("/dashboard/jobs/{job_id}", response_class=HTMLResponse)
-    async def job(request: Request, job_id: str, t: Viewer) -> Response:
+    async def job(request: Request, job_id: str, t: Viewer, done: str = "") -> Response:
         view = await board.job(job_id)
-        if view is None or not await board.visible(t, view.result.batch_id or ""):
+        if view is None or not await _sees_job(board, t, view.result):
             raise Missing()
-        trace = view.result.trace_id
-        link = dash.s.trace_url.replace("{trace_id}", trace) if trace and dash.s.trace_url else None
-        return page(request, "job.html", {"t": t, "v": view, "history": _history(view), "trace_url": link})
+        ctx = {
+            "t": t,
+            "v": view,
+            "history": _history(view),
+            "done": done,
+            "can_cancel": can_cancel(view.result),
+            "trace_url": _trace_url(dash.s.trace_url, view.result.trace_id),
+        }
+        ctx["can_retry"] = await _retryable(board, view.result) is None
+        return page(request, "job.html", ctx)
 
     @app.get("/dashboard/jobs/{job_id}/images/{n}")
     async def thumbnail(job_id: str, n: int, t: Viewer) -> Response:
         view = await board.job(job_id)
-        if view is None or not await board.visible(t, view.result.batch_id or ""):
+        if view is None or not await _sees_job(board, t, view.result):
             raise Missing()
         refs = view.job.images if view.job is not None else []
         body, media = await dash.thumbs.get(refs[n] if 0 <= n < len(refs) else None)
         return Response(body, media_type=media, headers={"cache-control": "private, max-age=300"})
 
     @app.get("/dashboard/workers", response_class=HTMLResponse)
-    async def workers(request: Request, t: Viewer) -> Response:
+    async def workers(request: Request, t: Viewer, done: str = "") -> Response:
         if not t.admin:
             raise Missing()
         beats = await board.workers()
@@ -325,7 +423,7 @@ def _pages(app: FastAPI, dash: Dashboard) -> None:
         except Exception as exc:  # Kafka away: the page still shows the workers
             log.warning("lag unavailable", error=f"{type(exc).__name__}: {exc}")
             lag = []
-        ctx = {"t": t, "beats": beats, "lag": lag, "now": time.time()}
+        ctx = {"t": t, "beats": beats, "lag": lag, "now": time.time(), "done": done}
         live = request.headers.get("hx-request") == "true"
         return page(request, "_workers_live.html" if live else "workers.html", ctx)
 
@@ -334,8 +432,14 @@ def _actions(app: FastAPI, dash: Dashboard) -> None:
     board = dash.board
 
     @app.post("/dashboard/batches/{batch_id}/cancel")
-    async def cancel(batch_id: str, t: Actor) -> Response:
+    async def cancel(batch_id: str, t: Actor, confirm: Annotated[str, Form()] = "") -> Response:
         row = await _visible_row(board, t, batch_id)
+        if confirm != "yes":
+            return _ask("cancel-batch", batch_id)
+        back = f"/dashboard/batches/{quote(batch_id)}"
+        if row.ended or row.status in TERMINAL:  # it would only make its failures unretryable
+            await audit(board.records.redis, t, "cancel-batch", batch_id, outcome=f"refused: {row.status}")
+            return RedirectResponse(f"{back}?done=no-cancel-ended", 303)
         found = await board.records.batch(batch_id) if row.openai else None
         if found is not None:  # as OpenAI's cancel route does: its driver winds it down
             tenant, b = found
@@ -343,19 +447,84 @@ def _actions(app: FastAPI, dash: Dashboard) -> None:
             await board.records.move(tenant, cancelling, ("validating", "in_progress"))
         else:
             await board.cancel(batch_id)
-        return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done=cancel", 303)
+        left = row.counts.total - row.counts.finished
+        await audit(board.records.redis, t, "cancel-batch", batch_id, n=left, outcome="requested")
+        return RedirectResponse(f"{back}?done=cancel", 303)
 
     @app.post("/dashboard/batches/{batch_id}/retry")
-    async def retry(batch_id: str, t: Actor, code: Annotated[str, Form()] = "") -> Response:
+    async def retry(
+        batch_id: str, t: Actor, code: Annotated[str, Form()] = "", confirm: Annotated[str, Form()] = ""
+    ) -> Response:
         row = await _visible_row(board, t, batch_id)
         if row.openai or row.cancelled:
             why = "openai" if row.openai else "cancelled"
             return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done=no-retry-{why}", 303)
-        report = await board.retry(batch_id, code or None)
-        await board.records.redis.zrem(ENDED, batch_id)
-        log.info("retry", batch=batch_id, code=code or None, **msgspec.structs.asdict(report))
-        done = f"retry-{report.resent}-{report.skipped + report.unreadable}"
-        return RedirectResponse(f"/dashboard/batches/{quote(batch_id)}?done={done}", 303)
+        if confirm != "yes":
+            return _ask("retry-batch", batch_id, code)
+        total = row.counts.by_code.get(code, 0) if code else row.counts.failed
+
+        async def work(save: Callable[[Progress], Awaitable[None]], p: Progress) -> None:
+            async def step(report: RetryReport) -> None:
+                p.resent, p.skipped, p.unreadable = report.resent, report.skipped, report.unreadable
+                p.done = report.resent + report.skipped + report.unreadable
+                await save(p)
+
+            await board.retry(batch_id, code or None, step)
+            await board.records.redis.zrem(ENDED, batch_id)
+
+        p = await dash.actions.start("retry-batch", f"{batch_id} {code}".strip(), t.name, total, work)
+        await audit(
+            board.records.redis,
+            t,
+            "retry-batch",
+            batch_id,
+            n=total,
+            outcome=code or "all failed",
+            action_id=p.id,
+        )
+        return RedirectResponse(f"/dashboard/actions/{p.id}", 303)
+
+    @app.post("/dashboard/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, t: Actor, confirm: Annotated[str, Form()] = "") -> Response:
+        r = await _actionable_job(board, t, job_id)
+        if confirm != "yes":
+            return _ask("cancel-job", job_id)
+        reply = await board.store.cancel(job_id)
+        outcome = (
+            "requested"
+            if reply.requested
+            else f"not running: {reply.ended.value if reply.ended else 'missing'}"
+        )
+        await audit(
+            board.records.redis, t, "cancel-job", r.batch_id or "online", jobs=[job_id], n=1, outcome=outcome
+        )
+        return RedirectResponse(f"/dashboard/jobs/{quote(job_id)}?done=job-cancel", 303)
+
+    @app.post("/dashboard/jobs/{job_id}/retry")
+    async def retry_job(job_id: str, t: Actor, confirm: Annotated[str, Form()] = "") -> Response:
+        r = await _actionable_job(board, t, job_id)
+        if (why := await _retryable(board, r)) is not None:
+            return RedirectResponse(f"/dashboard/jobs/{quote(job_id)}?done=no-retry-{why}", 303)
+        if confirm != "yes":
+            return _ask("retry-job", job_id)
+        report = RetryReport()
+        await board.retry_jobs([r], report)
+        outcome = "sent again" if report.resent else "not sent (see the log)"
+        await audit(
+            board.records.redis, t, "retry-job", r.batch_id or "", jobs=[job_id], n=1, outcome=outcome
+        )
+        await board.records.redis.zrem(ENDED, r.batch_id or "")
+        return RedirectResponse(f"/dashboard/jobs/{quote(job_id)}?done=job-retry-{report.resent}", 303)
+
+    @app.post("/dashboard/workers/{worker}/{what}")
+    async def control(worker: str, what: str, t: Actor, confirm: Annotated[str, Form()] = "") -> Response:
+        if not t.admin or what not in workers.COMMANDS:
+            raise Missing()
+        if confirm != "yes":
+            return _ask(what, worker)
+        await workers.command(board.records.redis, worker, what)
+        await audit(board.records.redis, t, what, worker, outcome="sent")
+        return RedirectResponse(f"/dashboard/workers?done=worker-{what}", 303)
 
     @app.get("/dashboard/batches/{batch_id}/export")
     async def export_batch(batch_id: str, t: Viewer, format: str = "jsonl") -> Response:
@@ -386,6 +555,82 @@ async def _export(results: list[Any], buf: io.BytesIO, openai: bool) -> bytes:
     buf.truncate()
     await export(each(), buf, openai=openai)
     return buf.getvalue()
+
+
+def _ask(action: str, target: str, code: str = "") -> Response:
+    """An action posted without its confirmation: to the page that asks for it."""
+    extra = f"&code={quote(code)}" if code else ""
+    return RedirectResponse(f"/dashboard/confirm?action={action}&target={quote(target)}{extra}", 303)
+
+
+def _query(
+    state: str = "", code: str = "", since: str = "", until: str = "", q: str = "", cursor: str = ""
+) -> JobQuery:
+    bounded = [v[:200] for v in (state, code, since, until, q, cursor)]  # outside fields have bounds
+    return JobQuery(**dict(zip(("state", "code", "since", "until", "q", "cursor"), bounded, strict=True)))
+
+
+async def _sees_job(board: Board, t: Tenant, r: Result) -> bool:
+    return visible_job(t, r, bool(r.batch_id) and await board.visible(t, r.batch_id or ""))
+
+
+async def _actionable_job(board: Board, t: Tenant, job_id: str) -> Result:
+    r = await board.store.get(job_id)
+    if r is None or not await _sees_job(board, t, r):
+        raise Missing()
+    return r
+
+
+async def _retryable(board: Board, r: Result) -> str | None:
+    """Why this job cannot be retried here, or None: only a failed job of a bulk batch
+    that was not cancelled (an OpenAI batch's results are final; an online caller has its
+    answer already)."""
+    if r.state is not JobState.FAILED:
+        return "not-failed"
+    if not r.batch_id:
+        return "online"
+    if await board.records.batch(r.batch_id) is not None:
+        return "openai"
+    if await board.store.batch_cancelled(r.batch_id):
+        return "cancelled"
+    return None
+
+
+async def _what(dash: Dashboard, t: Tenant, action: str, target: str, code: str) -> dict[str, Any]:
+    """The confirmation page's words and form for an action (404 for what `t` cannot act on)."""
+    board = dash.board
+    if action in ("cancel-batch", "retry-batch"):
+        row = await _visible_row(board, t, target)
+        url = f"/dashboard/batches/{quote(target)}/{action.removesuffix('-batch')}"
+        if action == "cancel-batch":
+            left = row.counts.total - row.counts.finished
+            what = f"Cancel batch {target}: its {left} unfinished job(s) end cancelled."
+        else:
+            n = row.counts.by_code.get(code, 0) if code else row.counts.failed
+            which = f" with error {code}" if code else ""
+            what = f"Retry the {n} failed job(s){which} of batch {target}, in the background."
+        return {"what": what, "url": url, "code": code, "back": f"/dashboard/batches/{quote(target)}"}
+    if action in ("cancel-job", "retry-job"):
+        r = await _actionable_job(board, t, target)
+        verb = "Cancel" if action == "cancel-job" else "Retry"
+        what = (
+            f"{verb} job {target} ({r.state.value}{f', batch {r.batch_id}' if r.batch_id else ', online'})."
+        )
+        url = f"/dashboard/jobs/{quote(target)}/{action.removesuffix('-job')}"
+        return {"what": what, "url": url, "code": "", "back": f"/dashboard/jobs/{quote(target)}"}
+    if action in workers.COMMANDS and t.admin:
+        what = {
+            "pause": f"Pause worker {target}: it takes no new jobs; those it holds go on.",
+            "resume": f"Resume worker {target}: it takes jobs again.",
+            "drain": f"Drain worker {target}: it finishes the jobs it holds, then stops.",
+        }[action]
+        return {
+            "what": what,
+            "url": f"/dashboard/workers/{quote(target, safe='')}/{action}",
+            "code": "",
+            "back": "/dashboard/workers",
+        }
+    raise Missing()
 
 
 async def _visible_row(board: Board, t: Tenant, batch_id: str) -> BatchRow:

@@ -25,7 +25,8 @@
 -- An attempt is a delivery: a claim repeated for the delivery that holds the job (the same
 -- worker, topic, partition and offset: a reply lost to a dropped connection, a retried
 -- pipeline) renews its lease and returns the same attempt; a redelivery counts one more.
--- ARGV: worker, now, ttl_s, lease_s, strict ("1": a job needs its submit record), then per
+-- ARGV: worker, now, ttl_s, lease_s, strict ("1": a job needs its submit record), shared
+--       (the tag of the job lists' keys on a single Redis, "" on a cluster), then per
 --       job: batch_id ("" when none), digest (sha256 of the message's bytes, hex), delivery
 --       ("worker:topic:partition:offset", "" when unknown)
 local function cancelled(k5, k6, batch)
@@ -33,14 +34,32 @@ local function cancelled(k5, k6, batch)
   return batch ~= '' and redis.call('HGET', k6, 'cancelled') == '1'
 end
 
-local function retried(k1, k2, k3, k4, st)
+-- A retried batch job leaves the `failed` and error code indexes for `open` (the names
+-- are keys.index_key's: under `shared`'s tag on a single Redis, else in the job's slot).
+local function reindex(k1, k3, job_id, batch, record, shared)
+  local ok, r = pcall(cjson.decode, record or '')
+  local code = ok and type(r) == 'table' and type(r.error) == 'table' and r.error.code
+  local head = (shared ~= '' and shared or string.match(k1, '^(.-):job:')) .. ':sub:jx:'
+  local group = ':b:' .. batch
+  redis.call('ZREM', head .. 'failed' .. group, job_id)
+  if type(code) == 'string' then
+    redis.call('ZREM', head .. 'e.' .. code .. group, job_id)
+    redis.call('HINCRBY', k3, 'e.' .. code, -1)
+  end
+  local at = redis.call('ZSCORE', head .. 'all' .. group, job_id)
+  if at then redis.call('ZADD', head .. 'open' .. group, at, job_id) end
+end
+
+local function retried(k1, k2, k3, k4, st, shared)
   if st ~= 'failed' or redis.call('HGET', k2, 'retry') ~= '1' then return false end
   local job_id = string.match(k1, ':job:(.*)$')
+  local batch = redis.call('HGET', k1, 'batch_id')
+  if batch then reindex(k1, k3, job_id, batch, redis.call('HGET', k1, 'record'), shared) end
   redis.call('HDEL', k2, 'retry')
   redis.call('HDEL', k1, 'record')
   redis.call('HSET', k1, 'retry_base', redis.call('HGET', k1, 'attempt') or '0')
   redis.call('HINCRBY', k1, 'retries', 1)
-  if redis.call('HGET', k1, 'batch_id') then
+  if batch then
     redis.call('HINCRBY', k3, 'failed', -1)
     redis.call('HINCRBY', k3, 'running', 1)
     redis.call('LREM', k4, 1, job_id)
@@ -60,14 +79,15 @@ local function unverified(k1, k2, digest, strict)
   return nil
 end
 
-local function claim(k1, k2, k3, k4, k5, k6, batch, digest, delivery, worker, now, ttl, lease_s, strict)
+local function claim(k1, k2, k3, k4, k5, k6, batch, digest, delivery, worker, now, ttl, lease_s, strict,
+    shared)
   local refused = unverified(k1, k2, digest, strict)
   if refused then return refused end
   local st, owner, lease, attempt, recorded, base, held = unpack(redis.call('HMGET', k1,
     'state', 'worker', 'lease_until', 'attempt', 'batch_id', 'retry_base', 'delivery'))
   local again = false
   if st and st ~= 'running' then
-    if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st) then
+    if (recorded or '') ~= batch or not retried(k1, k2, k3, k4, st, shared) then
       return {st, tonumber(attempt or '0')}
     end
     again = true
@@ -101,8 +121,9 @@ end
 
 local out = {}
 for j = 0, #KEYS / 6 - 1 do
-  local k, a = 6 * j, 6 + 3 * j
+  local k, a = 6 * j, 7 + 3 * j
   out[j + 1] = claim(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
-    KEYS[k + 6], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+    KEYS[k + 6], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+    ARGV[6])
 end
 return out

@@ -5,7 +5,9 @@
 -- Writes only the producer's keys (`sub:`). The worker's job key, which it only reads,
 -- comes as an argument: Redis checks declared KEYS for write access (ACLs), and it is in
 -- the same slot as the job's sub key (one hash tag), so a cluster serves it too.
--- KEYS: sub_1, batch_sub_1, sub_2, batch_sub_2, ...
+-- A new job also enters its job list's `all` and `open` index (keys.index_key), scored
+-- by its submit time; entries older than the TTL leave them (their records are gone).
+-- KEYS: sub_1, batch_sub_1, all_1, open_1, sub_2, batch_sub_2, all_2, open_2, ...
 -- ARGV: ttl_s, then per job: job_key, batch_id, submitted_at, metadata, digest
 -- (metadata: the job's metadata as JSON, '' for none; kept for a job ended while queued;
 -- digest: sha256 of the Kafka message's bytes, hex: a worker runs only that message)
@@ -13,8 +15,8 @@
 -- saw Kafka acknowledge the job (sent.lua), so a resumed bulk submit sends nothing twice.
 local ttl = ARGV[1]
 local out = {}
-for i = 1, #KEYS / 2 do
-  local sub, batch = KEYS[2 * i - 1], KEYS[2 * i]
+for i = 1, #KEYS / 4 do
+  local sub, batch, all, open = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   local a = 5 * i - 3
   local job, batch_id, at, meta, digest = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local st = redis.call('HGET', job, 'state')
@@ -31,6 +33,11 @@ for i = 1, #KEYS / 2 do
       redis.call('EXPIRE', batch, ttl)
     end
     redis.call('EXPIRE', sub, ttl)
+    for _, index in ipairs({all, open}) do
+      redis.call('ZADD', index, at, string.match(job, ':job:(.*)$'))
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', tonumber(at) - tonumber(ttl))
+      redis.call('EXPIRE', index, ttl)
+    end
     out[i] = 'new'
   end
 end

@@ -7,6 +7,7 @@ Set VLMQ_SCREENSHOTS=docs/dashboard to refresh the screenshots the docs show."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -164,6 +165,7 @@ def _conn(e: Env) -> Connection:
 
 
 def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], Console]) -> None:
+    """Every console action, each through its confirmation page and into the audit log."""
     api = Api(e, sample_s=0.5, worker_group=e.group)
     base = api.start().removesuffix("/v1")
     admin = _admin_key(api)
@@ -184,15 +186,36 @@ def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], C
     assert number(page, "failed") == n // 5 and number(page, "succeeded") == n - n // 5
     group = page.locator(".group[data-code='engine_error']")
     assert group.get_by_test_id("group-count").inner_text() == str(n // 5)
-    thumb = group.locator("img").first
-    until(lambda: thumb.evaluate("i => i.complete && i.naturalWidth > 0"), "the failed input's thumbnail")
-    assert "flaky caption" in group.locator(".prompt").first.inner_text()
+    assert page.get_by_test_id("cancel").is_disabled()  # ended: a cancel would only block retries
+    late = httpx.post(
+        f"{base}/dashboard/batches/{batch}/cancel", data={"confirm": "yes"}, headers=_bearer(admin)
+    )  # a stale page's or a script's: refused, audited, and the failures stay retryable
+    assert late.status_code == 303 and late.headers["location"].endswith("done=no-cancel-ended")
+    _stops_polling(page)
     shot(page, "batch-failures")
 
+    group.get_by_test_id("group-jobs").click()  # the failed jobs of that code, a page of them
+    rows = page.locator("table.jobs tbody tr")
+    assert rows.count() == n // 5 and "engine_error" in rows.first.inner_text()
+    shot(page, "jobs")
     stop_worker(flaky)  # the fix is deployed: then the failed items are retried
     start_worker(e, "fixed", engine_args="step_ms=25,max_num_seqs=2", heartbeat_s=1)
-    page.get_by_test_id("retry").click()
+    one = page.locator(f"tr[data-job='{batch}-0']")
+    one.get_by_test_id("job-retry").click()
+    assert f"Retry job {batch}-0" in page.get_by_test_id("what").inner_text()
+    page.get_by_test_id("confirm").click()
     assert "sent again" in page.get_by_test_id("flash").inner_text()
+    until(
+        lambda: page.reload() and page.get_by_test_id("state").inner_text() == "succeeded", "the retried job"
+    )
+
+    page.goto(f"{base}/dashboard/batches/{batch}")
+    page.get_by_test_id("retry").click()
+    assert f"Retry the {n // 5 - 1} failed job(s)" in page.get_by_test_id("what").inner_text()
+    page.get_by_test_id("confirm").click()  # runs in the background: its progress page
+    until(lambda: page.get_by_test_id("action-state").inner_text() == "done", "the background retry")
+    assert number(page, "action-resent") == n // 5 - 1 and number(page, "action-done") == n // 5 - 1
+    page.goto(f"{base}/dashboard/batches/{batch}")
     until(
         lambda: number(page, "succeeded") == n and number(page, "failed") == 0, "the retried items to succeed"
     )
@@ -205,22 +228,69 @@ def test_an_operator_watches_retries_and_cancels(e: Env, console: Callable[[], C
     assert "retried 1×" in page.inner_text("main") and "engine_error" in page.inner_text("main")
     shot(page, "job")
 
-    page.goto(f"{base}/dashboard/workers")
-    until(lambda: page.locator("tr[data-worker='fixed']").count() == 1, "the live worker")
-    assert page.locator("tr[data-worker='flaky']").count() == 0  # stopped: gone at once
-    shot(page, "workers")
-
     slow = f"{e.tag}-backlog"
     submit(e, slow, 80)
+    page.goto(f"{base}/dashboard/batches/{slow}/jobs?state=queued")
+    queued = page.locator("table.jobs tbody tr").last  # the oldest queued job: the next page has more
+    victim = queued.get_attribute("data-job") or ""
+    queued.get_by_test_id("job-cancel").click()
+    page.get_by_test_id("confirm").click()
+    assert "Cancel requested" in page.get_by_test_id("flash").inner_text()
+    until(
+        lambda: page.reload() and page.get_by_test_id("state").inner_text() == "cancelled",
+        "the one job's cancel",
+    )
+
     page.goto(f"{base}/dashboard/batches/{slow}")
     until(lambda: number(page, "succeeded") > 0, "the backlog to start")
     page.get_by_test_id("cancel").click()
+    page.get_by_test_id("confirm").click()
     until(lambda: page.get_by_test_id("status").inner_text() == "cancelled", "the cancel to stop the batch")
-    assert number(page, "cancelled") > 0 and number(page, "queued") == 0 and number(page, "running") == 0
+    assert number(page, "cancelled") > 1 and number(page, "queued") == 0 and number(page, "running") == 0
     done = number(page, "succeeded")
     time.sleep(1)
     assert number(page, "succeeded") == done  # nothing more runs
+
+    page.goto(f"{base}/dashboard/workers")
+    until(lambda: page.locator("tr[data-worker='fixed']").count() == 1, "the live worker")
+    assert page.locator("tr[data-worker='flaky']").count() == 0  # stopped: gone at once
+    fixed = page.locator("tr[data-worker='fixed']")
+    for action, shown in (("pause", "paused"), ("resume", "running")):
+        fixed.get_by_test_id(action).click()
+        page.get_by_test_id("confirm").click()
+        until(lambda: fixed.get_by_test_id("control").inner_text() == shown, f"the worker {shown}")  # noqa: B023
+    shot(page, "workers")
+    fixed.get_by_test_id("drain").click()
+    page.get_by_test_id("confirm").click()
+    until(lambda: fixed.count() == 0, "the drained worker to stop")
+
+    page.goto(f"{base}/dashboard/audit")
+    actions = [r.get_attribute("data-action") for r in page.locator("table.audit tbody tr").all()]
+    assert actions == [
+        *(
+            "drain",
+            "resume",
+            "pause",
+            "cancel-batch",
+            "cancel-job",
+            "retry-batch",
+            "retry-job",
+            "cancel-batch",
+        )
+    ]
+    assert "refused: completed" in page.locator("table.audit tbody tr").last.inner_text()
+    assert f"ops-{e.tag}" in page.inner_text("table.audit") and victim in page.inner_text("table.audit")
+    shot(page, "audit")
     c.close()
+
+
+def _stops_polling(page: Page) -> None:
+    """An ended batch's page asks for nothing more (htmx stops on the 286 it gets)."""
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if r.headers.get("hx-request") else None)
+    page.reload()
+    time.sleep(2.5)
+    assert asked == [] and page.get_by_test_id("live").get_attribute("data-polling") == "no"
 
 
 def _admin_key(api: Api) -> str:
@@ -244,21 +314,37 @@ def _progress(row: Any) -> int | None:
 
 
 def test_a_tenant_sees_only_its_own(e: Env, console: Callable[[], Console], tmp_path: Path) -> None:
-    api = Api(e, sample_s=0.5)
+    api = Api(e, sample_s=0.5, batch_window=2)  # lines go in a window at a time
     base = api.start().removesuffix("/v1")
     start_worker(e, "w", engine_args="step_ms=1")
     acme = in_thread(api.client, base + "/v1", "acme")
-    uris = put_images(e, 3, w=64, h=48)
-    b = start_batch(acme, tmp_path, [line(f"req-{i}", uris[i]) for i in range(3)])
+    uris = put_images(e, 5, w=64, h=48)
+    b = start_batch(acme, tmp_path, [line(f"req-{i}", uris[i]) for i in range(5)])
     wait_status(acme, b.id, {"completed"})
+    time.sleep(1)  # the sampler's next pass (its summary is what the list shows)
 
     c = console()
     login(c.page, base, acme.api_key)
     row = c.page.locator(f"tr[data-batch='{b.id}']")
     until(lambda: row.count() == 1, "acme's own batch")
     assert "OpenAI" in row.inner_text() and "completed" in row.inner_text()
+    assert _progress(row) == 5 and row.locator("progress").get_attribute("max") == "5"  # not 2/2
     c.page.click(f"a:text-is('{b.id}')")
-    assert number(c.page, "succeeded") == 3
+    assert number(c.page, "succeeded") == 5
+    api_said = in_thread(acme.batches.retrieve, b.id).request_counts
+    assert api_said is not None and (api_said.total, api_said.completed, api_said.failed) == (5, 5, 0)
+    assert c.page.get_by_test_id("api-counts").inner_text() == "5 requests · 5 completed · 0 failed"
+    c.page.get_by_test_id("jobs-link").click()
+    assert (
+        c.page.locator("table.jobs tbody tr").count() == 5 and c.page.get_by_test_id("job-retry").count() == 0
+    )
+    c.page.fill("input[name=q]", "req-3")  # a custom_id finds its request
+    c.page.get_by_test_id("apply").click()
+    assert c.page.locator("table.jobs tbody tr").count() == 1 and "req-3" in c.page.inner_text("table.jobs")
+    answer = in_thread(lambda: acme.chat.completions.create(**json.loads(line("online"))["body"]))
+    c.page.goto(f"{base}/dashboard/online")  # jobs outside batches: acme's online request
+    online = c.page.locator("table.jobs tbody tr")
+    assert online.count() == 1 and answer.id.removeprefix("chatcmpl-") in online.inner_text()
     assert c.page.get_by_test_id("retry").count() == 0  # OpenAI batches are final once completed
     c.close()
 
@@ -267,6 +353,8 @@ def test_a_tenant_sees_only_its_own(e: Env, console: Callable[[], Console], tmp_
     login(c.page, base, other)
     assert c.page.get_by_test_id("no-batches").is_visible()
     assert c.page.locator("a:text-is('Workers')").count() == 0
+    c.page.goto(f"{base}/dashboard/online?tenant=acme")  # not an admin: its own, whatever it asks
+    assert c.page.get_by_test_id("no-jobs").is_visible()
     c.close()
 
     reader = in_thread(api.key, "acme", "read")

@@ -14,16 +14,19 @@ import msgspec
 import pytest
 
 from tests.helpers import Env, put_images, start_worker, stop_worker
+from vlmq.api.dashboard.console import JobQuery, job_page
 from vlmq.api.dashboard.data import Board
 from vlmq.api.records import Records
-from vlmq.core import workers
+from vlmq.core import joblist, workers
 from vlmq.core.settings import Connection
+from vlmq.core.state import StateStore
 from vlmq.producer import Client
-from vlmq.producer.builders import caption
+from vlmq.producer.builders import batch_job_id, caption
 from vlmq.producer.client import validated
-from vlmq.schemas import JobState
+from vlmq.schemas import JobState, keys
 from vlmq.schemas.codec import MSGPACK
-from vlmq.schemas.job import Job
+from vlmq.schemas.errors import ErrorCode
+from vlmq.schemas.job import Error, Job, Result, Timings
 
 
 def client_of(e: Env) -> Client:
@@ -69,9 +72,10 @@ async def test_retry_runs_each_failed_job_exactly_once_more(e: Env) -> None:
         await until(lambda: _ended(client, e.tag, 24), "the first pass")
         counts = await client.store.batch_counts(e.tag)
         assert (counts.succeeded, counts.failed) == (18, 6)
-        failed = await board.failures(e.tag)
-        assert failed.by_code["engine_error"].count == 6
-        view = await board.job(failed.by_code["engine_error"].examples[0].job_id)
+        assert [(g.code, g.count) for g in board.failures(counts)] == [("engine_error", 6)]
+        failed = await job_page(client.store, f"b:{e.tag}", JobQuery(code="engine_error"), 25)
+        assert sorted(r.job_id for r in failed.rows) == sorted(f"{e.tag}-{i}" for i in range(0, 24, 4))
+        view = await board.job(failed.rows[0].job_id)
         assert view is not None and view.dead is not None and view.job is not None  # read back from Kafka
         assert view.dead.error.code.value == "engine_error"
 
@@ -93,6 +97,11 @@ async def test_retry_runs_each_failed_job_exactly_once_more(e: Env) -> None:
         assert r is not None and r.state is JobState.SUCCEEDED and r.attempt == 2
         ended = [x.job_id async for x in client.store.iter_batch(e.tag)]
         assert sorted(ended) == sorted(f"{e.tag}-{i}" for i in range(24))  # once each in the done lists
+        # the retried jobs moved in the indexes and the per-code counters: no failure is left
+        assert (await client.store.batch_counts(e.tag)).by_code == {}
+        for state, n in (("failed", 0), ("succeeded", 24), ("", 24), ("queued", 0)):
+            got = await job_page(client.store, f"b:{e.tag}", JobQuery(state=state), 100)
+            assert len(got.rows) == n, state
     finally:
         await board.close()
         await client.close()
@@ -120,6 +129,96 @@ async def test_cancelling_a_whole_batch_and_heartbeats_and_lag(e: Env) -> None:
         assert sum(p.end for p in lag) == 60 and len(lag) == e.partitions
     finally:
         await board.close()
+        await client.close()
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster"], indirect=True)
+async def test_job_lists_page_filter_and_search_in_order_page(e: Env) -> None:
+    """The indexes as the scripts keep them (enqueue, finish; no Kafka needed): pages cover
+    the list exactly once, newest first, also while it grows; filters and search."""
+    store = client_of(e).store
+    try:
+        n, batch = 1200, e.tag
+        ids = [f"{batch}-{i:05d}" for i in range(n)]
+        at = 1_700_000_000.0
+        # Ties on purpose: a bulk chunk shares one submit time (every 100 jobs here).
+        await store.enqueue_many(
+            [(j, batch, at + i // 100, {"custom_id": f"c{i}"}, "d") for i, j in enumerate(ids)]
+        )
+        for i, j in enumerate(ids[:300]):
+            state = JobState.FAILED if i % 3 == 0 else JobState.SUCCEEDED
+            err = Error(ErrorCode.ENGINE_ERROR if i % 2 else ErrorCode.TIMEOUT, "x") if i % 3 == 0 else None
+            await store.finish(
+                Result(job_id=j, state=state, batch_id=batch, error=err, timings=Timings(submitted_at=at))
+            )
+        # A producer may write an index (a `sub:` key): another list's job slipped in is not shown.
+        stranger = f"{batch}-stranger"
+        await store.enqueue_many([(stranger, f"{batch}-elsewhere", at + 500, {}, "d")])
+        slot = keys.index_key(joblist.index_shard(store.redis, stranger), f"b:{batch}", "all")
+        await store.redis.zadd(slot, {stranger: at + 500})
+        seen: list[str] = []
+        q = JobQuery()
+        while True:
+            got = await job_page(store, f"b:{batch}", q, 25)
+            seen += [r.job_id for r in got.rows]
+            if 50 <= len(seen) < 75:  # the list grows between pages: the cursor still holds
+                await store.enqueue_many([(f"{batch}-late", batch, at + 99, {}, "d")])
+            if got.next is None:
+                break
+            q = JobQuery(cursor=got.next)
+        assert sorted(seen) == sorted(ids) and len(seen) == n  # each once; the late one was before the cursor
+        assert stranger not in seen
+        subs = [(r, at + int(r.rsplit("-", 1)[1]) // 100) for r in seen]
+        assert [a for _, a in subs] == sorted((a for _, a in subs), reverse=True)  # newest first
+        failed = await _all(store, f"b:{batch}", JobQuery(state="failed"))
+        assert sorted(failed) == sorted(ids[i] for i in range(0, 300, 3))
+        timeouts = await _all(store, f"b:{batch}", JobQuery(code="timeout"))
+        assert sorted(timeouts) == sorted(ids[i] for i in range(0, 300, 6))
+        assert len(await _all(store, f"b:{batch}", JobQuery(state="queued"))) == n - 300 + 1  # + the late one
+        assert (await store.batch_counts(batch)).by_code == {"engine_error": 50, "timeout": 50}
+        window = JobQuery(since="2023-11-14T22:13:21", until="2023-11-14T22:13:22")  # at+1 .. at+2
+        assert len(await _all(store, f"b:{batch}", window)) == 200
+        derived = batch_job_id(batch, "cust-1")  # an OpenAI line's or a bulk key's id
+        await store.enqueue_many([(derived, batch, at, {"custom_id": "cust-1"}, "d")])
+        found = await job_page(store, f"b:{batch}", JobQuery(q="cust-1"), 25)
+        assert [r.job_id for r in found.rows] == [derived]
+        found = await job_page(store, f"b:{batch}", JobQuery(q=ids[7]), 25)
+        assert [r.job_id for r in found.rows] == [ids[7]]
+        assert (await job_page(store, "b:another", JobQuery(q=ids[7]), 25)).rows == []  # not that list's
+    finally:
+        await store.redis.aclose()
+
+
+async def _all(store: StateStore, group: str, q: JobQuery) -> list[str]:
+    out: list[str] = []
+    while True:
+        got = await job_page(store, group, q, 40)
+        out += [r.job_id for r in got.rows]
+        if got.next is None:
+            return out
+        q = msgspec.structs.replace(q, cursor=got.next)
+
+
+async def test_an_operator_pauses_resumes_and_drains_a_worker(e: Env) -> None:
+    client = client_of(e)
+    try:
+        w = start_worker(e, "ctl", engine_args="step_ms=1", heartbeat_s=0.5)
+
+        async def control(state: str) -> bool:
+            return any(b.worker == "ctl" and b.control == state for b in await workers.alive(client.redis))
+
+        await until(lambda: control(""), "the worker's first beat")
+        await workers.command(client.redis, "ctl", "pause")
+        await until(lambda: control("paused"), "the pause")
+        await client.submit_many(flaky_jobs(e, 5, every=1000))
+        await asyncio.sleep(2)  # paused: nothing is taken
+        assert (await client.store.batch_counts(e.tag)).finished == 0
+        await workers.command(client.redis, "ctl", "resume")
+        await until(lambda: _ended(client, e.tag, 5), "the jobs, once resumed")
+        await workers.command(client.redis, "ctl", "drain")
+        assert await asyncio.to_thread(w.wait, 60) == 0  # drained and stopped by itself
+        assert await workers.commanded(client.redis, "ctl") == ""  # a restart runs again
+    finally:
         await client.close()
 
 

@@ -163,9 +163,11 @@ def test_sessions_and_cross_origin_posts(e: Env, tmp_path: Path) -> None:
         got = httpx.post(cancel, cookies=jar, headers=hostile, follow_redirects=False)
         assert got.status_code == 403, hostile
     assert acme.batches.retrieve(b.id).status == "in_progress"  # nothing was done
-    ok = httpx.post(
-        cancel, cookies=jar, headers={**own, "sec-fetch-site": "same-origin"}, follow_redirects=False
-    )
+    same = {**own, "sec-fetch-site": "same-origin"}
+    asked = httpx.post(cancel, cookies=jar, headers=same, follow_redirects=False)
+    assert asked.status_code == 303 and asked.headers["location"].startswith("/dashboard/confirm?")
+    assert acme.batches.retrieve(b.id).status == "in_progress"  # not confirmed: nothing was done
+    ok = httpx.post(cancel, cookies=jar, headers=same, data={"confirm": "yes"}, follow_redirects=False)
     assert ok.status_code == 303
     assert acme.batches.retrieve(b.id).status in ("cancelling", "cancelled")
 
