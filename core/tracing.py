@@ -202,12 +202,15 @@ def traced(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "
     """`span` around every call of an async function (nothing added when off)."""
 
     def wrap(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-        @wraps(fn)
-        async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            if not ON or _unsampled():
-                return await fn(*args, **kwargs)
+        async def spanned(*args: P.args, **kwargs: P.kwargs) -> T:
             with _span(name, kind, attributes or {}):
                 return await fn(*args, **kwargs)
+
+        @wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+            if not ON or _unsampled():  # the function's own coroutine: no frame added
+                return fn(*args, **kwargs)
+            return spanned(*args, **kwargs)
 
         return call
 
@@ -308,15 +311,20 @@ def extract(headers: Sequence[tuple[str, bytes]] | None) -> Context | None:
     return propagate.extract(carrier) if carrier else None
 
 
-@contextlib.contextmanager
 def consumed(
     topic: str, partition: int, offset: int, headers: Any, produced_ms: int, group: str
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[Any]:
     """The span of one Kafka message's processing, continuing the producer's trace, with
     the message's wait in the topic (from its produce timestamp) as its first child."""
     if not ON:
-        yield
-        return
+        return contextlib.nullcontext()
+    return _consumed(topic, partition, offset, headers, produced_ms, group)
+
+
+@contextlib.contextmanager
+def _consumed(
+    topic: str, partition: int, offset: int, headers: Any, produced_ms: int, group: str
+) -> Iterator[None]:
     now = time.time()
     attributes = {
         "messaging.system": "kafka",
