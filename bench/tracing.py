@@ -145,8 +145,9 @@ async def main(args: argparse.Namespace) -> None:
             }
             runs: dict[str, list[float]] = {k: [] for k in setups}
             cpu: dict[str, list[float]] = {k: [] for k in setups}  # worker CPU ms per job
-            for _ in range(args.rounds):
-                for name, (wenv, cwd) in setups.items():
+            for n in range(args.rounds):
+                # Every other round in reverse: the first run after a flush is not always the same one.
+                for name, (wenv, cwd) in list(setups.items())[:: 1 if n % 2 == 0 else -1]:
                     await asyncio.to_thread(flush_masters, [env["VLMQ_REDIS_URL"]])  # the same ids again
                     jobs_s, _, cpu_s = await vlmq_worker(
                         wenv, topic, args.jobs, args.max_in_flight, cwd=cwd, steady=True
