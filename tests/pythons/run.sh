@@ -26,7 +26,7 @@ case "$action" in
     rm -rf "$venv"
     "$(find_python "$version")" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -c requirements/dev.lock -e '.[worker,api]' openai promql-parser \
+    "$venv/bin/python" -m pip install -q -c requirements/dev.lock -e '.[worker,api,otel]' openai promql-parser \
       pytest pytest-asyncio pytest-timeout hypothesis pyyaml
     touch "$venv/.installed"
     ;;
