@@ -141,16 +141,6 @@ def _enable(tracer: Tracer) -> None:
     _tracer, ON = tracer, True
 
 
-def shutdown() -> None:
-    """Flush what is still queued (a worker's last jobs) before the process exits."""
-    if not ON:
-        return
-    from opentelemetry import trace
-
-    with contextlib.suppress(Exception):
-        trace.get_tracer_provider().shutdown()  # type: ignore[attr-defined]  # the SDK's provider
-
-
 # -- spans ------------------------------------------------------------------------------
 
 
@@ -170,7 +160,6 @@ def _span(
     kind: str,
     attributes: Mapping[str, Any],
     context: Context | None = None,
-    start: int | None = None,
 ) -> Iterator[Span]:
     from opentelemetry.trace import SpanKind
 
@@ -180,7 +169,6 @@ def _span(
         context=context,
         kind=SpanKind[kind.upper()],
         attributes=_clean(attributes),
-        start_time=start,
         record_exception=False,
         set_status_on_exception=False,
     ) as current:
@@ -270,8 +258,9 @@ def content(attributes: Mapping[str, Any]) -> None:
 
 
 def trace_id() -> str | None:
-    """The current trace's id (32 hex digits), for the job's record; None when off."""
-    return ids().get("trace_id")
+    """The current trace's id (32 hex digits), for the job's record; None when off or
+    when the sampler left the trace out (no collector would have it to link to)."""
+    return ids().get("trace_id") if ON and _recording.get() else None
 
 
 def ids() -> dict[str, str]:
@@ -326,11 +315,7 @@ def _consumed(
     topic: str, partition: int, offset: int, headers: Any, produced_ms: int, group: str
 ) -> Iterator[None]:
     now = time.time()
-    attributes = {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": topic,
+    attributes = _messaging(topic, "process", "process") | {
         "messaging.destination.partition.id": str(partition),
         "messaging.kafka.offset": offset,
         "messaging.consumer.group.name": group,
@@ -370,12 +355,18 @@ def created(topic: str, job_id: str, batch_id: str | None = None) -> contextlib.
     )
 
 
-def _message(topic: str, operation: str, job_id: str, batch_id: str | None) -> dict[str, Any]:
+def _messaging(topic: str, kind: str, name: str) -> dict[str, Any]:
+    """Kafka's attributes in the messaging conventions (`kind`: operation type)."""
     return {
         "messaging.system": "kafka",
-        "messaging.operation.type": operation,
-        "messaging.operation.name": operation,
+        "messaging.operation.type": kind,
+        "messaging.operation.name": name,
         "messaging.destination.name": topic,
+    }
+
+
+def _message(topic: str, operation: str, job_id: str, batch_id: str | None) -> dict[str, Any]:
+    return _messaging(topic, operation, operation) | {
         "messaging.message.id": job_id,
         "vlmq.job_id": job_id,
         "vlmq.batch_id": batch_id,
@@ -418,13 +409,7 @@ def committed(offsets: Mapping[Any, int], group: str) -> None:
     for key in [k for k in _pending if k[2] < ends.get(k[:2], -1)]:
         ctx, start = _pending.pop(key)
         parent = trace.set_span_in_context(trace.NonRecordingSpan(ctx))
-        attributes = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "settle",
-            "messaging.operation.name": "commit",
-            "messaging.destination.name": key[0],
-            "messaging.consumer.group.name": group,
-        }
+        attributes = _messaging(key[0], "settle", "commit") | {"messaging.consumer.group.name": group}
         span_ = _tracer.start_span(
             f"commit {key[0]}", context=parent, attributes=attributes, start_time=start
         )

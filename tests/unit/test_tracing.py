@@ -193,6 +193,7 @@ def test_a_trace_the_sampler_left_out_makes_no_child_spans(monkeypatch: pytest.M
     monkeypatch.setattr(tracing, "_pending", {})
     with tracing.consumed("jobs", 0, 1, None, 1, "workers"):
         assert tracing.ids()  # the trace is there (its id in the logs), unrecorded
+        assert tracing.trace_id() is None  # but a job's record names no trace nobody has
         with tracing.span("redis claim") as child:
             assert child is None  # not even made
         tracing.awaiting_commit("jobs", 0, 1)
